@@ -1,0 +1,70 @@
+"""Every span attribute name this package writes or reads, in one place.
+
+`docs/attributes.md` is the human table of the same names; a test keeps the two in step.
+GenAI names follow the OpenTelemetry GenAI semantic conventions so other backends and the
+budget processor can read LM spans from any instrumentation that follows them.
+"""
+
+# --- span model -------------------------------------------------------------------------
+SPAN_KIND = "dspy.span.kind"  # compile|evaluate|module|predictor|adapter.format|lm|adapter.parse|tool|retriever
+MODULE_PATH = "dspy.module.path"
+MODULE_CLASS = "dspy.module.class"
+PHASE = "dspy.phase"  # train|infer
+INSTRUMENTATION = "dspy.instrumentation"  # "otel-dspy-cost" on our own spans
+OPTIMIZER_NAME = "dspy.optimizer.name"
+TOOL_NAME = "gen_ai.tool.name"
+ADAPTER_CLASS = "dspy.adapter.class"
+EVAL_SIZE = "dspy.evaluate.dataset_size"
+EVAL_THREADS = "dspy.evaluate.num_threads"
+EVAL_SCORE = "dspy.evaluate.score"
+
+# --- GenAI semantic conventions ------------------------------------------------------------
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_CACHE_CREATION_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_REASONING_TOKENS = "gen_ai.usage.reasoning.output_tokens"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_INPUT_MESSAGES = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES = "gen_ai.output.messages"
+ERROR_TYPE = "error.type"
+
+# --- DSPy specifics on LM spans ---------------------------------------------------------------
+CACHE_HIT = "dspy.cache_hit"
+USAGE_MISSING = "dspy.usage.missing"
+INPUT_TOKENS_BOUND = "dspy.request.input_tokens_bound"  # worst-case prompt tokens, set at span start
+
+# --- cost on LM spans -------------------------------------------------------------------------
+COST_USD = "dspy.cost.usd"
+COST_ECONOMIC_USD = "dspy.cost.economic_usd"
+COST_INPUT_USD = "dspy.cost.input_usd"
+COST_CACHED_INPUT_USD = "dspy.cost.cached_input_usd"
+COST_OUTPUT_USD = "dspy.cost.output_usd"
+COST_REASONING_USD = "dspy.cost.reasoning_usd"
+COST_ESTIMATED = "dspy.cost.estimated"
+COST_UNKNOWN = "dspy.cost.unknown"
+PRICING_SOURCE = "dspy.pricing.source"
+PRICING_VERSION = "dspy.pricing.version"
+PRICING_TIER = "dspy.pricing.tier"
+OPENINFERENCE_COST_TOTAL = "llm.cost.total"
+
+# --- roll-up on every ancestor span ------------------------------------------------------------
+TOTAL_USD = "dspy.cost.total_usd"
+TOTAL_ECONOMIC_USD = "dspy.cost.total_economic_usd"
+TOTAL_INPUT_TOKENS = "dspy.usage.total_input_tokens"
+TOTAL_OUTPUT_TOKENS = "dspy.usage.total_output_tokens"
+LM_CALLS = "dspy.lm.calls"
+TOTAL_UNKNOWN_CALLS = "dspy.cost.unknown_calls"  # LM calls below whose price is unknown
+
+# --- budgets ------------------------------------------------------------------------------------
+BUDGET_LABEL = "dspy.budget.label"
+BUDGET_REFUSED = "dspy.budget.refused"
+BUDGET_RESERVED_USD = "dspy.budget.reserved_usd"
+
+LM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "responses"})

@@ -1,0 +1,149 @@
+"""Pricing policy around the resolver: what to do with unknown models, warnings said once per model.
+
+Shared by the LM span wrapper (our own spans) and the budget processor (spans from other
+instrumentations), so both price a call the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from ._cost import UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd
+from .budget import UnpricedModelError
+from .pricing import PriceEntry, PricingResolver, UnknownModelError, split_model
+
+logger = logging.getLogger("otel_dspy_cost.pricing")
+
+POLICIES = ("error", "warn", "prompt")
+DEFAULT_MAX_OUTPUT_TOKENS = 16_384  # reservation when neither the call nor the catalog says
+
+
+def default_policy() -> str:
+    env = os.environ.get("OTEL_DSPY_COST_UNKNOWN_MODEL")
+    if env:
+        return env
+    return "error" if os.environ.get("CI") else "warn"
+
+
+class CostEngine:
+    def __init__(self, resolver: PricingResolver, *, unknown_model: str | None = None, tier: str | None = None,
+                 user_catalog: str | os.PathLike[str] | None = None):
+        policy = unknown_model or default_policy()
+        if policy not in POLICIES:
+            raise ValueError(f"unknown_model must be one of {POLICIES}, not {policy!r}")
+        self.resolver = resolver
+        self.policy = policy
+        self.tier = tier
+        self.user_catalog = Path(user_catalog) if user_catalog else Path.home() / ".config" / "otel-dspy-cost" / \
+            "pricing.json"
+        self._lock = threading.Lock()
+        self._said: set[tuple[str, str]] = set()
+        self._entries: dict[str, PriceEntry | None] = {}
+
+    def _once(self, kind: str, model: str, message: str, *args: object) -> None:
+        with self._lock:
+            if (kind, model) in self._said:
+                return
+            self._said.add((kind, model))
+        logger.warning(message, *args)
+
+    def entry_for(self, model: str) -> PriceEntry | None:
+        """The price entry for `model`, or None (cost unknown) under the `warn` policy.
+
+        Under `error` (and `prompt` where nobody can answer) raises `UnpricedModelError` so no
+        call to an unpriced model is made.
+        """
+        try:
+            return self._entries[model]
+        except KeyError:
+            pass
+        try:
+            entry: PriceEntry | None = self.resolver.lookup(model, tier=self.tier)
+        except UnknownModelError as exc:
+            entry = self._unknown(model, exc)
+        with self._lock:
+            self._entries[model] = entry
+        return entry
+
+    def _unknown(self, model: str, exc: UnknownModelError) -> PriceEntry | None:
+        policy = self.policy
+        if policy == "prompt":
+            if sys.stdin is not None and sys.stdin.isatty() and not os.environ.get("CI"):
+                return self._ask(model)
+            policy = "error"
+        if policy == "error":
+            raise UnpricedModelError(f"{exc} (unknown_model policy is 'error'; use 'warn' to record the cost as "
+                                     f"unknown instead)")
+        self._once("unknown", model, "%s Its cost is recorded as unknown (dspy.cost.unknown=true), not $0.", exc)
+        return None
+
+    def _ask(self, model: str) -> PriceEntry | None:
+        """Interactive: ask for rates, append them to the user catalog with a timestamp."""
+        print(f"otel-dspy-cost: no price known for {model!r}.", file=sys.stderr)
+        try:
+            rates = {name: float(input(f"  {name} USD per 1M tokens: ").strip())
+                     for name in ("input", "cached_input", "output")}
+        except (EOFError, ValueError):
+            raise UnpricedModelError(f"No price entered for {model!r}") from None
+        add_to_user_catalog(self.user_catalog, model, rates)
+        self.resolver.catalogs.insert(0, _load_user(self.user_catalog))
+        self.resolver._cache.clear()
+        return self.resolver.lookup(model, tier=self.tier)
+
+    def cost(self, model: str, usage: Usage, *, cache_hit: bool = False) -> CallCost:
+        try:
+            entry = self.entry_for(model)
+        except UnpricedModelError:
+            # After the call the money is spent: never raise here, record the cost as unknown.
+            return UNKNOWN_COST
+        if entry is None:
+            return UNKNOWN_COST
+        return compute_cost(usage, entry, tier=self.tier, cache_hit=cache_hit)
+
+    def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None) -> tuple[float, str | None]:
+        """(USD to reserve, the term that dominates it) for a call about to be made."""
+        entry = self.entry_for(model)
+        if entry is None:
+            return 0.0, None
+        unset = max_tokens is None
+        out = max_tokens if max_tokens is not None else (entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
+        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out, self.tier)
+        if unset and out_part >= in_part:
+            term = "max_tokens_unset"
+        else:
+            term = "output" if out_part >= in_part else "input"
+        return total, term
+
+    def warn_estimated(self, model: str) -> None:
+        self._once("estimated", model, "Provider reported no token usage for %s: tokens were estimated from the text "
+                   "(dspy.cost.estimated=true).", model)
+
+
+def add_to_user_catalog(path: Path, model: str, rates: dict[str, float]) -> None:
+    """Appends an entry (next price_version for the model) to a user catalog file, creating it if needed."""
+    provider, name = split_model(model)
+    data = {"schema_version": 1, "catalog_version": "user", "currency": "USD", "entries": []}
+    if path.exists():
+        data = json.loads(path.read_text())
+    versions = [e["price_version"] for e in data["entries"] if e["model"] == name and e["provider"] == (provider or "")]
+    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+    # The new price is in force from the epoch if it is the first one, so runs already started can use it.
+    effective = now if versions else _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+    data["entries"].append({"provider": provider or "unknown", "model": name, "price_version": max(versions, default=0) + 1,
+                            "effective_at": effective.isoformat().replace("+00:00", "Z"),
+                            "added_at": now.isoformat().replace("+00:00", "Z"),
+                            **{k: v for k, v in rates.items() if v is not None}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _load_user(path: Path):
+    from .pricing import Catalog
+
+    return Catalog.from_path(path)

@@ -1,0 +1,145 @@
+"""The budget ledger: atomic reserve -> settle/release bookkeeping behind a small interface.
+
+Reserving the worst case before a provider call and settling to the actual cost afterwards is what
+makes "no overshoot" hold under concurrency: a check-then-increment without the reservation races
+(LiteLLM's budgets leak that way). The in-process ledger does it under one lock; a shared ledger
+(SQLite, Redis) can implement the same four methods without touching the span processor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+
+@dataclasses.dataclass
+class AccountState:
+    """What one budget has spent and holds in reservation. Amounts in USD."""
+
+    spent_usd: float = 0.0
+    economic_usd: float = 0.0
+    reserved_usd: float = 0.0
+    calls: int = 0
+    reserved_calls: int = 0
+    phase_spent: dict[str, float] = dataclasses.field(default_factory=dict)
+    phase_reserved: dict[str, float] = dataclasses.field(default_factory=dict)
+    tripped: str | None = None  # reason of a sticky stop
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    limit_usd: float | None
+    max_calls: int | None
+    phase_limits: dict[str, float]
+    enforce: bool  # False for action="warn": track, never refuse
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    account: str
+    reason: str  # limit_usd | max_calls | max_<phase>_usd | tripped
+    spent_usd: float
+    reserved_usd: float
+    limit: float
+
+
+@dataclasses.dataclass
+class Reservation:
+    accounts: tuple[str, ...]
+    amount_usd: float
+    phase: str
+    settled: bool = False
+
+
+class Ledger(Protocol):
+    def open(self, account: str, limits: Limits) -> None: ...
+
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal: ...
+
+    def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None: ...
+
+    def release(self, reservation: Reservation) -> None: ...
+
+    def trip(self, account: str, reason: str) -> None: ...
+
+    def state(self, account: str) -> AccountState: ...
+
+
+class InProcessLedger:
+    """One lock over every account: a reservation against nested budgets is all-or-nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._accounts: dict[str, AccountState] = {}
+        self._limits: dict[str, Limits] = {}
+
+    def open(self, account: str, limits: Limits) -> None:
+        with self._lock:
+            self._accounts.setdefault(account, AccountState())
+            self._limits[account] = limits
+
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+        with self._lock:
+            for name in accounts:
+                st, lim = self._accounts[name], self._limits[name]
+                if not lim.enforce:
+                    continue
+                if st.tripped:
+                    return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
+                if lim.max_calls is not None and st.calls + st.reserved_calls + 1 > lim.max_calls:
+                    return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls)
+                if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
+                    return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd)
+                cap = lim.phase_limits.get(phase)
+                if cap is not None and (st.phase_spent.get(phase, 0.0) + st.phase_reserved.get(phase, 0.0)
+                                        + amount_usd > cap):
+                    return Refusal(name, f"max_{phase}_usd", st.phase_spent.get(phase, 0.0),
+                                   st.phase_reserved.get(phase, 0.0), cap)
+            for name in accounts:
+                st = self._accounts[name]
+                st.reserved_usd += amount_usd
+                st.reserved_calls += 1
+                st.phase_reserved[phase] = st.phase_reserved.get(phase, 0.0) + amount_usd
+            return Reservation(tuple(accounts), amount_usd, phase)
+
+    def _unreserve(self, reservation: Reservation) -> bool:
+        """Drops a reservation's hold (caller holds the lock); False if it was already given back."""
+        if reservation.settled:
+            return False
+        reservation.settled = True
+        ph = reservation.phase
+        for name in reservation.accounts:
+            st = self._accounts[name]
+            st.reserved_usd = max(0.0, st.reserved_usd - reservation.amount_usd)
+            st.reserved_calls = max(0, st.reserved_calls - 1)
+            st.phase_reserved[ph] = max(0.0, st.phase_reserved.get(ph, 0.0) - reservation.amount_usd)
+        return True
+
+    def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
+        with self._lock:
+            if not self._unreserve(reservation):
+                return
+            for name in reservation.accounts:
+                st = self._accounts[name]
+                st.spent_usd += actual_usd
+                st.economic_usd += economic_usd
+                st.calls += 1
+                st.phase_spent[reservation.phase] = st.phase_spent.get(reservation.phase, 0.0) + actual_usd
+
+    def release(self, reservation: Reservation) -> None:
+        """Gives a reservation back without counting a call (the call was never made)."""
+        with self._lock:
+            self._unreserve(reservation)
+
+    def trip(self, account: str, reason: str) -> None:
+        with self._lock:
+            st = self._accounts[account]
+            if st.tripped is None:
+                st.tripped = reason
+
+    def state(self, account: str) -> AccountState:
+        with self._lock:
+            st = self._accounts[account]
+            return dataclasses.replace(st, phase_spent=dict(st.phase_spent), phase_reserved=dict(st.phase_reserved))

@@ -1,0 +1,61 @@
+"""The one active instrumentation: its tracer, cost engine, processor and options.
+
+Wrappers read `active()` on every call, so `uninstrument()` takes effect at once even for wrapper
+objects other code still holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .report import SpendAggregator
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+    from ._costing import CostEngine
+    from .budget import Budget
+    from .processor import BudgetSpanProcessor
+
+logger = logging.getLogger("otel_dspy_cost")
+
+
+@dataclasses.dataclass
+class Runtime:
+    tracer: Tracer
+    engine: CostEngine
+    processor: BudgetSpanProcessor | None
+    capture_content: bool
+    metrics: Any = None  # _metrics.CostMetrics when a meter provider is available
+
+
+_active: Runtime | None = None
+_fallback_aggregator = SpendAggregator()
+
+
+def active() -> Runtime | None:
+    return _active
+
+
+def set_active(runtime: Runtime | None) -> None:
+    global _active
+    _active = runtime
+
+
+def aggregator() -> SpendAggregator:
+    if _active is not None and _active.processor is not None:
+        return _active.processor.aggregator
+    return _fallback_aggregator
+
+
+def budget_event(budget: Budget, kind: str) -> None:
+    """A warn/exceeded crossing: a metric point for alert rules (span events come from the processor)."""
+    rt = _active
+    if rt is None or rt.metrics is None:
+        return
+    try:
+        rt.metrics.budget_event(budget, kind)
+    except Exception:  # never let telemetry break the run
+        logger.debug("otel-dspy-cost: budget metric failed", exc_info=True)

@@ -1,0 +1,276 @@
+"""Budgets: `with budget(limit_usd=...)` caps what the code inside may spend.
+
+Why `BudgetExceededError` derives from `BaseException`: DSPy catches `Exception` in callbacks,
+`Evaluate`, `ParallelExecutor`, BootstrapFewShot, MIPROv2's candidate evaluation, ReAct tools,
+BestOfN and Refine. An `Exception` raised there would be logged and the run would carry on (and
+keep spending). A `BaseException` passes through all of them, like `KeyboardInterrupt` does. Catch
+it by name: `except otel_dspy_cost.BudgetExceededError:`; a bare `except Exception` will not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _context
+from ._ledger import InProcessLedger, Ledger, Limits, Refusal
+
+logger = logging.getLogger("otel_dspy_cost.budget")
+
+WITHIN_BUDGET = "within_budget"
+WARNED = "warned"
+EXCEEDED = "exceeded"
+
+
+class BudgetExceededError(BaseException):
+    """A budget refused a provider call. Raised before the call: nothing past the cap was spent."""
+
+    def __init__(self, message: str, *, label: str, spent_usd: float, limit: float, reason: str,
+                 requested_usd: float = 0.0, term: str | None = None):
+        super().__init__(message)
+        self.label = label
+        self.spent_usd = spent_usd
+        self.limit = limit
+        self.limit_usd = limit
+        self.reason = reason
+        self.requested_usd = requested_usd
+        self.term = term
+
+
+class ScopeExhaustedError(BudgetExceededError):
+    """A `scope()` sub-limit ran out; the scope's `with` block ends, the enclosing run goes on."""
+
+
+class UnpricedModelError(BaseException):
+    """The unknown-model policy is `error` and a call to an unpriced model was about to be made."""
+
+
+_ids = itertools.count(1)
+_default_ledger = InProcessLedger()
+
+
+def default_ledger() -> Ledger:
+    return _default_ledger
+
+
+class Budget:
+    """A spending cap over the code run inside `with`, including DSPy worker threads and async tasks.
+
+    Use `budget()` to make one. Nested budgets are all enforced; each LM call reserves its worst
+    case against every active budget at once and settles to the actual cost when it ends.
+    """
+
+    def __init__(self, limit_usd: float | None = None, *, warn_at: float | None = 0.8, action: str = "stop",
+                 label: str | None = None, max_calls: int | None = None, max_train_usd: float | None = None,
+                 max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
+                 on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | None = None,
+                 _scope_of: Budget | None = None):
+        if action not in ("stop", "warn"):
+            raise ValueError("action must be 'stop' or 'warn'")
+        if limit_usd is not None and limit_usd < 0:
+            raise ValueError("limit_usd must be >= 0")
+        if warn_at is not None and not 0 < warn_at <= 1:
+            raise ValueError("warn_at is a fraction of the limit, in (0, 1]")
+        self.limit_usd = limit_usd
+        self.warn_at = warn_at
+        self.action = action
+        self.label = label or f"budget-{next(_ids)}"
+        self.max_calls = max_calls
+        self.phase_limits = {k: v for k, v in (("train", max_train_usd), ("infer", max_infer_usd)) if v is not None}
+        self.on_warn = on_warn
+        self.on_exceed = on_exceed
+        self.ledger: Ledger = ledger or default_ledger()
+        self.account = f"{self.label}#{next(_ids)}"
+        self.is_scope = _scope_of is not None
+        self._scopes: dict[str, Budget] = {}
+        self._scopes_lock = threading.Lock()
+        self._warned = False
+        self._exceeded = False
+        self._fire_lock = threading.Lock()
+        self._tokens: list[Any] = []
+        self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
+        self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop"))
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self) -> Budget:
+        state = _context.current()
+        self._tokens.append(_context.var().set(
+            _context.RunContext(state.budgets + (self,), state.phase, state.optimizer, state.trial, state.lm_role)))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _context.var().reset(self._tokens.pop())
+        if self.is_scope and isinstance(exc, ScopeExhaustedError) and exc.label == self.label:
+            logger.warning("scope %r exhausted (%s); leaving the scope, the enclosing run continues", self.label,
+                           exc.reason)
+            return True
+        return False
+
+    async def __aenter__(self) -> Budget:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    # -- what users read ------------------------------------------------------------------------
+    @property
+    def spent_usd(self) -> float:
+        return self.ledger.state(self.account).spent_usd
+
+    @property
+    def economic_usd(self) -> float:
+        return self.ledger.state(self.account).economic_usd
+
+    @property
+    def call_count(self) -> int:
+        return self.ledger.state(self.account).calls
+
+    @property
+    def remaining_usd(self) -> float | None:
+        if self.limit_usd is None:
+            return None
+        return max(0.0, self.limit_usd - self.spent_usd)
+
+    @property
+    def utilisation(self) -> float | None:
+        if not self.limit_usd:
+            return None
+        return self.spent_usd / self.limit_usd
+
+    @property
+    def status(self) -> str:
+        if self._exceeded or self.ledger.state(self.account).tripped:
+            return EXCEEDED
+        return WARNED if self._warned else WITHIN_BUDGET
+
+    @property
+    def exhausted(self) -> bool:
+        return self.status == EXCEEDED
+
+    def spent_by_phase(self) -> dict[str, float]:
+        return dict(self.ledger.state(self.account).phase_spent)
+
+    def __repr__(self) -> str:
+        return (f"Budget(label={self.label!r}, spent_usd={self.spent_usd:.6f}, limit_usd={self.limit_usd}, "
+                f"calls={self.call_count}, status={self.status!r})")
+
+    # -- called by the processor ---------------------------------------------------------------
+    def _scope(self, name: str, **kwargs: Any) -> Budget:
+        with self._scopes_lock:
+            existing = self._scopes.get(name)
+            if existing is None:
+                existing = Budget(label=name, ledger=self.ledger, _scope_of=self, **kwargs)
+                self._scopes[name] = existing
+            return existing
+
+    def _refused(self, refusal: Refusal, *, requested_usd: float, term: str | None, model: str) -> BudgetExceededError:
+        self.ledger.trip(self.account, refusal.reason)
+        what = {
+            "limit_usd": f"${refusal.spent_usd:.6f} spent + ${refusal.reserved_usd:.6f} reserved + "
+                         f"${requested_usd:.6f} for this call would pass the ${refusal.limit:.6f} limit",
+            "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
+                         f"max_calls={int(refusal.limit)}",
+            "tripped": "the budget already stopped this run; no further provider calls are made",
+        }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
+                              f"{refusal.reason}=${refusal.limit:.6f}")
+        hint = ""
+        if term == "max_tokens_unset":
+            hint = (" The reservation assumed the model's maximum output tokens because max_tokens is not set; "
+                    "set max_tokens on the LM to reserve less per call.")
+        elif term == "output":
+            hint = " Most of the reservation is max_tokens at the output rate; a lower max_tokens reserves less."
+        elif term == "input":
+            hint = " Most of the reservation is the prompt's worst-case token count."
+        cls = ScopeExhaustedError if self.is_scope else BudgetExceededError
+        err = cls(f"Budget {self.label!r} stopped a call to {model}: {what}.{hint}", label=self.label,
+                  spent_usd=self.spent_usd, limit=refusal.limit, reason=refusal.reason,
+                  requested_usd=requested_usd, term=term)
+        self._fire("exceeded")
+        return err
+
+    def _after_settle(self) -> list[str]:
+        """Fire warn/exceed once per crossing; returns the kinds fired for span events and metrics."""
+        fired = []
+        if self.limit_usd:
+            spent = self.spent_usd
+            if self.warn_at is not None and not self._warned and spent >= self.warn_at * self.limit_usd:
+                fired.append("warn")
+            if self.action == "warn" and not self._exceeded and spent > self.limit_usd:
+                fired.append("exceeded")
+        for kind in fired:
+            self._fire(kind)
+        return fired
+
+    def _fire(self, kind: str) -> None:
+        with self._fire_lock:
+            if kind == "warn":
+                if self._warned:
+                    return
+                self._warned = True
+            elif kind == "exceeded":
+                if self._exceeded:
+                    return
+                self._exceeded = True
+            spent = self.spent_usd
+            self.events.append((kind, spent))
+        logger.warning("budget %r %s: $%.6f spent of $%s limit", self.label,
+                       "passed its warn threshold" if kind == "warn" else "exceeded", spent, self.limit_usd)
+        callback = self.on_warn if kind == "warn" else self.on_exceed
+        if callback is not None:
+            try:
+                callback(self)
+            except Exception:  # a user's callback must not break the run
+                logger.exception("budget %r: %s callback failed", self.label, kind)
+        from . import _runtime
+
+        _runtime.budget_event(self, kind)
+
+
+def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, action: str = "stop",
+           label: str | None = None, max_calls: int | None = None, max_train_usd: float | None = None,
+           max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
+           on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | None = None) -> Budget:
+    """A budget to use as `with budget(limit_usd=25.0, label="compile-v1") as b: ...`.
+
+    `action="stop"` refuses the first provider call whose worst case no longer fits and raises
+    `BudgetExceededError`; `action="warn"` never refuses, it only warns. `max_calls` caps calls
+    (the useful cap for free local models); `max_train_usd`/`max_infer_usd` cap one phase.
+    """
+    return Budget(limit_usd, warn_at=warn_at, action=action, label=label, max_calls=max_calls,
+                  max_train_usd=max_train_usd, max_infer_usd=max_infer_usd, on_warn=on_warn, on_exceed=on_exceed,
+                  ledger=ledger)
+
+
+def scope(name: str, *, limit_usd: float | None = None, max_calls: int | None = None,
+          warn_at: float | None = 0.8) -> Budget:
+    """A named sub-limit inside the enclosing budget: spend counts toward both.
+
+    Entering the same name again (say, once per request) continues the same account. When it runs
+    out, only the scope's block stops: the `with scope(...)` statement swallows its own
+    `ScopeExhaustedError` and the code after it runs on; check `.exhausted` to branch.
+    """
+    parents = [b for b in _context.current().budgets if not b.is_scope]
+    if parents:
+        return parents[-1]._scope(name, limit_usd=limit_usd, max_calls=max_calls, warn_at=warn_at)
+    return _orphan_scope(name, limit_usd=limit_usd, max_calls=max_calls, warn_at=warn_at)
+
+
+_orphans: dict[str, Budget] = {}
+_orphans_lock = threading.Lock()
+
+
+def _orphan_scope(name: str, **kwargs: Any) -> Budget:
+    with _orphans_lock:
+        if name not in _orphans:
+            _orphans[name] = Budget(label=name, _scope_of=_ORPHAN_PARENT, **kwargs)
+        return _orphans[name]
+
+
+class _OrphanParent:
+    label = "(none)"
+
+
+_ORPHAN_PARENT: Any = _OrphanParent()

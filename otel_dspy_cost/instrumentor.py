@@ -1,0 +1,130 @@
+"""`DSPyCostInstrumentor`: the OpenTelemetry instrumentor (and what `instrument()` calls).
+
+Registered under the `opentelemetry_instrumentor` entry point, so `opentelemetry-instrument python
+app.py` picks it up with no code change. `BaseInstrumentor` makes it a singleton and makes
+instrument/uninstrument idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+
+from . import _dspy_patches, _runtime
+from ._costing import CostEngine
+from ._provider import provider_from_env
+from .pricing import CatalogError, PricingResolver, set_default_resolver
+from .processor import BudgetSpanProcessor
+
+logger = logging.getLogger("otel_dspy_cost")
+
+_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+_processors: weakref.WeakKeyDictionary[TracerProvider, BudgetSpanProcessor] = weakref.WeakKeyDictionary()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("otel-dspy-cost")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.0.0"
+
+
+def _resolve_provider(tracer_provider: Any) -> Any:
+    if tracer_provider is not None:
+        return tracer_provider
+    current = trace.get_tracer_provider()
+    if isinstance(current, trace.ProxyTracerProvider):
+        provider = provider_from_env()
+        trace.set_tracer_provider(provider)
+        return trace.get_tracer_provider()
+    return current
+
+
+class DSPyCostInstrumentor(BaseInstrumentor):
+    """Spans, cost and budgets for DSPy.
+
+    Options (all keyword): ``tracer_provider``, ``meter_provider``, ``capture_content`` (default off,
+    or ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``), ``pricing_overrides`` (a file
+    path or a dict), ``unknown_model`` ("error" | "warn" | "prompt"; default "error" when ``CI`` is
+    set, else "warn"), ``local_models`` ({"model": {"input": rate, "output": rate}} for economic cost
+    of self-hosted models), ``tier`` (e.g. "batch", "flex"), ``use_litellm_prices`` (default True).
+    """
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("dspy >= 3.3, < 3.5",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
+                                   use_litellm=kwargs.get("use_litellm_prices", True))
+        engine = CostEngine(resolver, unknown_model=kwargs.get("unknown_model"), tier=kwargs.get("tier"))
+        provider = _resolve_provider(kwargs.get("tracer_provider"))
+        processor = None
+        if isinstance(provider, TracerProvider):
+            processor = _processors.get(provider)
+            if processor is None:
+                processor = BudgetSpanProcessor(engine)
+                provider.add_span_processor(processor)
+                _processors[provider] = processor
+            processor.engine = engine
+            processor.enabled = True
+        else:
+            logger.warning("otel-dspy-cost: the tracer provider is not the OpenTelemetry SDK's; spans are made but "
+                           "budgets, roll-ups and spend_report() need an SDK TracerProvider")
+        capture = kwargs.get("capture_content")
+        if capture is None:
+            capture = os.environ.get(_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes")
+        tracer = trace.get_tracer("otel_dspy_cost", _version(), tracer_provider=provider)
+        metrics = None
+        try:
+            from ._metrics import CostMetrics
+
+            metrics = CostMetrics.create(kwargs.get("meter_provider"))
+        except Exception:  # noqa: BLE001 - metrics are optional; spans and budgets still work
+            logger.debug("otel-dspy-cost: metrics unavailable", exc_info=True)
+        set_default_resolver(resolver)
+        _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), metrics))
+        try:
+            _dspy_patches.apply()
+        except Exception:
+            _dspy_patches.remove()
+            _runtime.set_active(None)
+            logger.exception("otel-dspy-cost: could not instrument this DSPy version; DSPy runs uninstrumented")
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        _dspy_patches.remove()
+        rt = _runtime.active()
+        if rt is not None and rt.processor is not None:
+            rt.processor.enabled = False
+        _runtime.set_active(None)
+
+
+def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:
+    """Instrument DSPy once, at start-up. Safe to call twice; `uninstrument()` reverses it.
+
+    Raises `CatalogError` for a malformed pricing override (bad input is reported, not ignored).
+    """
+    instrumentor = DSPyCostInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        return instrumentor
+    try:
+        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
+    except CatalogError:
+        raise
+    return instrumentor
+
+
+def uninstrument() -> None:
+    """Remove every wrapper: DSPy is left exactly as it was before `instrument()`."""
+    instrumentor = DSPyCostInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+

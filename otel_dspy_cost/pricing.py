@@ -1,0 +1,505 @@
+"""The versioned pricing catalog: load, validate, and look up the price in force for a model.
+
+Prices are append-only history: a price change adds an entry with a higher `price_version` and a
+later `effective_at`, so a run dated before the change is still priced at the old rate and past
+reports stay auditable. Sources are consulted in order: user overrides, the shipped catalog, then
+LiteLLM's bundled price map (read from the installed package, never fetched online).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import functools
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("otel_dspy_cost.pricing")
+
+PRICING_FILE_ENV = "OTEL_DSPY_COST_PRICING_FILE"
+UNKNOWN_MODEL_ENV = "OTEL_DSPY_COST_UNKNOWN_MODEL"
+LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "lm_studio", "hosted_vllm", "local", "llamafile"})
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
+
+
+class CatalogError(ValueError):
+    """A catalog file or override is malformed; the message names the file, the entry and the field."""
+
+
+class UnknownModelError(LookupError):
+    """No price is known for a model; the message names the nearest known models."""
+
+    def __init__(self, model: str, suggestions: list[str]):
+        self.model = model
+        self.suggestions = suggestions
+        hint = f" Nearest known models: {', '.join(suggestions)}." if suggestions else ""
+        super().__init__(
+            f"No price known for model {model!r}.{hint} Add it with `otel-dspy-cost pricing add`, pass "
+            f"pricing_overrides= to instrument(), or set {PRICING_FILE_ENV}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """USD per 1M tokens. `None` means "not priced apart" (falls back as documented in `cost`)."""
+
+    input: float | None = None
+    cached_input: float | None = None
+    cache_write: float | None = None
+    output: float | None = None
+    reasoning: float | None = None
+
+    def merged(self, other: Rates) -> Rates:
+        """`other`'s set fields win; used for tiers, long context and fine-tune overrides."""
+        return Rates(**{f: getattr(other, f) if getattr(other, f) is not None else getattr(self, f)
+                        for f in _RATE_FIELDS})
+
+    def scaled(self, factors: Mapping[str, float]) -> Rates:
+        return Rates(**{f: (getattr(self, f) * factors.get(f, 1.0)) if getattr(self, f) is not None else None
+                        for f in _RATE_FIELDS})
+
+
+@dataclasses.dataclass(frozen=True)
+class PriceEntry:
+    """One row of price history, already resolved (inheritance and premiums applied)."""
+
+    provider: str
+    model: str
+    variant: str
+    price_version: int
+    effective_at: _dt.datetime
+    expires_at: _dt.datetime | None
+    currency: str
+    rates: Rates
+    tiers: Mapping[str, Rates]
+    long_context_threshold: int | None
+    long_context_rates: Rates | None
+    max_output_tokens: int | None
+    source: str  # override | catalog | litellm | local
+    catalog_version: str
+    local: bool = False
+    aliases: tuple[str, ...] = ()
+    inherits: str | None = None
+
+    @property
+    def key(self) -> str:
+        base = f"{self.provider}/{self.model}"
+        return base if self.variant == "default" else f"{base}@{self.variant}"
+
+    def rates_for(self, tier: str | None = None, input_tokens: int = 0) -> Rates:
+        """Rates for a tier and prompt size: long-context rates replace the base above the threshold."""
+        rates = self.rates
+        if self.long_context_rates is not None and self.long_context_threshold is not None \
+                and input_tokens > self.long_context_threshold:
+            rates = rates.merged(self.long_context_rates)
+        if tier and tier not in ("default", "standard"):
+            if tier not in self.tiers:
+                raise KeyError(f"{self.key} has no {tier!r} tier (known: {', '.join(sorted(self.tiers)) or 'none'})")
+            rates = rates.merged(self.tiers[tier])
+        return rates
+
+    def in_force(self, when: _dt.datetime) -> bool:
+        return self.effective_at <= when and (self.expires_at is None or when < self.expires_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPrice:
+    provider: str
+    model: str
+    effective_at: _dt.datetime
+    per_1m_training_tokens: float
+
+
+def _parse_time(value: str | None, where: str) -> _dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (TypeError, ValueError) as exc:
+        raise CatalogError(f"{where}: not an ISO-8601 timestamp: {value!r}") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.UTC)
+
+
+@functools.cache
+def _schema_validator():
+    import jsonschema
+
+    schema = json.loads(_data_path("catalog.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _data_path(name: str) -> Path:
+    """The shipped data file: inside the wheel, or the repo's top-level `pricing/` in a source tree."""
+    packaged = resources.files("otel_dspy_cost") / "_data" / "pricing" / name
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "pricing" / name
+
+
+def default_catalog_path() -> Path:
+    return _data_path("catalog.json")
+
+
+def _entry_name(raw: Any, index: int) -> str:
+    if isinstance(raw, dict):
+        return f"entries[{index}] ({raw.get('provider', '?')}/{raw.get('model', '?')} v{raw.get('price_version', '?')})"
+    return f"entries[{index}]"
+
+
+class Catalog:
+    """A validated set of price entries from one source (the shipped file, or a user override)."""
+
+    def __init__(self, data: Mapping[str, Any], *, origin: str, source: str):
+        self.origin = origin
+        self.source = source
+        self._validate_schema(data)
+        self.catalog_version = str(data["catalog_version"])
+        self.currency = data["currency"]
+        self.raw = data
+        self.premiums = [
+            (p["provider"], _parse_time(p["effective_at"], f"{origin}: fine_tune_premiums"),
+             {"input": p.get("input_multiplier", 1.0), "cached_input": p.get("cached_input_multiplier", 1.0),
+              "cache_write": p.get("input_multiplier", 1.0), "output": p.get("output_multiplier", 1.0),
+              "reasoning": p.get("output_multiplier", 1.0)})
+            for p in data.get("fine_tune_premiums", [])
+        ]
+        self.training = [
+            TrainingPrice(t["provider"], t["model"], _parse_time(t["effective_at"], f"{origin}: training"),
+                          float(t["per_1m_training_tokens"]))
+            for t in data.get("fine_tuning_training", [])
+        ]
+        raw_entries = list(data["entries"])
+        self.entries: list[PriceEntry] = []
+        pending = list(enumerate(raw_entries))
+        # Entries that inherit are resolved after their base; two passes cover one level of inheritance,
+        # and a loop guards against chains.
+        for _ in range(4):
+            deferred = []
+            for index, raw in pending:
+                entry = self._build(raw, index)
+                if entry is None:
+                    deferred.append((index, raw))
+                else:
+                    self.entries.append(entry)
+            pending = deferred
+            if not pending:
+                break
+        for index, raw in pending:
+            raise CatalogError(f"{origin}: {_entry_name(raw, index)}: field 'inherits': base model "
+                               f"{raw['inherits']!r} is not in this catalog")
+        self._check_overlaps()
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], *, source: str = "override") -> Catalog:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise CatalogError(f"{path}: cannot read pricing file: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        return cls(data, origin=str(path), source=source)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "<overrides>") -> Catalog:
+        """Accepts a full catalog, or the shorthand {"provider/model": {"input": .., "output": ..}}."""
+        if "entries" not in data:
+            entries = []
+            for key, rates in data.items():
+                if "/" not in key or not isinstance(rates, Mapping):
+                    raise CatalogError(f"{origin}: override {key!r}: expected 'provider/model': {{rates}}")
+                provider, model = key.split("/", 1)
+                entries.append({"provider": provider, "model": model, "price_version": 1,
+                                "effective_at": "1970-01-01T00:00:00Z", **rates})
+            data = {"schema_version": 1, "catalog_version": "overrides", "currency": "USD", "entries": entries}
+        return cls(data, origin=origin, source="override")
+
+    def _validate_schema(self, data: Any) -> None:
+        errors = sorted(_schema_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+        if not errors:
+            return
+        err = errors[0]
+        path = list(err.absolute_path)
+        where = self.origin
+        if len(path) >= 2 and path[0] == "entries" and isinstance(path[1], int):
+            entries = data.get("entries", [])
+            where += f": {_entry_name(entries[path[1]] if path[1] < len(entries) else None, path[1])}"
+            field = ".".join(str(p) for p in path[2:]) or "(entry)"
+        else:
+            field = ".".join(str(p) for p in path) or "(top level)"
+        raise CatalogError(f"{where}: field {field!r}: {err.message}")
+
+    def _build(self, raw: Mapping[str, Any], index: int) -> PriceEntry | None:
+        where = f"{self.origin}: {_entry_name(raw, index)}"
+        effective = _parse_time(raw["effective_at"], where)
+        expires = _parse_time(raw.get("expires_at"), where)
+        if expires is not None and expires <= effective:
+            raise CatalogError(f"{where}: field 'expires_at': must be after effective_at")
+        own = Rates(**{f: raw.get(f) for f in _RATE_FIELDS})
+        base_key = raw.get("inherits")
+        if base_key:
+            base = self._find(base_key, effective)
+            if base is None:
+                return None
+            rates = base.rates.merged(own)
+            tiers = dict(base.tiers)
+            max_out = raw.get("max_output_tokens", base.max_output_tokens)
+        else:
+            for required in ("input", "output"):
+                if raw.get(required) is None and not raw.get("local"):
+                    raise CatalogError(f"{where}: field {required!r}: missing rate (USD per 1M tokens)")
+            rates, tiers, max_out = own, {}, raw.get("max_output_tokens")
+        tiers.update({name: Rates(**{f: t.get(f) for f in _RATE_FIELDS}) for name, t in raw.get("tiers", {}).items()})
+        lc = raw.get("long_context")
+        return PriceEntry(
+            provider=raw["provider"], model=raw["model"], variant=raw.get("variant", "default"),
+            price_version=int(raw["price_version"]), effective_at=effective, expires_at=expires,
+            currency=raw.get("currency", self.currency), rates=rates, tiers=tiers,
+            long_context_threshold=lc["threshold_input_tokens"] if lc else None,
+            long_context_rates=Rates(**{f: lc["rates"].get(f) for f in _RATE_FIELDS}) if lc else None,
+            max_output_tokens=max_out, source=self.source, catalog_version=self.catalog_version,
+            local=bool(raw.get("local", False)), aliases=tuple(raw.get("aliases", ())), inherits=base_key,
+        )
+
+    def _find(self, key: str, when: _dt.datetime) -> PriceEntry | None:
+        provider, _, model = key.partition("/")
+        matches = [e for e in self.entries if e.provider == provider and e.variant == "default"
+                   and (e.model == model or model in e.aliases) and e.in_force(when)]
+        return max(matches, key=lambda e: e.price_version, default=None)
+
+    def _check_overlaps(self) -> None:
+        by_key: dict[tuple[str, int], list[PriceEntry]] = {}
+        for entry in self.entries:
+            by_key.setdefault((entry.key, entry.price_version), []).append(entry)
+        for (key, version), group in by_key.items():
+            group.sort(key=lambda e: e.effective_at)
+            for a, b in zip(group, group[1:], strict=False):
+                if a.expires_at is None or a.expires_at > b.effective_at:
+                    raise CatalogError(
+                        f"{self.origin}: {key} v{version}: field 'effective_at': overlapping effective ranges "
+                        f"({a.effective_at.isoformat()} .. {a.expires_at.isoformat() if a.expires_at else 'open'}"
+                        f" and from {b.effective_at.isoformat()}); a price change needs a new price_version")
+
+    def known_keys(self) -> list[str]:
+        keys = {e.key for e in self.entries}
+        keys.update(f"{e.provider}/{a}" for e in self.entries for a in e.aliases)
+        return sorted(keys)
+
+
+def split_model(model: str) -> tuple[str | None, str]:
+    """'openai/gpt-4o-mini' -> ('openai', 'gpt-4o-mini'); a bare name has no provider."""
+    if "/" in model:
+        provider, name = model.split("/", 1)
+        return provider.lower(), name
+    return None, model
+
+
+def _fine_tune_base(name: str) -> str | None:
+    """OpenAI names fine-tunes 'ft:<base>:<org>::<id>'."""
+    if name.startswith("ft:"):
+        return name.split(":")[1]
+    return None
+
+
+class PricingResolver:
+    """Looks prices up across overrides, the catalog and LiteLLM, caching every answer.
+
+    `when` defaults to the resolver's `run_started_at`, so every call in one run is priced from
+    the same price list even if a price change takes effect mid-run.
+    """
+
+    def __init__(self, overrides: str | os.PathLike[str] | Mapping[str, Any] | None = None, *,
+                 catalog_path: str | os.PathLike[str] | None = None, use_litellm: bool = True,
+                 local_models: Mapping[str, Mapping[str, float]] | None = None,
+                 run_started_at: _dt.datetime | None = None):
+        self.run_started_at = run_started_at or _dt.datetime.now(_dt.UTC)
+        self.catalogs: list[Catalog] = []
+        env_file = os.environ.get(PRICING_FILE_ENV)
+        if isinstance(overrides, Mapping):
+            self.catalogs.append(Catalog.from_mapping(overrides))
+        elif overrides is not None:
+            self.catalogs.append(Catalog.from_path(overrides))
+        if env_file:
+            self.catalogs.append(Catalog.from_path(env_file))
+        self.catalogs.append(Catalog.from_path(catalog_path or default_catalog_path(), source="catalog"))
+        self.use_litellm = use_litellm
+        self.local_models = {k: Rates(**{f: v.get(f) for f in _RATE_FIELDS}) for k, v in (local_models or {}).items()}
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[Any, ...], PriceEntry] = {}
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.catalogs[-1]
+
+    def is_local(self, model: str) -> bool:
+        provider, _ = split_model(model)
+        return model in self.local_models or provider in LOCAL_PROVIDERS
+
+    def lookup(self, model: str, *, when: _dt.datetime | None = None, tier: str | None = None,
+               fine_tuned: bool = False, price_version: int | None = None) -> PriceEntry:
+        when = when or self.run_started_at
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=_dt.UTC)
+        key = (model, when, tier, fine_tuned, price_version)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        entry = self._lookup(model, when, tier, fine_tuned, price_version)
+        if tier:
+            entry.rates_for(tier)  # raises KeyError early for an unknown tier
+        with self._lock:
+            self._cache[key] = entry
+        return entry
+
+    def _lookup(self, model: str, when: _dt.datetime, tier: str | None, fine_tuned: bool,
+                price_version: int | None) -> PriceEntry:
+        if self.is_local(model):
+            return self._local_entry(model)
+        provider, name = split_model(model)
+        base = _fine_tune_base(name)
+        if base is not None:
+            fine_tuned = True
+        for catalog in self.catalogs:
+            if fine_tuned:
+                exact = self._match(catalog, provider, name, when, price_version, variant="fine-tuned",
+                                    by_inherits=f"{provider or ''}/{base or name}")
+                if exact is not None:
+                    return exact
+            found = self._match(catalog, provider, base or name, when, price_version)
+            if found is not None:
+                return self._apply_premium(catalog, found, when) if fine_tuned else found
+        if self.use_litellm and price_version is None:
+            found = _litellm_entry(model if base is None else f"{provider}/{base}" if provider else base)
+            if found is not None:
+                return found
+        raise UnknownModelError(model, self.suggest(model))
+
+    @staticmethod
+    def _match(catalog: Catalog, provider: str | None, name: str, when: _dt.datetime, price_version: int | None,
+               variant: str = "default", by_inherits: str | None = None) -> PriceEntry | None:
+        candidates = []
+        for entry in catalog.entries:
+            if entry.variant != variant or (provider is not None and entry.provider != provider):
+                continue
+            named = entry.model == name or name in entry.aliases
+            if variant == "fine-tuned" and not named:
+                named = by_inherits is not None and entry.inherits is not None and \
+                    by_inherits.split("/")[-1] in {entry.inherits.split("/")[-1]}
+            if not named:
+                continue
+            if price_version is not None:
+                if entry.price_version == price_version:
+                    candidates.append(entry)
+            elif entry.in_force(when):
+                candidates.append(entry)
+        return max(candidates, key=lambda e: e.price_version, default=None)
+
+    @staticmethod
+    def _apply_premium(catalog: Catalog, entry: PriceEntry, when: _dt.datetime) -> PriceEntry:
+        factors = None
+        for provider, effective, mult in catalog.premiums:
+            if provider == entry.provider and effective <= when:
+                factors = mult
+        if factors is None:
+            return entry
+        return dataclasses.replace(entry, rates=entry.rates.scaled(factors), variant="fine-tuned",
+                                   inherits=f"{entry.provider}/{entry.model}",
+                                   tiers={k: v.scaled(factors) for k, v in entry.tiers.items()})
+
+    def _local_entry(self, model: str) -> PriceEntry:
+        provider, name = split_model(model)
+        rates = self.local_models.get(model, Rates(input=0.0, output=0.0))
+        return PriceEntry(provider=provider or "local", model=name, variant="default", price_version=0,
+                          effective_at=_EPOCH, expires_at=None, currency="USD", rates=rates, tiers={},
+                          long_context_threshold=None, long_context_rates=None, max_output_tokens=None,
+                          source="local", catalog_version="local", local=True)
+
+    def suggest(self, model: str, n: int = 3) -> list[str]:
+        known = sorted({k for c in self.catalogs for k in c.known_keys()})
+        _, name = split_model(model)
+        by_name = {k.split("/", 1)[1]: k for k in known}
+        close = difflib.get_close_matches(name, list(by_name), n=n, cutoff=0.4)
+        return [by_name[c] for c in close]
+
+    def training_price(self, model: str, when: _dt.datetime | None = None) -> TrainingPrice | None:
+        """Fine-tuning *training* price (per 1M training tokens), recorded apart from inference."""
+        when = when or self.run_started_at
+        provider, name = split_model(model)
+        prices = [t for c in self.catalogs for t in c.training
+                  if t.model == name and (provider is None or t.provider == provider) and t.effective_at <= when]
+        return max(prices, key=lambda t: t.effective_at, default=None)
+
+
+def _litellm_entry(model: str) -> PriceEntry | None:
+    """LiteLLM's bundled price map, read locally (never the online refresh)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        import litellm
+    except Exception:  # noqa: BLE001 - a broken LiteLLM must not break pricing
+        return None
+    provider, name = split_model(model)
+    info = litellm.model_cost.get(model) or litellm.model_cost.get(name)
+    if not info or info.get("input_cost_per_token") is None or info.get("output_cost_per_token") is None:
+        return None
+
+    def per_m(field: str) -> float | None:
+        value = info.get(field)
+        return None if value is None else round(float(value) * 1e6, 10)
+
+    return PriceEntry(
+        provider=provider or str(info.get("litellm_provider", "unknown")), model=name, variant="default",
+        price_version=0, effective_at=_EPOCH, expires_at=None, currency="USD",
+        rates=Rates(input=per_m("input_cost_per_token"), cached_input=per_m("cache_read_input_token_cost"),
+                    cache_write=per_m("cache_creation_input_token_cost"), output=per_m("output_cost_per_token"),
+                    reasoning=per_m("output_cost_per_reasoning_token")),
+        tiers={}, long_context_threshold=None, long_context_rates=None,
+        max_output_tokens=info.get("max_output_tokens"), source="litellm",
+        catalog_version=f"litellm-{getattr(litellm, 'version', None) or _litellm_version()}",
+    )
+
+
+def _litellm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("litellm")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+_default_lock = threading.Lock()
+_default: PricingResolver | None = None
+
+
+def default_resolver() -> PricingResolver:
+    """The resolver `instrument()` configured, or one over the shipped catalog."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PricingResolver()
+        return _default
+
+
+def set_default_resolver(resolver: PricingResolver | None) -> None:
+    global _default
+    with _default_lock:
+        _default = resolver
+
+
+def lookup(model: str, *, when: _dt.datetime | None = None, tier: str | None = None, fine_tuned: bool = False,
+           price_version: int | None = None) -> PriceEntry:
+    """The price entry in force for `model` at `when` (default: the run's start), or the pinned version.
+
+    Raises `UnknownModelError` naming the nearest known models when nothing matches.
+    """
+    return default_resolver().lookup(model, when=when, tier=tier, fine_tuned=fine_tuned, price_version=price_version)

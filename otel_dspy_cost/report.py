@@ -1,0 +1,124 @@
+"""`spend_report()`: totals by module path, model, phase and budget label for this process.
+
+The processor records each counted LM call here once (the same figures that settle budgets), so the
+report, the budgets and the span roll-ups agree by construction. Memory is bounded: past
+`max_keys` distinct values per dimension, new ones are pooled under "(other)".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+_FIELDS = ("calls", "usd", "economic_usd", "input_tokens", "cached_input_tokens", "output_tokens",
+           "reasoning_tokens", "unknown_cost_calls", "estimated_calls", "cache_hits")
+DIMENSIONS = ("module", "model", "phase", "budget", "trial")
+
+
+def _blank() -> dict[str, float]:
+    return dict.fromkeys(_FIELDS, 0)
+
+
+class SpendAggregator:
+    def __init__(self, max_keys: int = 2000):
+        self._lock = threading.Lock()
+        self.max_keys = max_keys
+        self._by: dict[str, dict[str, dict[str, float]]] = {d: {} for d in DIMENSIONS}
+        self._total = _blank()
+
+    def record(self, *, module: str, model: str, phase: str, budgets: Iterable[str], trial: str | None,
+               values: dict[str, float]) -> None:
+        keys = {"module": [module], "model": [model], "phase": [phase], "budget": list(budgets),
+                "trial": [trial] if trial is not None else []}
+        with self._lock:
+            for dim, names in keys.items():
+                table = self._by[dim]
+                for name in names:
+                    row = table.get(name)
+                    if row is None:
+                        if len(table) >= self.max_keys:
+                            name = "(other)"
+                            row = table.setdefault(name, _blank())
+                        else:
+                            row = table[name] = _blank()
+                    for f, v in values.items():
+                        row[f] += v
+            for f, v in values.items():
+                self._total[f] += v
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"by_module": {k: dict(v) for k, v in self._by["module"].items()},
+                    "by_model": {k: dict(v) for k, v in self._by["model"].items()},
+                    "by_phase": {k: dict(v) for k, v in self._by["phase"].items()},
+                    "by_budget": {k: dict(v) for k, v in self._by["budget"].items()},
+                    "by_trial": {k: dict(v) for k, v in self._by["trial"].items()},
+                    "total": dict(self._total)}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._by = {d: {} for d in DIMENSIONS}
+            self._total = _blank()
+
+
+def collapse_module(path: str, depth: int | None) -> str:
+    """`Agent.searcher.react` at depth 2 -> `Agent.searcher`; None keeps the predictor-level path."""
+    if depth is None or not path:
+        return path
+    return ".".join(path.split(".")[:depth])
+
+
+def spend_report(by: str = "module", *, depth: int | None = None, print_table: bool = False,
+                 aggregator: SpendAggregator | None = None) -> dict[str, dict[str, float]]:
+    """Totals for one dimension (`module`, `model`, `phase`, `budget` or `trial`) plus `"total"`.
+
+    `{"ResearchAgent.searcher": {"calls": 3, "usd": ..., "input_tokens": ..., ...}, ..., "total": {...}}`.
+    `depth` folds module paths (depth=2 gives `Agent.searcher` for `Agent.searcher.react`).
+    `print_table=True` also prints the per-row table with each row's share of the spend.
+    """
+    from . import _runtime
+
+    agg = aggregator or _runtime.aggregator()
+    snap = agg.snapshot()
+    if by not in DIMENSIONS:
+        raise ValueError(f"by must be one of {DIMENSIONS}")
+    rows: dict[str, dict[str, float]] = {}
+    for name, row in snap[f"by_{by}"].items():
+        key = collapse_module(name, depth) if by == "module" else name
+        target = rows.setdefault(key, _blank())
+        for f in _FIELDS:
+            target[f] += row[f]
+    result = dict(sorted(rows.items(), key=lambda kv: -kv[1]["usd"]))
+    result["total"] = snap["total"]
+    if print_table:
+        print(format_table(result, title=f"spend by {by}"))
+    return result
+
+
+def format_table(report: dict[str, dict[str, float]], *, title: str = "spend by module") -> str:
+    """The per-module table of the seed document: module | calls | input | output | total | USD | share."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    total_usd = report.get("total", {}).get("usd", 0.0) or 0.0
+    table = Table(title=title)
+    for col, justify in (("name", "left"), ("calls", "right"), ("input", "right"), ("output", "right"),
+                         ("total tokens", "right"), ("USD", "right"), ("share", "right")):
+        table.add_column(col, justify=justify)
+    for name, row in report.items():
+        if name == "total":
+            continue
+        share = f"{100 * row['usd'] / total_usd:.1f}%" if total_usd else "-"
+        table.add_row(name, f"{int(row['calls'])}", f"{int(row['input_tokens'])}", f"{int(row['output_tokens'])}",
+                      f"{int(row['input_tokens'] + row['output_tokens'])}", f"{row['usd']:.6f}", share)
+    t = report.get("total")
+    if t:
+        table.add_row("total", f"{int(t['calls'])}", f"{int(t['input_tokens'])}", f"{int(t['output_tokens'])}",
+                      f"{int(t['input_tokens'] + t['output_tokens'])}", f"{t['usd']:.6f}", "100%" if total_usd else "-",
+                      style="bold")
+    buf = StringIO()
+    Console(file=buf, width=120, force_terminal=False).print(table)
+    return buf.getvalue()

@@ -1,0 +1,234 @@
+"""A local OpenAI-compatible chat server that answers DSPy's adapters, with realistic token usage.
+
+It powers the offline demo and the test suite: DSPy's own engines (the 3.4 native client and
+LiteLLM) make real HTTP calls to it on 127.0.0.1, so nothing about the LM path is mocked. It reads
+the output fields DSPy's ChatAdapter asks for and answers every one, drives ReAct through one tool
+call then `finish`, and reports usage the way OpenAI does (prompt tokens including cached ones,
+reasoning tokens inside completion tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_OUTPUT_FIELDS = re.compile(r"Your output fields are:\s*\n(.*?)(?:\n\n|\Z)", re.S)
+_FIELD = re.compile(r"^\s*\d+\.\s*`(\w+)`\s*\(([^)]*\)?)\)?", re.M)
+_TOOL_ARGS = re.compile(r"\(\d+\)\s*(\w+)[^\n]*?takes arguments\s*(\{.*?\})\.?\s*$", re.M)
+_WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper")
+
+
+def _tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+@dataclass
+class SimulatedLM:
+    """Answer policy and usage reporting; tweak the fields in tests."""
+
+    include_usage: bool = True
+    reasoning_tokens: int = 0
+    min_cache_tokens: int = 1024
+    latency_s: float = 0.0
+    answers: dict[str, str] = field(default_factory=dict)  # substring of the prompt -> answer text
+    _seen_prefixes: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        messages = body.get("messages") or [{"role": "user", "content": body.get("prompt", "")}]
+        system = "".join(_content_text(m.get("content")) for m in messages if m.get("role") == "system")
+        convo = "".join(_content_text(m.get("content")) for m in messages if m.get("role") != "system")
+        text = self._answer(system, convo, messages)
+        prompt_tokens = sum(_tokens(_content_text(m.get("content"))) + 4 for m in messages)
+        cached = 0
+        prefix_tokens = _tokens(system) if system else 0
+        key = hashlib.sha256(system.encode()).hexdigest()
+        with self._lock:
+            if system and key in self._seen_prefixes and prefix_tokens >= self.min_cache_tokens:
+                cached = (prefix_tokens // 128) * 128 if self.min_cache_tokens >= 128 else prefix_tokens
+            self._seen_prefixes.add(key)
+        completion = _tokens(text) + self.reasoning_tokens
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion,
+                 "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
+                 "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+        return text, usage
+
+    def _answer(self, system: str, convo: str, messages: list[dict[str, Any]]) -> str:
+        match = _OUTPUT_FIELDS.search(system)
+        if not match:
+            return self._free_text(convo)
+        fields = _FIELD.findall(match.group(1))
+        last_user = _content_text(messages[-1].get("content")) if messages else ""
+        parts = []
+        for name, type_ in fields:
+            parts.append(f"[[ ## {name} ## ]]\n{self._value(name, type_, system, last_user, convo)}")
+        parts.append("[[ ## completed ## ]]")
+        return "\n\n".join(parts)
+
+    def _free_text(self, convo: str) -> str:
+        return f"Simulated answer about {self._word(convo)}."
+
+    @staticmethod
+    def _word(seed: str) -> str:
+        return _WORDS[int(hashlib.sha256(seed.encode()).hexdigest(), 16) % len(_WORDS)]
+
+    def _value(self, name: str, type_: str, system: str, last_user: str, convo: str) -> str:
+        type_ = type_.strip()
+        if name == "next_tool_name":
+            options = re.findall(r"'([^']+)'", type_) or ["finish"]
+            tools = [o for o in options if o != "finish"]
+            done = "observation_0" in last_user or not tools
+            return "finish" if done else tools[0]
+        if name == "next_tool_args":
+            if "observation_0" in last_user:
+                return "{}"
+            found = _TOOL_ARGS.search(system)
+            keys = re.findall(r"['\"](\w+)['\"]\s*:\s*\{", found.group(2)) if found else []
+            return json.dumps({k: f"{self._word(convo + k)} facts" for k in keys})
+        for needle, answer in self.answers.items():
+            if needle in last_user:
+                if name in ("answer", "output", "response"):
+                    return answer
+        low = type_.lower()
+        if low.startswith("literal"):
+            options = re.findall(r"'([^']+)'", type_)
+            return options[0] if options else ""
+        if low.startswith("bool"):
+            return "True"
+        if low.startswith("int"):
+            return "42"
+        if low.startswith("float"):
+            return "0.5"
+        if low.startswith("list"):
+            return json.dumps([self._word(convo), self._word(convo + "2")])
+        if low.startswith("dict"):
+            return "{}"
+        word = self._word(convo + name)
+        if name in ("reasoning", "next_thought"):
+            return f"Considering the {word} angle step by step, the evidence points one way."
+        return f"The {name} is {word}."
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: SimulatorServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+        else:
+            self._json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            self._json(400, {"error": {"message": "invalid JSON"}})
+            return
+        self.server.record(self.path, body, dict(self.headers))
+        if not self.path.rstrip("/").endswith(("/chat/completions", "/completions")):
+            self._json(404, {"error": {"message": f"unknown path {self.path}"}})
+            return
+        sim = self.server.sim
+        if sim.latency_s:
+            time.sleep(sim.latency_s)
+        text, usage = sim.complete(body)
+        model = body.get("model", "sim")
+        rid = f"chatcmpl-{self.server.count:08d}"
+        if body.get("stream"):
+            self._stream(rid, model, text, usage, body)
+            return
+        payload = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                   "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text}}]}
+        if sim.include_usage:
+            payload["usage"] = usage
+        self._json(200, payload)
+
+    def _stream(self, rid: str, model: str, text: str, usage: dict[str, Any], body: dict[str, Any]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(obj: Any) -> None:
+            self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        for i in range(0, len(text), 24):
+            send({**base, "choices": [{"index": 0, "delta": {"content": text[i:i + 24]}, "finish_reason": None}]})
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if self.server.sim.include_usage and (body.get("stream_options") or {}).get("include_usage"):
+            send({**base, "choices": [], "usage": usage})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    """`with SimulatorServer() as s: dspy.LM("openai/gpt-4o-mini", api_base=s.api_base, api_key="x")`."""
+
+    daemon_threads = True
+
+    def __init__(self, sim: SimulatedLM | None = None, host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), _Handler)
+        self.sim = sim or SimulatedLM()
+        self.requests: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        self._req_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.requests)
+
+    @property
+    def api_base(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def record(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+        with self._req_lock:
+            self.requests.append((path, body, headers))
+
+    def start(self) -> SimulatorServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="dspy-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def __enter__(self) -> SimulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
