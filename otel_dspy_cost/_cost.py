@@ -71,6 +71,8 @@ def usage_from_openai(usage: Any) -> Usage | None:
         prompt, completion = _get(usage, "input_tokens"), _get(usage, "output_tokens")
         if prompt is None and completion is None:
             return None
+    if not _int(prompt) and not _int(completion):
+        return None  # LiteLLM reports all-zero usage when the provider sent none: that is "missing"
     pdetails = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
     cdetails = _get(usage, "completion_tokens_details") or _get(usage, "output_tokens_details")
     return Usage(

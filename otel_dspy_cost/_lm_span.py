@@ -30,6 +30,7 @@ class LMCallRecord:
     lm: Any
     usage: Usage | None = None
     original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
+    original_cost: float | None = None  # of a DSPy cache hit whose usage DSPy cleared: the cached cost
     cache_hit: bool = False
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()
@@ -123,6 +124,9 @@ def end_attributes(rt: Runtime, span: Any, rec: LMCallRecord, model: str, prompt
                   A.GEN_AI_REASONING_TOKENS: billed.reasoning_tokens})
     priced = usage if not rec.cache_hit else (rec.original_usage or Usage())
     cost: CallCost = rt.engine.cost(model, priced, cache_hit=rec.cache_hit)
+    if rec.cache_hit and rec.original_usage is None and rec.original_cost and not cost.unknown:
+        # DSPy 3.3 clears usage on a cache hit but keeps the first call's cost: that is the economic cost.
+        cost = dataclasses.replace(cost, economic_usd=float(rec.original_cost))
     attrs[A.COST_ESTIMATED] = estimated
     if cost.unknown:
         attrs[A.COST_UNKNOWN] = True
@@ -168,6 +172,7 @@ def capture_from_call_result(lm: Any, result: Any) -> None:
                                                  for c in (getattr(raw, "choices", None) or ()))
     if rec.cache_hit:
         rec.original_usage = _original_usage(responses, raw)
+        rec.original_cost = getattr(result, "cost", None)
 
 
 def _original_usage(responses: Any, raw: Any) -> Usage | None:
@@ -194,6 +199,7 @@ def capture_from_provider_response(lm: Any, response: Any) -> None:
                               else response.get("usage"))
     if rec.cache_hit:
         rec.original_usage = usage
+        rec.original_cost = (getattr(response, "_hidden_params", None) or {}).get("response_cost")
     else:
         rec.usage = usage
     rec.response_model = getattr(response, "model", None)

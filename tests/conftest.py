@@ -1,0 +1,73 @@
+"""Fixtures: a real OpenTelemetry SDK pipeline and a real OpenAI-compatible HTTP server on 127.0.0.1."""
+
+import os
+import tempfile
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="dspy-cache-"))
+os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+
+import dspy  # noqa: E402
+import pytest  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+import otel_dspy_cost  # noqa: E402
+from otel_dspy_cost.simulator import SimulatedLM, SimulatorServer  # noqa: E402
+
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def server():
+    with SimulatorServer(SimulatedLM()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def otel():
+    """instrument() on a fresh SDK provider; yields (exporter, provider); uninstruments after."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
+    yield exporter, provider
+    otel_dspy_cost.uninstrument()
+
+
+@pytest.fixture
+def lm(server):
+    return dspy.LM(MODEL, api_base=server.api_base, api_key="sk-test-not-a-real-key-000", cache=False,
+                   max_tokens=512, num_retries=0)
+
+
+def search(query: str) -> str:
+    """Looks a topic up and returns what it found."""
+    return f"notes about {query}"
+
+
+class ResearchAgent(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.planner = dspy.ChainOfThought("question -> plan")
+        self.searcher = dspy.ReAct("plan -> findings", tools=[search], max_iters=3)
+        self.synthesizer = dspy.Predict("question, findings -> answer")
+
+    def forward(self, question):
+        plan = self.planner(question=question).plan
+        findings = self.searcher(plan=plan).findings
+        return self.synthesizer(question=question, findings=findings)
+
+    async def aforward(self, question):
+        plan = (await self.planner.acall(question=question)).plan
+        findings = (await self.searcher.acall(plan=plan)).findings
+        return await self.synthesizer.acall(question=question, findings=findings)
+
+
+def tree(spans):
+    """{span_id: span} and a list of (name, parent name) pairs in end order."""
+    by_id = {s.context.span_id: s for s in spans}
+    return by_id, [(s.name, by_id[s.parent.span_id].name if s.parent and s.parent.span_id in by_id else None)
+                   for s in spans]

@@ -1,0 +1,441 @@
+"""instrument(): the span tree, GenAI attributes, parenting across threads and async, robustness."""
+
+import asyncio
+import copy
+import json
+import logging
+
+import dspy
+import pytest
+from conftest import MODEL, ResearchAgent, tree
+
+import otel_dspy_cost
+from otel_dspy_cost import _attributes as A
+
+EXPECTED_AGENT_TREE = [
+    ("module ResearchAgent", None, "module"),
+    ("module ResearchAgent.planner", "module ResearchAgent", "module"),
+    ("predict ResearchAgent.planner.predict", "module ResearchAgent.planner", "predictor"),
+    ("format ChatAdapter", "predict ResearchAgent.planner.predict", "adapter.format"),
+    (f"chat {MODEL}", "predict ResearchAgent.planner.predict", "lm"),
+    ("parse ChatAdapter", "predict ResearchAgent.planner.predict", "adapter.parse"),
+    ("module ResearchAgent.searcher", "module ResearchAgent", "module"),
+    ("predict ResearchAgent.searcher.react", "module ResearchAgent.searcher", "predictor"),
+    ("format ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.format"),
+    (f"chat {MODEL}", "predict ResearchAgent.searcher.react", "lm"),
+    ("parse ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.parse"),
+    ("execute_tool search", "module ResearchAgent.searcher", "tool"),
+    ("predict ResearchAgent.searcher.react", "module ResearchAgent.searcher", "predictor"),
+    ("format ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.format"),
+    (f"chat {MODEL}", "predict ResearchAgent.searcher.react", "lm"),
+    ("parse ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.parse"),
+    ("execute_tool finish", "module ResearchAgent.searcher", "tool"),
+    ("module ResearchAgent.searcher.extract", "module ResearchAgent.searcher", "module"),
+    ("predict ResearchAgent.searcher.extract.predict", "module ResearchAgent.searcher.extract", "predictor"),
+    ("format ChatAdapter", "predict ResearchAgent.searcher.extract.predict", "adapter.format"),
+    (f"chat {MODEL}", "predict ResearchAgent.searcher.extract.predict", "lm"),
+    ("parse ChatAdapter", "predict ResearchAgent.searcher.extract.predict", "adapter.parse"),
+    ("predict ResearchAgent.synthesizer", "module ResearchAgent", "predictor"),
+    ("format ChatAdapter", "predict ResearchAgent.synthesizer", "adapter.format"),
+    (f"chat {MODEL}", "predict ResearchAgent.synthesizer", "lm"),
+    ("parse ChatAdapter", "predict ResearchAgent.synthesizer", "adapter.parse"),
+]
+
+
+def shape(spans, root=None):
+    """(name, parent name, kind) in start order, for the subtree under `root` (or all)."""
+    by_id = {s.context.span_id: s for s in spans}
+    ordered = sorted(spans, key=lambda s: s.start_time)
+    out = []
+    for s in ordered:
+        parent = by_id.get(s.parent.span_id) if s.parent else None
+        out.append((s.name, parent.name if parent else None, s.attributes.get(A.SPAN_KIND), s, parent))
+    if root is not None:
+        keep = []
+        for row in out:
+            node = row[3]
+            while node is not None and node is not root:
+                node = by_id.get(node.parent.span_id) if node.parent else None
+            if node is root:
+                keep.append(row)
+        out = keep
+    return out
+
+
+def test_nested_program_exact_tree_and_lm_attributes(otel, lm, server):
+    exporter, _ = otel
+    with dspy.context(lm=lm):
+        result = ResearchAgent()(question="What is DSPy?")
+    assert result.answer
+    spans = exporter.get_finished_spans()
+    assert [(n, p, k) for n, p, k, _, _ in shape(spans)] == EXPECTED_AGENT_TREE
+    assert len({s.context.trace_id for s in spans}) == 1
+    lm_spans = [s for s in spans if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert len(lm_spans) == server.count == 5
+    for s in lm_spans:
+        a = s.attributes
+        assert a[A.GEN_AI_OPERATION] == "chat"
+        assert a[A.GEN_AI_PROVIDER] == "openai"
+        assert a[A.GEN_AI_REQUEST_MODEL] == MODEL
+        assert a[A.GEN_AI_RESPONSE_MODEL] in ("gpt-4o-mini", MODEL)
+        assert a[A.GEN_AI_REQUEST_MAX_TOKENS] == 512
+        assert a[A.GEN_AI_INPUT_TOKENS] > 0 and a[A.GEN_AI_OUTPUT_TOKENS] > 0
+        assert a[A.GEN_AI_CACHE_READ_TOKENS] == 0 and a[A.GEN_AI_REASONING_TOKENS] == 0
+        assert a[A.GEN_AI_CACHE_CREATION_TOKENS] == 0
+        assert list(a[A.GEN_AI_FINISH_REASONS]) == ["stop"]
+        assert a[A.CACHE_HIT] is False and a[A.USAGE_MISSING] is False
+        assert a[A.PHASE] == "infer"
+        assert a[A.COST_USD] > 0
+    # token counts are exactly what the server reported
+    served = [body for _, body, _ in server.requests]
+    assert len(served) == 5
+    paths = {s.attributes[A.MODULE_PATH] for s in lm_spans}
+    assert paths == {"ResearchAgent.planner.predict", "ResearchAgent.searcher.react",
+                     "ResearchAgent.searcher.extract.predict", "ResearchAgent.synthesizer"}
+    modules = [s for s in spans if s.attributes.get(A.SPAN_KIND) in ("module", "predictor")]
+    assert all(s.attributes[A.MODULE_CLASS] for s in modules)
+    assert {s.attributes[A.MODULE_CLASS] for s in modules} >= {"ResearchAgent", "ChainOfThought", "ReAct", "Predict"}
+
+
+def test_evaluate_threads_one_trace_no_orphans(otel, lm):
+    exporter, _ = otel
+    devset = [dspy.Example(question=f"q{i}?", answer="x").with_inputs("question") for i in range(6)]
+    evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: 1.0, num_threads=4,
+                             display_progress=False)
+    with dspy.context(lm=lm):
+        result = evaluate(ResearchAgent())
+    assert result.score == 100.0
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    roots = [s for s in spans if s.parent is None]
+    assert [r.name for r in roots] == ["evaluate ResearchAgent"]
+    ev = roots[0]
+    assert ev.attributes[A.EVAL_SIZE] == 6 and ev.attributes[A.EVAL_THREADS] == 4
+    assert ev.attributes[A.EVAL_SCORE] == 100.0
+    programs = [s for s in spans if s.name == "module ResearchAgent"]
+    assert len(programs) == 6 and all(p.parent.span_id == ev.context.span_id for p in programs)
+    for program in programs:
+        rows = [(n, p, k) for n, p, k, _, _ in shape(spans, program)]
+        assert rows[1:] == EXPECTED_AGENT_TREE[1:] and rows[0][0] == "module ResearchAgent"
+
+
+def test_async_acall_tree(otel, lm):
+    exporter, _ = otel
+
+    async def main():
+        with dspy.context(lm=lm):
+            return await ResearchAgent().acall(question="What is async DSPy?")
+
+    assert asyncio.run(main()).answer
+    spans = exporter.get_finished_spans()
+    assert [(n, p, k) for n, p, k, _, _ in shape(spans)] == EXPECTED_AGENT_TREE
+
+
+def test_parallel_and_streamify_parenting(otel, lm):
+    exporter, provider = otel
+    tracer = provider.get_tracer("user")
+    predict = dspy.Predict("question -> answer")
+    with dspy.context(lm=lm), tracer.start_as_current_span("user-root") as root:
+        outs = dspy.Parallel(num_threads=3)([(predict, {"question": f"q{i}"}) for i in range(4)])
+        assert len(outs) == 4
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    predicts = [s for s in spans if s.name == "predict Predict"]
+    assert len(predicts) == 4 and all(s.parent.span_id == root.get_span_context().span_id for s in predicts)
+
+    exporter.clear()
+    stream_program = dspy.streamify(dspy.Predict("question -> answer"))
+
+    async def consume():
+        last = None
+        async for value in stream_program(question="stream?"):
+            last = value
+        return last
+
+    with dspy.context(lm=lm):
+        assert isinstance(asyncio.run(consume()), dspy.Prediction)
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    lm_spans = [s for s in spans if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert len(lm_spans) == 1 and lm_spans[0].attributes[A.GEN_AI_INPUT_TOKENS] > 0
+
+
+def test_user_spans_nest_under_ours(otel, lm):
+    exporter, provider = otel
+    tracer = provider.get_tracer("user")
+
+    def lookup(topic: str) -> str:
+        """Looks a topic up."""
+        with tracer.start_as_current_span("user-http-call"):
+            return "facts"
+
+    with dspy.context(lm=lm):
+        dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)(question="x")
+    spans = exporter.get_finished_spans()
+    by_id, _ = tree(spans)
+    mine = next(s for s in spans if s.name == "user-http-call")
+    assert by_id[mine.parent.span_id].name == "execute_tool lookup"
+
+
+@pytest.mark.parametrize("engine", ["litellm", "native"])
+def test_engines_make_real_http_calls(otel, server, engine):
+    exporter, _ = otel
+    if engine == "native" and not hasattr(dspy.clients, "execution"):
+        pytest.skip("DSPy 3.3 has no native engine")
+    kwargs = {"engine": "litellm"} if engine == "litellm" and _has_engines() else {}
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-000000000", cache=False, **kwargs)
+    with dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="hi")
+    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert server.count == 1
+    assert span.attributes[A.GEN_AI_INPUT_TOKENS] > 0
+    assert span.attributes[A.COST_USD] > 0
+
+
+def _has_engines():
+    import inspect
+
+    return "engine" in inspect.signature(dspy.LM.__init__).parameters
+
+
+class LegacyLM(dspy.BaseLM):
+    """A custom LM in the old style: forward() returns an OpenAI-shaped response."""
+
+    def __init__(self, server):
+        super().__init__(model="openai/gpt-4o-mini", max_tokens=256)
+        self.server = server
+
+    def forward(self, prompt=None, messages=None, **kwargs):
+        import httpx
+        from litellm import ModelResponse
+
+        body = {"model": "gpt-4o-mini", "messages": messages or [{"role": "user", "content": prompt}]}
+        data = httpx.post(self.server.api_base + "/chat/completions", json=body, timeout=10).json()
+        return ModelResponse(**data)
+
+
+def test_legacy_custom_baselm(otel, server):
+    exporter, _ = otel
+    with dspy.context(lm=LegacyLM(server)):
+        out = dspy.Predict("question -> answer")(question="legacy?")
+    assert out.answer
+    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert span.attributes[A.GEN_AI_INPUT_TOKENS] > 0
+    assert span.attributes[A.USAGE_MISSING] is False
+    assert span.attributes[A.GEN_AI_REQUEST_MAX_TOKENS] == 256
+
+
+def test_survives_configure_resets_copies_and_reload(otel, lm, tmp_path):
+    exporter, _ = otel
+
+    class Noop(dspy.utils.BaseCallback):
+        pass
+
+    dspy.configure(callbacks=[Noop()])
+    dspy.configure(lm=lm, callbacks=[])
+    program = ResearchAgent()
+    clone = copy.deepcopy(program)
+    program.save(tmp_path / "p.json")
+    loaded = ResearchAgent()
+    loaded.load(tmp_path / "p.json")
+    for p in (program, clone, loaded):
+        exporter.clear()
+        p(question="still traced?")
+        assert [(n, q, k) for n, q, k, _, _ in shape(exporter.get_finished_spans())] == EXPECTED_AGENT_TREE
+    dspy.configure(lm=None)
+
+
+def _patch_points():
+    import dspy.clients.base_lm as base_lm
+    from dspy.adapters.base import Adapter
+    from dspy.adapters.chat_adapter import ChatAdapter
+    from dspy.teleprompt.teleprompt import Teleprompter
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    owners = [dspy.Module, base_lm.BaseLM, ChatAdapter, dspy.JSONAdapter, dspy.Tool, dspy.Evaluate,
+              dspy.BootstrapFewShot, dspy.MIPROv2, ParallelExecutor, dspy.Retrieve, Adapter, Teleprompter]
+    return {(o.__qualname__, k): v for o in owners for k, v in vars(o).items()}
+
+
+def test_uninstrument_restores_dspy_exactly():
+    otel_dspy_cost.uninstrument()
+    before = _patch_points()
+    otel_dspy_cost.instrument()
+    otel_dspy_cost.instrument()  # idempotent
+    during = _patch_points()
+    assert during != before
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.uninstrument()  # safe twice
+    after = _patch_points()
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_planted_secret_never_exported(server, caplog):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    secret = "sk-planted-SECRET-0123456789abcdef"
+    userinfo_secret = "hunter2-userinfo-password"
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, capture_content=True, unknown_model="warn")
+    try:
+        base = server.api_base.replace("http://", f"http://user:{userinfo_secret}@")
+        lm = dspy.LM(MODEL, api_base=base, api_key=secret, cache=False,
+                     extra_headers={"Authorization": f"Bearer {secret}"})
+        caplog.set_level(logging.DEBUG)
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question=f"please repeat {secret}")
+        dump = "".join(s.to_json() for s in exporter.get_finished_spans())
+        assert "gen_ai.input.messages" in dump  # content capture was on
+        assert secret not in dump and userinfo_secret not in dump
+        ours = "".join(r.getMessage() for r in caplog.records if r.name.startswith("otel_dspy_cost"))
+        assert secret not in ours and userinfo_secret not in ours
+    finally:
+        otel_dspy_cost.uninstrument()
+
+
+def test_content_off_by_default(otel, lm):
+    exporter, _ = otel
+    with dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="private words")
+    dump = "".join(s.to_json() for s in exporter.get_finished_spans())
+    assert "private words" not in dump and A.GEN_AI_INPUT_MESSAGES not in dump
+
+
+def test_user_exception_propagates_unchanged_with_error_type(otel, lm):
+    exporter, _ = otel
+
+    class Boom(dspy.Module):
+        def forward(self, x):
+            raise KeyError("mine")
+
+    with pytest.raises(KeyError, match="mine"):
+        Boom()(x=1)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes[A.ERROR_TYPE] == "KeyError"
+    assert span.status.status_code.name == "ERROR"
+
+
+def test_internal_errors_are_logged_never_raised(otel, lm, monkeypatch, caplog):
+    exporter, provider = otel
+    from otel_dspy_cost import _lm_span
+
+    def broken(*a, **k):
+        raise RuntimeError("planted bug in end_attributes")
+
+    monkeypatch.setattr(_lm_span, "end_attributes", broken)
+    monkeypatch.setattr("otel_dspy_cost.processor.BudgetSpanProcessor._end_lm", broken)
+    caplog.set_level(logging.WARNING)
+    with dspy.context(lm=lm):
+        out = dspy.Predict("question -> answer")(question="still works?")
+    assert out.answer
+    assert "planted bug" in caplog.text and "internal error" in caplog.text
+    assert any(s.attributes.get(A.SPAN_KIND) == "lm" for s in exporter.get_finished_spans())
+
+
+def test_cache_hit_is_free_and_economic_is_kept(otel, server, tmp_path):
+    exporter, _ = otel
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000000000", cache=True, max_tokens=300)
+    predict = dspy.Predict("question -> answer")
+    with dspy.context(lm=lm):
+        predict(question=f"cache me {tmp_path.name}")
+        predict(question=f"cache me {tmp_path.name}")
+    first, second = [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert server.count == 1
+    assert first.attributes[A.CACHE_HIT] is False and second.attributes[A.CACHE_HIT] is True
+    assert second.attributes[A.COST_USD] == 0.0
+    assert second.attributes[A.GEN_AI_INPUT_TOKENS] == 0
+    assert second.attributes[A.COST_ECONOMIC_USD] == pytest.approx(first.attributes[A.COST_ECONOMIC_USD])
+    report = otel_dspy_cost.spend_report()
+    assert report["total"]["calls"] == 2 and report["total"]["cache_hits"] == 1
+    assert report["total"]["usd"] == pytest.approx(first.attributes[A.COST_USD])
+
+
+def test_missing_usage_is_estimated_and_warned_once(otel, server, caplog):
+    exporter, _ = otel
+    server.sim.include_usage = False
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000000000", cache=False, max_tokens=300)
+    caplog.set_level(logging.WARNING)
+    with dspy.context(lm=lm):
+        for i in range(3):
+            dspy.Predict("question -> answer")(question=f"no usage {i}")
+    spans = [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert len(spans) == 3
+    for s in spans:
+        assert s.attributes[A.USAGE_MISSING] is True and s.attributes[A.COST_ESTIMATED] is True
+        assert s.attributes[A.GEN_AI_INPUT_TOKENS] > 0 and s.attributes[A.COST_USD] > 0
+    assert caplog.text.count("reported no token usage") == 1
+
+
+def test_entry_point_registered():
+    from importlib.metadata import entry_points
+
+    eps = entry_points(group="opentelemetry_instrumentor")
+    assert any(ep.value == "otel_dspy_cost.instrumentor:DSPyCostInstrumentor" for ep in eps)
+
+
+def test_no_provider_no_endpoint_works_offline_without_hanging(tmp_path, server):
+    """A fresh process with no provider and no endpoint: instrument() configures one from OTEL_* and
+    never dials localhost:4317."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "app.py"
+    script.write_text(f"""
+import dspy, otel_dspy_cost
+from opentelemetry import trace
+otel_dspy_cost.instrument()
+provider = trace.get_tracer_provider()
+print(provider.resource.attributes["service.name"], provider.resource.attributes.get("team"))
+lm = dspy.LM("{MODEL}", api_base="{server.api_base}", api_key="sk-x-000000000", cache=False, max_tokens=100)
+with dspy.context(lm=lm), otel_dspy_cost.budget(limit_usd=1.0) as b:
+    dspy.Predict("q -> a")(q="hi")
+print(b.call_count, otel_dspy_cost.spend_report()["total"]["calls"])
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_SERVICE_NAME="svc-under-test", OTEL_RESOURCE_ATTRIBUTES="team=cost")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["svc-under-test", "cost", "1", "1"]
+    assert "4317" not in proc.stderr and time.monotonic() - started < 30
+
+
+def test_opentelemetry_instrument_cli_picks_us_up(tmp_path, server):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cli = shutil.which("opentelemetry-instrument", path=os.path.dirname(sys.executable))
+    if cli is None:
+        pytest.skip("opentelemetry-instrument not installed")
+    script = tmp_path / "plain_app.py"
+    script.write_text(f"""
+import dspy
+lm = dspy.LM("{MODEL}", api_base="{server.api_base}", api_key="sk-x-000000000", cache=False, max_tokens=100)
+with dspy.context(lm=lm):
+    dspy.Predict("q -> a")(q="hi")
+import otel_dspy_cost
+print(otel_dspy_cost.spend_report()["total"]["calls"])
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
+    proc = subprocess.run([cli, sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_spans_export_as_json(otel, lm):
+    exporter, _ = otel
+    with dspy.context(lm=lm):
+        dspy.ChainOfThought("question -> answer")(question="json?")
+    for s in exporter.get_finished_spans():
+        json.loads(s.to_json())
