@@ -49,6 +49,19 @@ def _resolve_provider(tracer_provider: Any) -> Any:
     return current
 
 
+def _installed_processor(provider: TracerProvider) -> BudgetSpanProcessor | None:
+    """A BudgetSpanProcessor the user already added: reuse it, or every call would be counted twice.
+
+    The SDK has no public list of processors; this reads its private one and copes with its absence.
+    """
+    multi = getattr(provider, "_active_span_processor", None)
+    for candidate in getattr(multi, "_span_processors", ()) or ():
+        if isinstance(candidate, BudgetSpanProcessor):
+            _processors[provider] = candidate
+            return candidate
+    return None
+
+
 class DSPyCostInstrumentor(BaseInstrumentor):
     """Spans, cost and budgets for DSPy.
 
@@ -69,7 +82,7 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         provider = _resolve_provider(kwargs.get("tracer_provider"))
         processor = None
         if isinstance(provider, TracerProvider):
-            processor = _processors.get(provider)
+            processor = _processors.get(provider) or _installed_processor(provider)
             if processor is None:
                 processor = BudgetSpanProcessor(engine)
                 provider.add_span_processor(processor)

@@ -102,6 +102,8 @@ class BudgetSpanProcessor(SpanProcessor):
             if node is None:
                 return
             if node.is_lm:
+                if (span.attributes or {}).get(A.BUDGET_REFUSED):
+                    return  # refused before the provider was called: nothing to account
                 self._end_lm(span, node)
             else:
                 self._end_other(node)
