@@ -25,7 +25,9 @@ class RunContext:
     lm_role: str | None = None
 
 
-_RUN: contextvars.ContextVar[RunContext] = contextvars.ContextVar("otel_dspy_cost_run", default=RunContext())
+# RunContext is frozen, so a shared default instance is safe.
+_RUN: contextvars.ContextVar[RunContext] = contextvars.ContextVar(
+    "otel_dspy_cost_run", default=RunContext())  # noqa: B039
 
 
 def current() -> RunContext:

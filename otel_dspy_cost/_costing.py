@@ -135,7 +135,8 @@ def add_to_user_catalog(path: Path, model: str, rates: dict[str, float]) -> None
     now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
     # The new price is in force from the epoch if it is the first one, so runs already started can use it.
     effective = now if versions else _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-    data["entries"].append({"provider": provider or "unknown", "model": name, "price_version": max(versions, default=0) + 1,
+    data["entries"].append({"provider": provider or "unknown", "model": name,
+                            "price_version": max(versions, default=0) + 1,
                             "effective_at": effective.isoformat().replace("+00:00", "Z"),
                             "added_at": now.isoformat().replace("+00:00", "Z"),
                             **{k: v for k, v in rates.items() if v is not None}})

@@ -370,14 +370,12 @@ class PricingResolver:
         if base is not None:
             fine_tuned = True
         for catalog in self.catalogs:
-            if fine_tuned:
-                exact = self._match(catalog, provider, name, when, price_version, variant="fine-tuned",
-                                    by_inherits=f"{provider or ''}/{base or name}")
-                if exact is not None:
-                    return exact
             found = self._match(catalog, provider, base or name, when, price_version)
+            if found is not None and fine_tuned:
+                explicit = self._fine_tuned_entry(catalog, name, found, when, price_version)
+                return explicit if explicit is not None else self._apply_premium(catalog, found, when)
             if found is not None:
-                return self._apply_premium(catalog, found, when) if fine_tuned else found
+                return found
         if self.use_litellm and price_version is None:
             found = _litellm_entry(model if base is None else f"{provider}/{base}" if provider else base)
             if found is not None:
@@ -385,24 +383,24 @@ class PricingResolver:
         raise UnknownModelError(model, self.suggest(model))
 
     @staticmethod
-    def _match(catalog: Catalog, provider: str | None, name: str, when: _dt.datetime, price_version: int | None,
-               variant: str = "default", by_inherits: str | None = None) -> PriceEntry | None:
-        candidates = []
-        for entry in catalog.entries:
-            if entry.variant != variant or (provider is not None and entry.provider != provider):
-                continue
-            named = entry.model == name or name in entry.aliases
-            if variant == "fine-tuned" and not named:
-                named = by_inherits is not None and entry.inherits is not None and \
-                    by_inherits.split("/")[-1] in {entry.inherits.split("/")[-1]}
-            if not named:
-                continue
-            if price_version is not None:
-                if entry.price_version == price_version:
-                    candidates.append(entry)
-            elif entry.in_force(when):
-                candidates.append(entry)
+    def _match(catalog: Catalog, provider: str | None, name: str, when: _dt.datetime, price_version: int | None
+               ) -> PriceEntry | None:
+        candidates = [e for e in catalog.entries
+                      if e.variant == "default" and (provider is None or e.provider == provider)
+                      and (e.model == name or name in e.aliases)
+                      and (e.price_version == price_version if price_version is not None else e.in_force(when))]
         return max(candidates, key=lambda e: e.price_version, default=None)
+
+    @staticmethod
+    def _fine_tuned_entry(catalog: Catalog, name: str, base: PriceEntry, when: _dt.datetime,
+                          price_version: int | None) -> PriceEntry | None:
+        """A fine-tuned entry named exactly, or one declaring `inherits` of this base model."""
+        base_key = f"{base.provider}/{base.model}"
+        candidates = [e for e in catalog.entries if e.variant == "fine-tuned" and e.provider == base.provider
+                      and (e.model == name or e.inherits == base_key)
+                      and (e.price_version == price_version if price_version is not None else e.in_force(when))]
+        exact = [e for e in candidates if e.model == name]
+        return max(exact or candidates, key=lambda e: e.price_version, default=None)
 
     @staticmethod
     def _apply_premium(catalog: Catalog, entry: PriceEntry, when: _dt.datetime) -> PriceEntry:

@@ -264,5 +264,6 @@ class BudgetSpanProcessor(SpanProcessor):
         if values[5]:
             span.set_attribute(A.TOTAL_UNKNOWN_CALLS, values[5])
         for budget_, kind in fired:
-            span.add_event(f"dspy.budget.{kind}", {A.BUDGET_LABEL: budget_.label, "dspy.budget.spent_usd":
-                                                   budget_.spent_usd, "dspy.budget.limit_usd": budget_.limit_usd or 0.0})
+            span.add_event(f"dspy.budget.{kind}", {A.BUDGET_LABEL: budget_.label,
+                                                   "dspy.budget.spent_usd": budget_.spent_usd,
+                                                   "dspy.budget.limit_usd": budget_.limit_usd or 0.0})

@@ -1,0 +1,166 @@
+"""Pricing catalog and per-call cost: worked examples by hand, malformed catalogs, unknown models."""
+
+import datetime as dt
+import json
+
+import pytest
+
+from otel_dspy_cost._cost import Usage, compute_cost
+from otel_dspy_cost._costing import CostEngine
+from otel_dspy_cost.budget import UnpricedModelError
+from otel_dspy_cost.pricing import (
+    Catalog,
+    CatalogError,
+    PricingResolver,
+    UnknownModelError,
+    default_catalog_path,
+)
+
+UTC = dt.UTC
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    return PricingResolver(use_litellm=False, run_started_at=dt.datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def test_shipped_catalog_validates():
+    catalog = Catalog.from_path(default_catalog_path(), source="catalog")
+    assert len(catalog.entries) >= 20 and catalog.currency == "USD"
+
+
+def test_cached_input_worked_example(resolver):
+    # gpt-4o-mini: $0.15 in, $0.075 cached, $0.60 out per 1M. 10,000 prompt tokens of which 8,000 cached,
+    # 1,000 out: 2,000*0.15 + 8,000*0.075 + 1,000*0.60 = 300 + 600 + 600 = 1,500 micro-$ = $0.0015.
+    cost = compute_cost(Usage(10_000, 1_000, cache_read_tokens=8_000), resolver.lookup("openai/gpt-4o-mini"))
+    assert cost.usd == pytest.approx(0.0015)
+    assert cost.cached_input_usd == pytest.approx(0.0006)
+    # uncached it would have been 10,000*0.15 + 600 = 2,100 micro-$
+    assert cost.economic_usd == pytest.approx(0.0021)
+
+
+def test_reasoning_tokens_worked_example(resolver):
+    # o3-mini: $1.10 in, $4.40 out; 5,000 output tokens of which 4,000 reasoning, billed as output.
+    cost = compute_cost(Usage(1_000, 5_000, reasoning_tokens=4_000), resolver.lookup("openai/o3-mini"))
+    assert cost.reasoning_usd == pytest.approx(4_000 * 4.40 / 1e6)
+    assert cost.output_usd == pytest.approx(1_000 * 4.40 / 1e6)
+    assert cost.usd == pytest.approx((1_000 * 1.10 + 5_000 * 4.40) / 1e6)
+
+
+def test_anthropic_cache_write_and_long_context(resolver):
+    entry = resolver.lookup("anthropic/claude-sonnet-4-20250514")
+    cost = compute_cost(Usage(3_000, 100, cache_read_tokens=1_000, cache_creation_tokens=1_000), entry)
+    assert cost.usd == pytest.approx((1_000 * 3.0 + 1_000 * 0.30 + 1_000 * 3.75 + 100 * 15.0) / 1e6)
+    long = compute_cost(Usage(250_000, 1_000), entry)
+    assert long.usd == pytest.approx((250_000 * 6.0 + 1_000 * 22.5) / 1e6)
+
+
+def test_batch_tier(resolver):
+    entry = resolver.lookup("openai/gpt-4o-mini", tier="batch")
+    cost = compute_cost(Usage(1_000_000, 1_000_000), entry, tier="batch")
+    assert cost.usd == pytest.approx(0.075 + 0.30)
+    with pytest.raises(KeyError, match="no 'flex' tier"):
+        resolver.lookup("openai/gpt-4o-mini", tier="flex")
+
+
+def test_price_change_mid_history_and_pinned_version(resolver):
+    before = resolver.lookup("openai/gpt-4o", when=dt.datetime(2024, 6, 1, tzinfo=UTC))
+    after = resolver.lookup("openai/gpt-4o", when=dt.datetime(2025, 1, 1, tzinfo=UTC))
+    assert (before.price_version, before.rates.input) == (1, 5.0)
+    assert (after.price_version, after.rates.input) == (2, 2.5)
+    assert resolver.lookup("openai/o3").rates.input == 2.0  # default `when`: the run's start
+    pinned = resolver.lookup("openai/o3", price_version=1)
+    assert pinned.rates.input == 10.0 and pinned.price_version == 1
+
+
+def test_fine_tuned_models(resolver):
+    premium = resolver.lookup("openai/ft:gpt-4o-mini-2024-07-18:acme::abc123")
+    assert premium.variant == "fine-tuned" and premium.rates.input == pytest.approx(0.30)
+    assert premium.rates.output == pytest.approx(1.20)
+    explicit = resolver.lookup("openai/ft:gpt-4o-2024-08-06:acme::xyz")
+    assert explicit.rates.input == 3.75 and explicit.rates.output == 15.0  # entry override beats the premium
+    assert resolver.training_price("openai/gpt-4o-mini").per_1m_training_tokens == 3.0
+
+
+def test_local_model_actual_zero_economic_from_rates():
+    resolver = PricingResolver(use_litellm=False, local_models={"ollama_chat/llama3": {"input": 0.2, "output": 0.4}})
+    cost = compute_cost(Usage(1_000_000, 1_000_000), resolver.lookup("ollama_chat/llama3"))
+    assert cost.usd == 0.0 and cost.economic_usd == pytest.approx(0.6) and cost.source == "local"
+    assert compute_cost(Usage(10, 10), resolver.lookup("hosted_vllm/anything")).usd == 0.0
+
+
+def test_localhost_endpoint_is_priced_by_model_name(resolver):
+    assert resolver.lookup("openai/gpt-4o-mini").source == "catalog"  # api_base plays no part
+
+
+def test_unknown_model_error_names_nearest(resolver):
+    with pytest.raises(UnknownModelError) as info:
+        resolver.lookup("openai/gpt-4o-mimi")
+    assert "gpt-4o-mimi" in str(info.value) and "openai/gpt-4o-mini" in str(info.value)
+
+
+def test_unknown_model_policies(resolver, caplog, monkeypatch):
+    with pytest.raises(UnpricedModelError):
+        CostEngine(resolver, unknown_model="error").worst_case("acme/mystery-1", 10, 10)
+    warn = CostEngine(resolver, unknown_model="warn")
+    cost = warn.cost("acme/mystery-1", Usage(10, 10))
+    assert cost.unknown and cost.source == "unknown"
+    warn.cost("acme/mystery-1", Usage(10, 10))
+    assert caplog.text.count("recorded as unknown") == 1
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(UnpricedModelError):  # prompt never prompts in CI: it refuses
+        CostEngine(resolver, unknown_model="prompt").entry_for("acme/mystery-2")
+
+
+def test_litellm_fallback_is_local_and_labelled():
+    resolver = PricingResolver()
+    entry = resolver.lookup("openai/gpt-3.5-turbo")
+    assert entry.source == "litellm" and entry.rates.input > 0
+
+
+def test_overrides_win(tmp_path):
+    resolver = PricingResolver({"openai/gpt-4o-mini": {"input": 1.0, "output": 2.0}}, use_litellm=False)
+    entry = resolver.lookup("openai/gpt-4o-mini")
+    assert entry.source == "override" and entry.rates.input == 1.0
+
+
+def _catalog(tmp_path, entries, name="cat.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"schema_version": 1, "catalog_version": "t", "currency": "USD", "entries": entries}))
+    return path
+
+
+GOOD = {"provider": "p", "model": "m", "price_version": 1, "effective_at": "2025-01-01T00:00:00Z",
+        "input": 1.0, "output": 2.0}
+
+
+def test_malformed_bad_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"entries": [')
+    with pytest.raises(CatalogError, match=r"bad\.json: invalid JSON at line 1"):
+        Catalog.from_path(path)
+
+
+def test_malformed_missing_rate(tmp_path):
+    entry = {k: v for k, v in GOOD.items() if k != "output"}
+    with pytest.raises(CatalogError, match=r"cat\.json: entries\[0\] \(p/m v1\): field 'output': missing rate"):
+        Catalog.from_path(_catalog(tmp_path, [entry]))
+
+
+def test_malformed_negative_price(tmp_path):
+    with pytest.raises(CatalogError, match=r"entries\[1\] \(p/m v2\): field 'input': -1 is less than the minimum"):
+        Catalog.from_path(_catalog(tmp_path, [GOOD, {**GOOD, "price_version": 2, "input": -1}]))
+
+
+def test_malformed_overlapping_ranges(tmp_path):
+    with pytest.raises(CatalogError, match=r"p/m v1: field 'effective_at': overlapping effective ranges"):
+        Catalog.from_path(_catalog(tmp_path, [GOOD, {**GOOD, "effective_at": "2025-06-01T00:00:00Z"}]))
+
+
+def test_malformed_override_reported_at_instrument(tmp_path):
+    import otel_dspy_cost
+
+    otel_dspy_cost.uninstrument()
+    with pytest.raises(CatalogError, match="cat.json"):
+        otel_dspy_cost.instrument(pricing_overrides=str(_catalog(tmp_path, [{**GOOD, "input": "cheap"}])))
+    otel_dspy_cost.uninstrument()
