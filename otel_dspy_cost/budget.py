@@ -167,17 +167,20 @@ class Budget:
             return existing
 
     def _refused(self, refusal: Refusal, *, requested_usd: float, term: str | None, model: str) -> BudgetExceededError:
+        first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
         what = {
             "limit_usd": f"${refusal.spent_usd:.6f} spent + ${refusal.reserved_usd:.6f} reserved + "
                          f"${requested_usd:.6f} for this call would pass the ${refusal.limit:.6f} limit",
             "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
                          f"max_calls={int(refusal.limit)}",
-            "tripped": "the budget already stopped this run; no further provider calls are made",
+            "tripped": f"the budget already stopped this run ({first_reason}); no further provider calls are made",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
         hint = ""
-        if term == "max_tokens_unset":
+        if refusal.reason == "tripped":
+            pass
+        elif term == "max_tokens_unset":
             hint = (" The reservation assumed the model's maximum output tokens because max_tokens is not set; "
                     "set max_tokens on the LM to reserve less per call.")
         elif term == "output":
