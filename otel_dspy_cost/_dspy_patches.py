@@ -29,6 +29,10 @@ _IN_ADAPTER_OP: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_dspy
 _IN_COMPILE: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("otel_dspy_cost_compile", default=())
 
 
+class _OurWrapper(wrapt.FunctionWrapper):
+    """Marks our wrappers so a second instrument() never wraps them twice."""
+
+
 class _Patches:
     """Remembers every (owner, name, original) it replaced so `remove()` restores DSPy exactly."""
 
@@ -37,9 +41,10 @@ class _Patches:
 
     def wrap(self, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
         original = owner.__dict__.get(name)
-        if original is None or isinstance(original, wrapt.ObjectProxy):
+        if original is None or isinstance(original, _OurWrapper):
             return
-        setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+        # Another instrumentation's wrapper is wrapped too: ours sits outside it and restores it on removal.
+        setattr(owner, name, _OurWrapper(original, wrapper))
         self.applied.append((owner, name, original))
 
     def remove(self) -> None:

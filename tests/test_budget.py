@@ -286,6 +286,6 @@ def test_budgets_lm_spans_of_the_official_genai_instrumentation(server):
         lm_like = [s for s in exporter.get_finished_spans() if s.attributes.get(A.GEN_AI_OPERATION) == "chat"]
         assert len(lm_like) > 3  # two spans per call exist, counted once
     finally:
-        official.uninstrument()
         otel_dspy_cost.uninstrument()
+        official.uninstrument()
 

@@ -164,3 +164,14 @@ def test_malformed_override_reported_at_instrument(tmp_path):
     with pytest.raises(CatalogError, match="cat.json"):
         otel_dspy_cost.instrument(pricing_overrides=str(_catalog(tmp_path, [{**GOOD, "input": "cheap"}])))
     otel_dspy_cost.uninstrument()
+
+
+def test_every_attribute_is_documented():
+    from pathlib import Path
+
+    from otel_dspy_cost import _attributes as A
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "attributes.md").read_text()
+    names = [v for k, v in vars(A).items() if k.isupper() and isinstance(v, str)]
+    missing = [n for n in names if f"`{n}`" not in doc]
+    assert not missing, missing
