@@ -515,10 +515,12 @@ def apply() -> None:
             _patches.wrap(execution, "finalize", _capture_finalize)
     except ImportError:
         pass
-    if "_process_lm_response" in BaseLM.__dict__:
-        _patches.wrap(BaseLM, "_process_lm_response", _capture_process_response)
-    if "_finalize_lm_response" in BaseLM.__dict__:
-        _patches.wrap(BaseLM, "_finalize_lm_response", _capture_finalize_lm_response)
+    # Subclasses (or another instrumentation's leftovers) may define these in their own __dict__ too.
+    for cls in [BaseLM, *_all_subclasses(BaseLM)]:
+        if "_process_lm_response" in cls.__dict__:
+            _patches.wrap(cls, "_process_lm_response", _capture_process_response)
+        if "_finalize_lm_response" in cls.__dict__:
+            _patches.wrap(cls, "_finalize_lm_response", _capture_finalize_lm_response)
 
 
 def remove() -> None:
