@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -39,10 +40,12 @@ class _Patches:
     def __init__(self) -> None:
         self.applied: list[tuple[Any, str, Any]] = []
 
-    def wrap(self, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
+    def wrap(self, owner: Any, name: str, wrapper: Callable[..., Any] | Wrappers) -> None:
         original = owner.__dict__.get(name)
         if original is None or isinstance(original, _OurWrapper):
             return
+        if isinstance(wrapper, tuple):  # (sync, async) from _around: chosen once here, not on every call
+            wrapper = wrapper[1] if inspect.iscoroutinefunction(original) else wrapper[0]
         # Another instrumentation's wrapper is wrapped too: ours sits outside it and restores it on removal.
         setattr(owner, name, _OurWrapper(original, wrapper))
         self.applied.append((owner, name, original))
@@ -98,141 +101,107 @@ def _is_predictor(instance: Any) -> bool:
     return isinstance(instance, dspy.Predict)
 
 
-# -- wrappers ---------------------------------------------------------------------------------------------
+# -- one mechanism for every span: begin before the call, end after it, sync and async alike -------------
 
-def _module_call(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+Wrappers = tuple[Callable[..., Any], Callable[..., Any]]
+
+
+def _around(begin: Callable[[Any, tuple, dict], Any], end: Callable[[Any, Any, BaseException | None], None]
+            ) -> Wrappers:
+    """(sync, async) wrapt wrappers: `begin(instance, args, kwargs)` returns a state (None runs the call
+    untraced); `end(state, result, exc)` closes it. `_Patches.wrap` picks the one matching the method."""
+
+    def sync_wrapper(wrapped, instance, args, kwargs):
+        state = begin(instance, args, kwargs)
+        if state is None:
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end(state, None, exc)
+            raise
+        end(state, result, None)
+        return result
+
+    async def run_async(wrapped, instance, args, kwargs):
+        state = begin(instance, args, kwargs)
+        if state is None:
+            return await wrapped(*args, **kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end(state, None, exc)
+            raise
+        end(state, result, None)
+        return result
+
+    def async_wrapper(wrapped, instance, args, kwargs):
+        return run_async(wrapped, instance, args, kwargs)
+
+    return sync_wrapper, async_wrapper
+
+
+def _module_begin(instance, args, kwargs):
     rt = _runtime.active()
     if rt is None:
-        return wrapped(*args, **kwargs)
+        return None
     try:
         path = _module_path(instance)
         kind = "predictor" if _is_predictor(instance) else "module"
         attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
                  A.PHASE: _context.current().phase, A.INSTRUMENTATION: "otel-dspy-cost"}
         span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
-        mod_token = CURRENT_MODULE.set((instance, path))
+        return span, token, CURRENT_MODULE.set((instance, path))
     except Exception:
         internal_error("module span start")
-        return wrapped(*args, **kwargs)
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        CURRENT_MODULE.reset(mod_token)
-        finish(span, token, exc)
-        raise
+        return None
+
+
+def _module_end(state, result, exc):
+    span, token, mod_token = state
     CURRENT_MODULE.reset(mod_token)
-    finish(span, token)
-    return result
+    finish(span, token, exc)
 
 
-async def _module_acall_impl(wrapped, instance, args, kwargs):
+def _lm_begin(instance, args, kwargs):
     rt = _runtime.active()
-    if rt is None:
-        return await wrapped(*args, **kwargs)
+    current = _lm_span.CURRENT_CALL.get()
+    if rt is None or (current is not None and current.lm is instance):  # a subclass calling super(): one span
+        return None
     try:
-        path = _module_path(instance)
-        kind = "predictor" if _is_predictor(instance) else "module"
-        attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
-                 A.PHASE: _context.current().phase, A.INSTRUMENTATION: "otel-dspy-cost"}
-        span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
-        mod_token = CURRENT_MODULE.set((instance, path))
-    except Exception:
-        internal_error("module span start")
-        return await wrapped(*args, **kwargs)
-    try:
-        result = await wrapped(*args, **kwargs)
-    except BaseException as exc:
-        CURRENT_MODULE.reset(mod_token)
-        finish(span, token, exc)
-        raise
-    CURRENT_MODULE.reset(mod_token)
-    finish(span, token)
-    return result
-
-
-def _module_acall(wrapped, instance, args, kwargs):
-    return _module_acall_impl(wrapped, instance, args, kwargs)
-
-
-def _lm_begin(rt: _runtime.Runtime, instance: Any, args: tuple, kwargs: dict):
-    prompt = kwargs.get("prompt", args[0] if args else None)
-    messages = kwargs.get("messages")
-    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
-    attrs = _lm_span.start_attributes(rt, instance, prompt, messages, call_kwargs)
-    model = attrs[A.GEN_AI_REQUEST_MODEL]
-    return prompt, messages, model, f"{attrs[A.GEN_AI_OPERATION]} {model}", attrs
-
-
-def _lm_call(wrapped, instance, args, kwargs):
-    rt = _runtime.active()
-    if rt is None or _lm_span.CURRENT_CALL.get() is not None and _lm_span.CURRENT_CALL.get().lm is instance:
-        return wrapped(*args, **kwargs)
-    try:
-        prompt, messages, model, name, attrs = _lm_begin(rt, instance, args, kwargs)
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        messages = kwargs.get("messages")
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
+        attrs = _lm_span.start_attributes(rt, instance, prompt, messages, call_kwargs)
+        model = attrs[A.GEN_AI_REQUEST_MODEL]
     except Exception:
         internal_error("LM span start")
-        return wrapped(*args, **kwargs)
-    span, token = start(rt.tracer, name, attrs)  # the budget processor may refuse here, before any request
+        return None
+    # The budget processor may refuse here, before any request: that stop propagates on purpose.
+    span, token = start(rt.tracer, f"{attrs[A.GEN_AI_OPERATION]} {model}", attrs)
     rec = _lm_span.LMCallRecord(instance)
-    rec_token = _lm_span.CURRENT_CALL.set(rec)
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        _lm_span.CURRENT_CALL.reset(rec_token)
-        _lm_end(rt, span, rec, model, prompt, messages, None, failed=True)
-        finish(span, token, exc)
-        raise
+    return rt, span, token, rec, _lm_span.CURRENT_CALL.set(rec), model, prompt, messages
+
+
+def _lm_end(state, result, exc):
+    rt, span, token, rec, rec_token, model, prompt, messages = state
     _lm_span.CURRENT_CALL.reset(rec_token)
-    _lm_end(rt, span, rec, model, prompt, messages, result)
-    finish(span, token)
-    return result
-
-
-async def _lm_acall_impl(wrapped, instance, args, kwargs):
-    rt = _runtime.active()
-    if rt is None or _lm_span.CURRENT_CALL.get() is not None and _lm_span.CURRENT_CALL.get().lm is instance:
-        return await wrapped(*args, **kwargs)
     try:
-        prompt, messages, model, name, attrs = _lm_begin(rt, instance, args, kwargs)
-    except Exception:
-        internal_error("LM span start")
-        return await wrapped(*args, **kwargs)
-    span, token = start(rt.tracer, name, attrs)
-    rec = _lm_span.LMCallRecord(instance)
-    rec_token = _lm_span.CURRENT_CALL.set(rec)
-    try:
-        result = await wrapped(*args, **kwargs)
-    except BaseException as exc:
-        _lm_span.CURRENT_CALL.reset(rec_token)
-        _lm_end(rt, span, rec, model, prompt, messages, None, failed=True)
-        finish(span, token, exc)
-        raise
-    _lm_span.CURRENT_CALL.reset(rec_token)
-    _lm_end(rt, span, rec, model, prompt, messages, result)
-    finish(span, token)
-    return result
-
-
-def _lm_acall(wrapped, instance, args, kwargs):
-    return _lm_acall_impl(wrapped, instance, args, kwargs)
-
-
-def _lm_end(rt, span, rec, model, prompt, messages, outputs, failed: bool = False) -> None:
-    try:
-        if failed and not rec.captured:
+        if exc is not None and not rec.captured:
             # The provider call failed before usage was known: nothing billed that we can see.
             span.set_attributes({A.USAGE_MISSING: True, A.CACHE_HIT: False, A.COST_USD: 0.0,
                                  A.COST_ECONOMIC_USD: 0.0, A.GEN_AI_INPUT_TOKENS: 0, A.GEN_AI_OUTPUT_TOKENS: 0})
-            return
-        _lm_span.end_attributes(rt, span, rec, model, prompt, messages, outputs)
+        else:
+            _lm_span.end_attributes(rt, span, rec, model, prompt, messages, result)
     except Exception:
         internal_error("LM span end")
+    finish(span, token, exc)
 
 
 def _simple_span(kind: str, name_fn: Callable[[Any, tuple, dict], str],
                  attrs_fn: Callable[[Any, tuple, dict], dict] | None = None,
-                 guard: contextvars.ContextVar[bool] | None = None):
-    """A wrapper making one span around a sync or async method (adapter ops, tools, retrievers)."""
+                 guard: contextvars.ContextVar[bool] | None = None) -> Wrappers:
+    """One span around a method (adapter ops, tools, retrievers); `guard` stops a nested twin span."""
 
     def begin(instance, args, kwargs):
         rt = _runtime.active()
@@ -246,47 +215,18 @@ def _simple_span(kind: str, name_fn: Callable[[Any, tuple, dict], str],
             if attrs_fn is not None:
                 attrs.update(attrs_fn(instance, args, kwargs))
             span, token = start(rt.tracer, name_fn(instance, args, kwargs), attrs)
-            guard_token = guard.set(True) if guard is not None else None
-            return span, token, guard_token
+            return span, token, guard.set(True) if guard is not None else None
         except Exception:
             internal_error(f"{kind} span start")
             return None
 
-    def end(opened, exc=None):
-        span, token, guard_token = opened
+    def end(state, result, exc):
+        span, token, guard_token = state
         if guard_token is not None:
             guard.reset(guard_token)
         finish(span, token, exc)
 
-    async def run_async(wrapped, instance, args, kwargs):
-        opened = begin(instance, args, kwargs)
-        if opened is None:
-            return await wrapped(*args, **kwargs)
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(opened, exc)
-            raise
-        end(opened)
-        return result
-
-    def wrapper(wrapped, instance, args, kwargs):
-        import inspect
-
-        if inspect.iscoroutinefunction(wrapped):
-            return run_async(wrapped, instance, args, kwargs)
-        opened = begin(instance, args, kwargs)
-        if opened is None:
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(opened, exc)
-            raise
-        end(opened)
-        return result
-
-    return wrapper
+    return _around(begin, end)
 
 
 def _tool_attrs(instance, args, kwargs):
@@ -304,10 +244,10 @@ def _adapter_attrs(instance, args, kwargs):
     return {A.ADAPTER_CLASS: type(instance).__name__}
 
 
-def _evaluate_call(wrapped, instance, args, kwargs):
+def _evaluate_begin(instance, args, kwargs):
     rt = _runtime.active()
     if rt is None:
-        return wrapped(*args, **kwargs)
+        return None
     try:
         program = kwargs.get("program", args[0] if args else None)
         devset = kwargs.get("devset") or getattr(instance, "devset", None) or []
@@ -319,59 +259,57 @@ def _evaluate_call(wrapped, instance, args, kwargs):
         if metric is not None:
             attrs["dspy.evaluate.metric"] = getattr(metric, "__name__", type(metric).__name__)
         span, token = start(rt.tracer, f"evaluate {type(program).__name__}", attrs)
-        mod_token = CURRENT_MODULE.set(None)  # the program called by Evaluate starts a fresh module path
+        # The program called by Evaluate starts a fresh module path.
+        return span, token, CURRENT_MODULE.set(None)
     except Exception:
         internal_error("evaluate span start")
-        return wrapped(*args, **kwargs)
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        CURRENT_MODULE.reset(mod_token)
-        finish(span, token, exc)
-        raise
+        return None
+
+
+def _evaluate_end(state, result, exc):
+    span, token, mod_token = state
     CURRENT_MODULE.reset(mod_token)
-    try:
-        score = getattr(result, "score", result)
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            span.set_attribute(A.EVAL_SCORE, float(score))
-    except Exception:
-        internal_error("evaluate score")
-    finish(span, token)
-    return result
+    if exc is None:
+        try:
+            score = getattr(result, "score", result)
+            if isinstance(score, (int, float)) and not isinstance(score, bool):
+                span.set_attribute(A.EVAL_SCORE, float(score))
+        except Exception:
+            internal_error("evaluate score")
+    finish(span, token, exc)
 
 
-def _compile_call(wrapped, instance, args, kwargs):
+def _compile_begin(instance, args, kwargs):
     rt = _runtime.active()
     active = _IN_COMPILE.get()
     if rt is None or id(instance) in active:  # super().compile() of the same optimizer: one span
-        return wrapped(*args, **kwargs)
+        return None
     try:
         name = type(instance).__name__
         attrs = {A.SPAN_KIND: "compile", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
                  A.OPTIMIZER_NAME: name}
         span, token = start(rt.tracer, f"compile {name}", attrs)
-        compile_token = _IN_COMPILE.set(active + (id(instance),))
         state = _context.current()
-        run_token = _context.var().set(_context.RunContext(state.budgets, "train", name, state.trial, state.lm_role))
-        mod_token = CURRENT_MODULE.set(None)
+        return (span, token, _IN_COMPILE.set(active + (id(instance),)),
+                _context.var().set(_context.RunContext(state.budgets, "train", name, state.trial, state.lm_role)),
+                CURRENT_MODULE.set(None))
     except Exception:
         internal_error("compile span start")
-        return wrapped(*args, **kwargs)
+        return None
 
-    def restore():
-        CURRENT_MODULE.reset(mod_token)
-        _context.var().reset(run_token)
-        _IN_COMPILE.reset(compile_token)
 
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        restore()
-        finish(span, token, exc)
-        raise
-    restore()
-    finish(span, token)
-    return result
+def _compile_end(state, result, exc):
+    span, token, compile_token, run_token, mod_token = state
+    CURRENT_MODULE.reset(mod_token)
+    _context.var().reset(run_token)
+    _IN_COMPILE.reset(compile_token)
+    finish(span, token, exc)
+
+
+_MODULE_SPAN = _around(_module_begin, _module_end)
+_LM_SPAN = _around(_lm_begin, _lm_end)
+_EVALUATE_SPAN = _around(_evaluate_begin, _evaluate_end)
+_COMPILE_SPAN = _around(_compile_begin, _compile_end)
 
 
 def _parallel_execute(wrapped, instance, args, kwargs):
@@ -482,25 +420,23 @@ def apply() -> None:
     from dspy.teleprompt.teleprompt import Teleprompter
     from dspy.utils.parallelizer import ParallelExecutor
 
-    _patches.wrap(dspy.Module, "__call__", _module_call)
-    _patches.wrap(dspy.Module, "acall", _module_acall)
-    _patches.wrap(BaseLM, "__call__", _lm_call)
-    _patches.wrap(BaseLM, "acall", _lm_acall)
-    # Subclasses that override __call__ without calling super() would otherwise be invisible.
-    for cls in _all_subclasses(BaseLM):
-        if "__call__" in cls.__dict__:
-            _patches.wrap(cls, "__call__", _lm_call)
-        if "acall" in cls.__dict__:
-            _patches.wrap(cls, "acall", _lm_acall)
+    _patches.wrap(dspy.Module, "__call__", _MODULE_SPAN)
+    _patches.wrap(dspy.Module, "acall", _MODULE_SPAN)
+    # BaseLM and every subclass that defines these itself (one overriding __call__ without super(), or
+    # another instrumentation's leftovers): each would otherwise bypass the BaseLM wrapper.
+    # The two usage hooks are DSPy 3.3's (private): wrapped only where a class defines them.
+    _wrap_subclass_methods(BaseLM, {"__call__": _LM_SPAN, "acall": _LM_SPAN,
+                                    "_process_lm_response": _capture_process_response,
+                                    "_finalize_lm_response": _capture_finalize_lm_response})
     _wrap_subclass_methods(Adapter, _adapter_wrappers)
     _hook_new_subclasses(Adapter, _adapter_wrappers)
     tool_span = _simple_span("tool", lambda i, a, k: f"execute_tool {getattr(i, 'name', type(i).__name__)}",
                              _tool_attrs)
     _patches.wrap(dspy.Tool, "__call__", tool_span)
     _patches.wrap(dspy.Tool, "acall", tool_span)
-    _patches.wrap(dspy.Evaluate, "__call__", _evaluate_call)
-    _wrap_subclass_methods(Teleprompter, {"compile": _compile_call})
-    _hook_new_subclasses(Teleprompter, {"compile": _compile_call})
+    _patches.wrap(dspy.Evaluate, "__call__", _EVALUATE_SPAN)
+    _wrap_subclass_methods(Teleprompter, {"compile": _COMPILE_SPAN})
+    _hook_new_subclasses(Teleprompter, {"compile": _COMPILE_SPAN})
     retrieve_span = _simple_span("retriever", lambda i, a, k: f"retrieve {type(i).__name__}")
     _patches.wrap(dspy.Retrieve, "__call__", retrieve_span)
     embeddings = getattr(dspy, "Embeddings", None)
@@ -508,19 +444,13 @@ def apply() -> None:
         _patches.wrap(embeddings, "__call__", retrieve_span)
     _patches.wrap(ParallelExecutor, "execute", _parallel_execute)
 
-    # Usage capture: private, so each is feature-detected and optional.
+    # Usage capture on DSPy 3.4: private, so feature-detected and optional.
     try:
         execution = importlib.import_module("dspy.clients.execution")
         if callable(getattr(execution, "finalize", None)):
             _patches.wrap(execution, "finalize", _capture_finalize)
     except ImportError:
         pass
-    # Subclasses (or another instrumentation's leftovers) may define these in their own __dict__ too.
-    for cls in [BaseLM, *_all_subclasses(BaseLM)]:
-        if "_process_lm_response" in cls.__dict__:
-            _patches.wrap(cls, "_process_lm_response", _capture_process_response)
-        if "_finalize_lm_response" in cls.__dict__:
-            _patches.wrap(cls, "_finalize_lm_response", _capture_finalize_lm_response)
 
 
 def remove() -> None:
