@@ -154,25 +154,41 @@ def _finish_reason_list(values: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in values if v)
 
 
-def capture_from_call_result(lm: Any, result: Any) -> None:
-    """DSPy 3.4 `execution.finalize(lm, call, result)`: result is a CallResult."""
+def _claim(lm: Any) -> LMCallRecord | None:
+    """The record of the LM call in progress on `lm`, the first time a usage hook reports it."""
     rec = CURRENT_CALL.get()
     if rec is None or rec.captured or rec.lm is not lm:
-        return
+        return None
     rec.captured = True
-    rec.cache_hit = bool(getattr(result, "cache_hit", False))
-    rec.usage = usage_from_openai(getattr(result, "usage", None))
-    rec.response_model = getattr(result, "response_model", None)
+    return rec
+
+
+def _store(rec: LMCallRecord, usage: Usage | None, cache_hit: bool, cached_cost: Any) -> None:
+    """Billed usage, or for a DSPy cache hit the first call's usage (or cost, where DSPy cleared usage)."""
+    rec.cache_hit = cache_hit
+    if cache_hit:
+        rec.original_usage = usage
+        rec.original_cost = cached_cost
+    else:
+        rec.usage = usage
+
+
+def capture_from_call_result(lm: Any, result: Any) -> None:
+    """DSPy 3.4 `execution.finalize(lm, call, result)`: result is a CallResult."""
+    rec = _claim(lm)
+    if rec is None:
+        return
+    cache_hit = bool(getattr(result, "cache_hit", False))
     responses = getattr(result, "responses", ()) or ()
+    raw = getattr(result, "raw", None)
+    usage = _original_usage(responses, raw) if cache_hit else usage_from_openai(getattr(result, "usage", None))
+    _store(rec, usage, cache_hit, getattr(result, "cost", None))
+    rec.response_model = getattr(result, "response_model", None)
     if responses:
         rec.finish_reasons = _finish_reason_list(getattr(r, "finish_reason", None) for r in responses)
-    raw = getattr(result, "raw", None)
     if not rec.finish_reasons and raw is not None:
         rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None)
                                                  for c in (getattr(raw, "choices", None) or ()))
-    if rec.cache_hit:
-        rec.original_usage = _original_usage(responses, raw)
-        rec.original_cost = getattr(result, "cost", None)
 
 
 def _original_usage(responses: Any, raw: Any) -> Usage | None:
@@ -190,18 +206,13 @@ def _original_usage(responses: Any, raw: Any) -> Usage | None:
 
 def capture_from_provider_response(lm: Any, response: Any) -> None:
     """DSPy 3.3 `BaseLM._process_lm_response`: an OpenAI-shaped (LiteLLM) response."""
-    rec = CURRENT_CALL.get()
-    if rec is None or rec.captured or rec.lm is not lm:
+    rec = _claim(lm)
+    if rec is None:
         return
-    rec.captured = True
-    rec.cache_hit = bool(getattr(response, "cache_hit", False))
-    usage = usage_from_openai(getattr(response, "usage", None) if not isinstance(response, dict)
-                              else response.get("usage"))
-    if rec.cache_hit:
-        rec.original_usage = usage
-        rec.original_cost = (getattr(response, "_hidden_params", None) or {}).get("response_cost")
-    else:
-        rec.usage = usage
+    usage = usage_from_openai(response.get("usage") if isinstance(response, dict)
+                              else getattr(response, "usage", None))
+    _store(rec, usage, bool(getattr(response, "cache_hit", False)),
+           (getattr(response, "_hidden_params", None) or {}).get("response_cost"))
     rec.response_model = getattr(response, "model", None)
     choices = getattr(response, "choices", None) or ()
     rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None) for c in choices)
@@ -209,17 +220,12 @@ def capture_from_provider_response(lm: Any, response: Any) -> None:
 
 def capture_from_lm_response(lm: Any, response: Any) -> None:
     """DSPy 3.3 `BaseLM._finalize_lm_response` (typed path): an LMResponse."""
-    rec = CURRENT_CALL.get()
-    if rec is None or rec.captured or rec.lm is not lm:
+    rec = _claim(lm)
+    if rec is None:
         return
-    rec.captured = True
-    rec.cache_hit = bool(getattr(response, "cache_hit", False))
     usage_fn = getattr(response, "usage_as_dict", None)
     usage = usage_from_openai(usage_fn() if callable(usage_fn) else getattr(response, "usage", None))
-    if rec.cache_hit:
-        rec.original_usage = usage
-    else:
-        rec.usage = usage
+    _store(rec, usage, bool(getattr(response, "cache_hit", False)), None)
     rec.response_model = getattr(response, "model", None)
     reason = getattr(response, "finish_reason", None)
     if reason:
