@@ -177,16 +177,14 @@ class Budget:
             "tripped": f"the budget already stopped this run ({first_reason}); no further provider calls are made",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
-        hint = ""
-        if refusal.reason == "tripped":
-            pass
-        elif term == "max_tokens_unset":
-            hint = (" The reservation assumed the model's maximum output tokens because max_tokens is not set; "
-                    "set max_tokens on the LM to reserve less per call.")
-        elif term == "output":
-            hint = " Most of the reservation is max_tokens at the output rate; a lower max_tokens reserves less."
-        elif term == "input":
-            hint = " Most of the reservation is the prompt's worst-case token count."
+        hints = {
+            "max_tokens_unset": " The reservation assumed the model's maximum output tokens because max_tokens is "
+                                "not set; set max_tokens on the LM to reserve less per call.",
+            "output": " Most of the reservation is max_tokens at the output rate; a lower max_tokens reserves less.",
+            "input": " Most of the reservation is the prompt's worst-case token count.",
+        }
+        # A sticky stop refuses whatever is asked: what the call would have reserved explains nothing.
+        hint = "" if refusal.reason == "tripped" else hints.get(term or "", "")
         cls = ScopeExhaustedError if self.is_scope else BudgetExceededError
         err = cls(f"Budget {self.label!r} stopped a call to {model}: {what}.{hint}", label=self.label,
                   spent_usd=self.spent_usd, limit=refusal.limit, reason=refusal.reason,

@@ -109,6 +109,10 @@ class PriceEntry:
     def in_force(self, when: _dt.datetime) -> bool:
         return self.effective_at <= when and (self.expires_at is None or when < self.expires_at)
 
+    def selected_by(self, when: _dt.datetime, price_version: int | None) -> bool:
+        """The pinned version when one is given, else the entry in force at `when`."""
+        return self.price_version == price_version if price_version is not None else self.in_force(when)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainingPrice:
@@ -387,8 +391,7 @@ class PricingResolver:
                ) -> PriceEntry | None:
         candidates = [e for e in catalog.entries
                       if e.variant == "default" and (provider is None or e.provider == provider)
-                      and (e.model == name or name in e.aliases)
-                      and (e.price_version == price_version if price_version is not None else e.in_force(when))]
+                      and (e.model == name or name in e.aliases) and e.selected_by(when, price_version)]
         return max(candidates, key=lambda e: e.price_version, default=None)
 
     @staticmethod
@@ -397,8 +400,7 @@ class PricingResolver:
         """A fine-tuned entry named exactly, or one declaring `inherits` of this base model."""
         base_key = f"{base.provider}/{base.model}"
         candidates = [e for e in catalog.entries if e.variant == "fine-tuned" and e.provider == base.provider
-                      and (e.model == name or e.inherits == base_key)
-                      and (e.price_version == price_version if price_version is not None else e.in_force(when))]
+                      and (e.model == name or e.inherits == base_key) and e.selected_by(when, price_version)]
         exact = [e for e in candidates if e.model == name]
         return max(exact or candidates, key=lambda e: e.price_version, default=None)
 

@@ -102,8 +102,6 @@ class BudgetSpanProcessor(SpanProcessor):
             if node is None:
                 return
             if node.is_lm:
-                if (span.attributes or {}).get(A.BUDGET_REFUSED):
-                    return  # refused before the provider was called: nothing to account
                 self._end_lm(span, node)
             else:
                 self._end_other(node)
@@ -185,8 +183,13 @@ class BudgetSpanProcessor(SpanProcessor):
             self._internal_error("on_start")
 
     def _refuse(self, span: Span, stop: BaseException) -> None:
-        """The call will not be made: close the LM span now, marked, so it is still exported."""
+        """The call will not be made: close the LM span now, marked, so it is still exported.
+
+        Its node is dropped first, so `on_end` accounts nothing for a call that was never sent.
+        """
         try:
+            with self._lock:
+                self._live.pop(span.context.span_id, None)
             span.set_attribute(A.BUDGET_REFUSED, True)
             span.set_attribute(A.ERROR_TYPE, type(stop).__name__)
             span.record_exception(stop)
