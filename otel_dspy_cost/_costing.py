@@ -6,17 +6,16 @@ instrumentations), so both price a call the same way.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
 
+from ._catalog_edit import add_entry
 from ._cost import UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd
 from .budget import UnpricedModelError
-from .pricing import PriceEntry, PricingResolver, UnknownModelError, split_model
+from .pricing import PriceEntry, PricingResolver, UnknownModelError, user_catalog_path
 
 logger = logging.getLogger("otel_dspy_cost.pricing")
 
@@ -40,8 +39,7 @@ class CostEngine:
         self.resolver = resolver
         self.policy = policy
         self.tier = tier
-        self.user_catalog = Path(user_catalog) if user_catalog else Path.home() / ".config" / "otel-dspy-cost" / \
-            "pricing.json"
+        self.user_catalog = Path(user_catalog) if user_catalog else user_catalog_path()
         self._lock = threading.Lock()
         self._said: set[tuple[str, str]] = set()
         self._entries: dict[str, PriceEntry | None] = {}
@@ -91,8 +89,10 @@ class CostEngine:
                      for name in ("input", "cached_input", "output")}
         except (EOFError, ValueError):
             raise UnpricedModelError(f"No price entered for {model!r}") from None
-        add_to_user_catalog(self.user_catalog, model, rates)
-        self.resolver.catalogs.insert(0, _load_user(self.user_catalog))
+        add_entry(self.user_catalog, model, rates, note="entered at the unknown-model prompt")
+        catalogs = [c for c in self.resolver.catalogs if c.source != "user"]
+        catalogs.insert(len(catalogs) - 1, _load_user(self.user_catalog))  # just before the shipped catalog
+        self.resolver.catalogs = catalogs
         self.resolver._cache.clear()
         return self.resolver.lookup(model, tier=self.tier)
 
@@ -125,26 +125,7 @@ class CostEngine:
                    "(dspy.cost.estimated=true).", model)
 
 
-def add_to_user_catalog(path: Path, model: str, rates: dict[str, float]) -> None:
-    """Appends an entry (next price_version for the model) to a user catalog file, creating it if needed."""
-    provider, name = split_model(model)
-    data = {"schema_version": 1, "catalog_version": "user", "currency": "USD", "entries": []}
-    if path.exists():
-        data = json.loads(path.read_text())
-    versions = [e["price_version"] for e in data["entries"] if e["model"] == name and e["provider"] == (provider or "")]
-    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
-    # The new price is in force from the epoch if it is the first one, so runs already started can use it.
-    effective = now if versions else _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-    data["entries"].append({"provider": provider or "unknown", "model": name,
-                            "price_version": max(versions, default=0) + 1,
-                            "effective_at": effective.isoformat().replace("+00:00", "Z"),
-                            "added_at": now.isoformat().replace("+00:00", "Z"),
-                            **{k: v for k, v in rates.items() if v is not None}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-
-
 def _load_user(path: Path):
     from .pricing import Catalog
 
-    return Catalog.from_path(path)
+    return Catalog.from_path(path, source="user")

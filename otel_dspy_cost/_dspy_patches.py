@@ -14,6 +14,7 @@ import contextvars
 import importlib
 import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -67,23 +68,63 @@ _patches = _Patches()
 
 # -- module path --------------------------------------------------------------------------------------
 
-def _child_name(parent: Any, child: Any) -> str | None:
+_NO_INDEX = object()
+# parent module -> {id(child): (attribute, index or key, path)}; a module's children rarely change, so
+# each pair is searched for once and afterwards only checked. Weak keys: a dropped program takes its entry.
+_child_names: weakref.WeakKeyDictionary[Any, dict[int, tuple[str, Any, str]]] = weakref.WeakKeyDictionary()
+
+
+def _scan_child_name(parent: Any, child: Any) -> tuple[str, Any, str] | None:
+    """Where `child` sits inside `parent`. Lists and dicts are searched only when they hold modules: a
+    module's `history` and demos lists grow with every call and must not be walked on every call."""
+    from dspy.primitives.module import BaseModule
+
     try:
         items = vars(parent).items()
     except TypeError:
         return None
     for name, value in items:
         if value is child:
-            return name
+            return name, _NO_INDEX, name
         if isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                if item is child:
-                    return f"{name}[{i}]"
+            if value and isinstance(value[0], BaseModule):
+                for i, item in enumerate(value):
+                    if item is child:
+                        return name, i, f"{name}[{i}]"
         elif isinstance(value, dict):
-            for key, item in value.items():
-                if item is child:
-                    return f"{name}[{key}]"
+            if value and isinstance(next(iter(value.values())), BaseModule):
+                for key, item in value.items():
+                    if item is child:
+                        return name, key, f"{name}[{key}]"
     return None
+
+
+def _still_there(parent: Any, child: Any, where: tuple[str, Any, str]) -> bool:
+    attr, index, _ = where
+    value = vars(parent).get(attr)
+    if index is _NO_INDEX:
+        return value is child
+    try:
+        return value[index] is child
+    except (LookupError, TypeError):
+        return False
+
+
+def _child_name(parent: Any, child: Any) -> str | None:
+    try:
+        names = _child_names.get(parent)
+    except TypeError:  # not weak-referenceable or unhashable: no cache
+        names = None
+    where = names.get(id(child)) if names is not None else None
+    if where is None or not _still_there(parent, child, where):
+        where = _scan_child_name(parent, child)
+        if where is None:
+            return None
+        try:
+            _child_names.setdefault(parent, {})[id(child)] = where
+        except TypeError:
+            pass
+    return where[2]
 
 
 def _module_path(instance: Any) -> str:

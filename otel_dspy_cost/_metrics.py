@@ -1,33 +1,165 @@
 """Cost metrics emitted by the library itself, so a Collector only forwards them.
 
-(A span-to-metric connector in the Collector would multiply cost per grouping label and drop
-zero-valued labels; see docs/architecture.md.) Label sets are bounded: module path, model,
-phase and budget label; never trace ids or prompts.
+Why here and not a span-to-metric connector in the Collector: the contrib `sum` connector adds a
+value once per grouping label (three labels = triple cost), drops zero-valued labels and emits
+deltas Prometheus does not accumulate (see docs/architecture.md). Emitting from the processor
+counts each LM call exactly once, including LM spans of other instrumentations.
+
+Label sets are bounded: every label that can grow (module path, model, budget label, optimizer)
+passes through `_Bounded`, which keeps the first `max_values` distinct values and maps the rest to
+"other". Never trace ids, prompts or trial numbers (trial costs live on trial spans).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from . import _attributes as A
+
+OVERFLOW = "other"
+
+
+class _Bounded:
+    """First-come distinct values of one label, capped; later values become "other".
+
+    Hand-written because the SDK's cardinality limit drops the whole point into one overflow
+    series without saying which label overflowed; this keeps the other labels intact.
+    """
+
+    def __init__(self, max_values: int):
+        self.max_values = max_values
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.max_values:
+                self._seen.add(value)
+                return value
+        return OVERFLOW
 
 
 class CostMetrics:
-    def __init__(self, meter: metrics.Meter):
-        self.cost = meter.create_counter("dspy.cost", unit="USD", description="Actual LM spend")
-        self.economic = meter.create_counter("dspy.cost.economic", unit="USD", description="Uncached-equivalent spend")
-        self.calls = meter.create_counter("dspy.lm.calls", unit="{call}", description="LM calls")
+    """The instruments; `record_call` is fed once per LM call by the budget processor."""
+
+    def __init__(self, meter: metrics.Meter, *, module_depth: int = 2, max_label_values: int = 100):
+        self.module_depth = module_depth
+        self._module = _Bounded(max_label_values)
+        self._model = _Bounded(max_label_values)
+        self._label = _Bounded(max_label_values)
+        self._optimizer = _Bounded(20)
+        # Cost and call counts are summed here per label set and observed at collection time: one dict
+        # update per call instead of three SDK measurements (each hashes its attribute set).
+        self._sums: dict[tuple[str, ...], list[float]] = {}
+        self._sums_lock = threading.Lock()
+        meter.create_observable_counter("dspy.cost", [self._observe_sums(0)], unit="USD",
+                                        description="Actual LM spend (0 for cache hits and free local models)")
+        meter.create_observable_counter("dspy.cost.economic", [self._observe_sums(1)], unit="USD",
+                                        description="What the calls would have cost uncached, at list price")
+        meter.create_observable_counter("dspy.lm.calls", [self._observe_sums(2)], unit="{call}",
+                                        description="LM calls, with cache hits and unknown-price calls labelled")
         self.tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}",
-                                             description="Tokens per LM call")
+                                             description="Tokens per LM call (GenAI semantic conventions)")
         self.duration = meter.create_histogram("gen_ai.client.operation.duration", unit="s",
-                                               description="LM call duration")
+                                               description="LM call duration (GenAI semantic conventions)")
         self.budget_events = meter.create_counter("dspy.budget.events", unit="{event}",
                                                   description="Budget warn/exceeded crossings")
+        self._budgets: OrderedDict[str, Any] = OrderedDict()
+        self._budgets_lock = threading.Lock()
+        self._max_budgets = max_label_values
+        meter.create_observable_gauge("dspy.budget.spent", [self._observe("spent")], unit="USD",
+                                      description="Spend counted against each budget")
+        meter.create_observable_gauge("dspy.budget.limit", [self._observe("limit")], unit="USD",
+                                      description="Each budget's limit")
+        meter.create_observable_gauge("dspy.budget.utilization", [self._observe("utilization")], unit="1",
+                                      description="spent / limit")
+        meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe("warn")], unit="1",
+                                      description="The fraction of the limit at which the budget warns")
 
     @classmethod
-    def create(cls, meter_provider: Any = None) -> CostMetrics:
-        meter = metrics.get_meter("otel_dspy_cost", meter_provider=meter_provider)
-        return cls(meter)
+    def create(cls, meter_provider: Any = None, **options: Any) -> CostMetrics:
+        from .instrumentor import _version
+
+        meter = metrics.get_meter("otel_dspy_cost", _version(), meter_provider=meter_provider)
+        return cls(meter, **options)
+
+    def module_label(self, path: str) -> str:
+        return self._module(".".join(path.split(".")[: self.module_depth]) if path else "(no module)")
+
+    def record_call(self, *, module: str, model: str, provider: str, operation: str, phase: str,
+                    budget_label: str, optimizer: str, usd: float, economic_usd: float, input_tokens: int,
+                    output_tokens: int, cache_hit: bool, unknown: bool, duration_s: float | None) -> None:
+        model_label = self._model(model or "unknown")
+        key = (self.module_label(module), model_label, phase, self._label(budget_label or "none"),
+               self._optimizer(optimizer or "none"), "true" if cache_hit else "false", "true" if unknown else "false")
+        with self._sums_lock:
+            row = self._sums.get(key)
+            if row is None:
+                row = self._sums[key] = [0.0, 0.0, 0]
+            row[0] += usd
+            row[1] += economic_usd
+            row[2] += 1
+        genai = {A.GEN_AI_OPERATION: operation or "chat", A.GEN_AI_PROVIDER: provider or "unknown",
+                 A.GEN_AI_REQUEST_MODEL: model_label}
+        self.tokens.record(input_tokens, {**genai, "gen_ai.token.type": "input"})
+        self.tokens.record(output_tokens, {**genai, "gen_ai.token.type": "output"})
+        if duration_s is not None:
+            self.duration.record(duration_s, genai)
+
+    # -- budgets ---------------------------------------------------------------------------------
+    def watch_budget(self, budget: Any) -> None:
+        """Report this budget's gauges; the latest budget of a label wins, the oldest labels are dropped."""
+        label = self._label(budget.label)
+        with self._budgets_lock:
+            self._budgets[label] = budget
+            self._budgets.move_to_end(label)
+            while len(self._budgets) > self._max_budgets:
+                self._budgets.popitem(last=False)
 
     def budget_event(self, budget: Any, kind: str) -> None:
-        self.budget_events.add(1, {"dspy.budget.label": budget.label, "dspy.budget.event": kind})
+        self.budget_events.add(1, {A.BUDGET_LABEL: self._label(budget.label), "dspy.budget.event": kind})
+
+    _COST_LABELS = (A.MODULE_PATH, A.GEN_AI_REQUEST_MODEL, A.PHASE, A.BUDGET_LABEL, A.OPTIMIZER_NAME)
+
+    def _observe_sums(self, column: int):
+        """Cost columns are observed per cost label set; the call count also by cache hit and unknown price."""
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            with self._sums_lock:
+                rows = [(k, v[column]) for k, v in self._sums.items()]
+            if column == 2:
+                labels = (*self._COST_LABELS, A.CACHE_HIT, A.COST_UNKNOWN)
+                return [Observation(v, dict(zip(labels, k, strict=True))) for k, v in rows]
+            merged: dict[tuple[str, ...], float] = {}
+            for k, v in rows:
+                merged[k[:5]] = merged.get(k[:5], 0.0) + v
+            return [Observation(v, dict(zip(self._COST_LABELS, k, strict=True))) for k, v in merged.items()]
+
+        return callback
+
+    def _observe(self, what: str):
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            with self._budgets_lock:
+                items = list(self._budgets.items())
+            out = []
+            for label, b in items:
+                if what == "spent":
+                    value = b.spent_usd
+                elif what == "limit":
+                    value = b.limit_usd
+                elif what == "utilization":
+                    value = b.utilisation
+                else:
+                    value = b.warn_at
+                if value is not None:
+                    out.append(Observation(float(value), {A.BUDGET_LABEL: label}))
+            return out
+
+        return callback

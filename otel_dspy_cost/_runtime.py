@@ -59,3 +59,14 @@ def budget_event(budget: Budget, kind: str) -> None:
         rt.metrics.budget_event(budget, kind)
     except Exception:  # never let telemetry break the run
         logger.debug("otel-dspy-cost: budget metric failed", exc_info=True)
+
+
+def watch_budget(budget: Budget) -> None:
+    """A budget was entered: its spent/limit/utilisation gauges are reported from now on."""
+    rt = _active
+    if rt is None or rt.metrics is None:
+        return
+    try:
+        rt.metrics.watch_budget(budget)
+    except Exception:  # never let telemetry break the run
+        logger.debug("otel-dspy-cost: budget gauge failed", exc_info=True)

@@ -9,6 +9,7 @@ it by name: `except otel_dspy_cost.BudgetExceededError:`; a bare `except Excepti
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -49,6 +50,16 @@ class UnpricedModelError(BaseException):
 
 
 _ids = itertools.count(1)
+
+
+def _where() -> tuple[int, int]:
+    """(thread, asyncio task) running now: where a `with budget` was entered."""
+    task = None
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        pass
+    return threading.get_ident(), id(task) if task is not None else 0
 _default_ledger = InProcessLedger()
 
 
@@ -90,19 +101,28 @@ class Budget:
         self._warned = False
         self._exceeded = False
         self._fire_lock = threading.Lock()
-        self._tokens: list[Any] = []
+        # Entered-state tokens per thread and asyncio task: one Budget may be entered in many threads
+        # at once (`with b:` in each worker), and each must restore its own context.
+        self._tokens: dict[tuple[int, int], list[Any]] = {}
         self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop"))
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> Budget:
         state = _context.current()
-        self._tokens.append(_context.var().set(
+        self._tokens.setdefault(_where(), []).append(_context.var().set(
             _context.RunContext(state.budgets + (self,), state.phase, state.optimizer, state.trial, state.lm_role)))
+        from . import _runtime
+
+        _runtime.watch_budget(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        _context.var().reset(self._tokens.pop())
+        key = _where()
+        stack = self._tokens[key]
+        _context.var().reset(stack.pop())
+        if not stack:
+            del self._tokens[key]
         if self.is_scope and isinstance(exc, ScopeExhaustedError) and exc.label == self.label:
             logger.warning("scope %r exhausted (%s); leaving the scope, the enclosing run continues", self.label,
                            exc.reason)

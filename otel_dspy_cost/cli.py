@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -58,7 +61,16 @@ def _demo(args: argparse.Namespace) -> int:
 def _pricing(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from otel_dspy_cost.pricing import Catalog, CatalogError, PricingResolver, UnknownModelError, default_catalog_path
+    from otel_dspy_cost import _catalog_edit
+    from otel_dspy_cost.pricing import (
+        Catalog,
+        CatalogError,
+        PricingResolver,
+        UnknownModelError,
+        default_catalog_path,
+        split_model,
+        user_catalog_path,
+    )
 
     try:
         if args.action == "validate":
@@ -66,19 +78,81 @@ def _pricing(args: argparse.Namespace) -> int:
             catalog = Catalog.from_path(path, source="catalog")
             print(f"{path}: OK, {len(catalog.entries)} entries, catalog_version {catalog.catalog_version}")
             return 0
+        if args.action == "add":
+            rates = {"input": args.input, "cached_input": args.cached_input, "cache_write": args.cache_write,
+                     "output": args.output, "reasoning": args.reasoning}
+            if not args.local and (args.input is None or args.output is None):
+                print("error: --input and --output are required (USD per 1M tokens)", file=sys.stderr)
+                return 2
+            path = Path(args.file) if args.file else user_catalog_path()
+            entry = _catalog_edit.add_entry(path, args.model, rates, effective_at=args.effective_at,
+                                            max_output_tokens=args.max_output_tokens, local=args.local,
+                                            note=args.note)
+            print(f"{path}: added {entry['provider']}/{entry['model']} v{entry['price_version']} "
+                  f"effective {entry['effective_at']}")
+            return 0
+        if args.action == "import-litellm":
+            added, unchanged = _catalog_edit.import_litellm(Path(args.out), providers=args.provider,
+                                                            models=args.only)
+            print(f"{args.out}: {added} entries added, {unchanged} unchanged (from LiteLLM's bundled price map)")
+            return 0
         resolver = PricingResolver()
         if args.action == "list":
-            for entry in resolver.catalog.entries:
-                print(f"{entry.key:45s} v{entry.price_version:<3d} in={entry.rates.input} "
-                      f"cached={entry.rates.cached_input} out={entry.rates.output} from {entry.effective_at.date()}")
+            for catalog in resolver.catalogs:
+                for entry in catalog.entries:
+                    print(f"{entry.key:45s} v{entry.price_version:<3d} in={entry.rates.input} "
+                          f"cached={entry.rates.cached_input} out={entry.rates.output} "
+                          f"from {entry.effective_at.date()} [{entry.source}]")
             return 0
-        entry = resolver.lookup(args.path, tier=args.tier)
-        data = asdict(entry)
-        print(json.dumps(data, indent=1, default=str))
+        if args.action == "show":
+            provider, name = split_model(args.model)
+            history = [asdict(e) for c in resolver.catalogs for e in c.entries
+                       if (provider is None or e.provider == provider) and (e.model == name or name in e.aliases)]
+            if not history:
+                raise UnknownModelError(args.model, resolver.suggest(args.model))
+            print(json.dumps(history, indent=1, default=str))
+            return 0
+        when = _dt.datetime.fromisoformat(args.when) if args.when else None
+        entry = resolver.lookup(args.model, tier=args.tier, when=when, price_version=args.price_version,
+                                fine_tuned=args.fine_tuned)
+        print(json.dumps(asdict(entry), indent=1, default=str))
         return 0
-    except (CatalogError, UnknownModelError) as exc:
+    except (CatalogError, UnknownModelError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _pricing_parser(sub: Any) -> None:
+    pricing = sub.add_parser("pricing", help="the pricing catalog: list | show | lookup | add | import-litellm | "
+                                             "validate")
+    actions = pricing.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every entry of every catalog in use (overrides, user, shipped)")
+    show = actions.add_parser("show", help="the full price history of a model")
+    show.add_argument("model")
+    look = actions.add_parser("lookup", help="the entry in force for a model")
+    look.add_argument("model")
+    look.add_argument("--when", help="ISO-8601 date/time (default: now)")
+    look.add_argument("--tier", help="batch | flex | priority ...")
+    look.add_argument("--price-version", type=int)
+    look.add_argument("--fine-tuned", action="store_true")
+    add = actions.add_parser("add", help="append a price to your catalog (a new price_version; never edits)")
+    add.add_argument("model", help="provider/model")
+    for rate in ("input", "cached-input", "cache-write", "output", "reasoning"):
+        add.add_argument(f"--{rate}", type=float, help="USD per 1M tokens")
+    add.add_argument("--max-output-tokens", type=int)
+    add.add_argument("--effective-at", help="ISO-8601 (default: epoch for a new model, now for a price change)")
+    add.add_argument("--local", action="store_true", help="self-hosted: actual cost 0, these rates are economic")
+    add.add_argument("--note")
+    add.add_argument("--file", help="catalog to append to (default: the user catalog, "
+                                    "$OTEL_DSPY_COST_USER_CATALOG or ~/.config/otel-dspy-cost/pricing.json)")
+    imp = actions.add_parser("import-litellm", help="append LiteLLM's bundled prices to a catalog file "
+                                                    "(only changed prices get a new version)")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--provider", action="append", default=[], help="repeatable, e.g. openai")
+    imp.add_argument("--only", action="append", default=[], help="repeatable model name")
+    val = actions.add_parser("validate", help="check a catalog file against the schema and the overlap rule")
+    val.add_argument("path", nargs="?")
+    pricing.set_defaults(fn=_pricing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--budget", type=float, default=0.004, help="USD limit (default trips partway)")
     demo.add_argument("--examples", type=int, default=12)
     demo.set_defaults(fn=_demo)
-    pricing = sub.add_parser("pricing", help="the pricing catalog: list | lookup MODEL | validate [FILE]")
-    pricing.add_argument("action", choices=["list", "lookup", "validate"])
-    pricing.add_argument("path", nargs="?", help="model for lookup, file for validate")
-    pricing.add_argument("--tier", default=None)
-    pricing.set_defaults(fn=_pricing)
+    _pricing_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from . import _dspy_patches, _runtime
 from ._costing import CostEngine
-from ._provider import provider_from_env
+from ._provider import meter_provider_from_env, provider_from_env
 from .pricing import CatalogError, PricingResolver, set_default_resolver
 from .processor import BudgetSpanProcessor
 
@@ -49,6 +49,21 @@ def _resolve_provider(tracer_provider: Any) -> Any:
     return current
 
 
+def _resolve_meter_provider(meter_provider: Any) -> Any:
+    """The given provider, the global one if the app set one, else one from OTEL_* (None: the no-op global)."""
+    if meter_provider is not None:
+        return meter_provider
+    from opentelemetry import metrics
+
+    current = metrics.get_meter_provider()
+    if type(current).__name__ != "_ProxyMeterProvider":
+        return current
+    provider = meter_provider_from_env()
+    if provider is not None:
+        metrics.set_meter_provider(provider)
+    return None
+
+
 def _installed_processor(provider: TracerProvider) -> BudgetSpanProcessor | None:
     """A BudgetSpanProcessor the user already added: reuse it, or every call would be counted twice.
 
@@ -69,7 +84,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     or ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``), ``pricing_overrides`` (a file
     path or a dict), ``unknown_model`` ("error" | "warn" | "prompt"; default "error" when ``CI`` is
     set, else "warn"), ``local_models`` ({"model": {"input": rate, "output": rate}} for economic cost
-    of self-hosted models), ``tier`` (e.g. "batch", "flex"), ``use_litellm_prices`` (default True).
+    of self-hosted models), ``tier`` (e.g. "batch", "flex"), ``use_litellm_prices`` (default True),
+    ``metrics_module_depth`` (module-path levels kept as a metric label; default 2).
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -100,9 +116,12 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         try:
             from ._metrics import CostMetrics
 
-            metrics = CostMetrics.create(kwargs.get("meter_provider"))
+            metrics = CostMetrics.create(_resolve_meter_provider(kwargs.get("meter_provider")),
+                                         module_depth=kwargs.get("metrics_module_depth", 2))
         except Exception:  # noqa: BLE001 - metrics are optional; spans and budgets still work
             logger.debug("otel-dspy-cost: metrics unavailable", exc_info=True)
+        if processor is not None:
+            processor.metrics = metrics
         set_default_resolver(resolver)
         _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), metrics))
         try:

@@ -25,6 +25,7 @@ logger = logging.getLogger("otel_dspy_cost.pricing")
 
 PRICING_FILE_ENV = "OTEL_DSPY_COST_PRICING_FILE"
 UNKNOWN_MODEL_ENV = "OTEL_DSPY_COST_UNKNOWN_MODEL"
+USER_CATALOG_ENV = "OTEL_DSPY_COST_USER_CATALOG"
 LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "lm_studio", "hosted_vllm", "local", "llamafile"})
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
@@ -83,7 +84,7 @@ class PriceEntry:
     long_context_threshold: int | None
     long_context_rates: Rates | None
     max_output_tokens: int | None
-    source: str  # override | catalog | litellm | local
+    source: str  # override | user | catalog | litellm | local
     catalog_version: str
     local: bool = False
     aliases: tuple[str, ...] = ()
@@ -150,6 +151,14 @@ def _data_path(name: str) -> Path:
 
 def default_catalog_path() -> Path:
     return _data_path("catalog.json")
+
+
+def user_catalog_path() -> Path:
+    """The user's own catalog (`pricing add`, the `prompt` policy write it; every resolver reads it)."""
+    env = os.environ.get(USER_CATALOG_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "otel-dspy-cost" / "pricing.json"
 
 
 def _entry_name(raw: Any, index: int) -> str:
@@ -316,7 +325,7 @@ def _fine_tune_base(name: str) -> str | None:
 
 
 class PricingResolver:
-    """Looks prices up across overrides, the catalog and LiteLLM, caching every answer.
+    """Looks prices up across overrides, the user catalog, the shipped catalog and LiteLLM, caching answers.
 
     `when` defaults to the resolver's `run_started_at`, so every call in one run is priced from
     the same price list even if a price change takes effect mid-run.
@@ -335,6 +344,9 @@ class PricingResolver:
             self.catalogs.append(Catalog.from_path(overrides))
         if env_file:
             self.catalogs.append(Catalog.from_path(env_file))
+        user_file = user_catalog_path()
+        if user_file.is_file():
+            self.catalogs.append(Catalog.from_path(user_file, source="user"))
         self.catalogs.append(Catalog.from_path(catalog_path or default_catalog_path(), source="catalog"))
         self.use_litellm = use_litellm
         self.local_models = {k: Rates(**{f: v.get(f) for f in _RATE_FIELDS}) for k, v in (local_models or {}).items()}
@@ -440,6 +452,21 @@ class PricingResolver:
         return max(prices, key=lambda t: t.effective_at, default=None)
 
 
+_LITELLM_RATES = {"input": "input_cost_per_token", "cached_input": "cache_read_input_token_cost",
+                  "cache_write": "cache_creation_input_token_cost", "output": "output_cost_per_token",
+                  "reasoning": "output_cost_per_reasoning_token"}
+
+
+def litellm_rates(info: Mapping[str, Any], suffix: str = "") -> dict[str, float]:
+    """Our per-1M rates from one LiteLLM price-map record (per-token floats; `suffix` picks a tier)."""
+    out = {}
+    for ours, theirs in _LITELLM_RATES.items():
+        value = info.get(theirs + suffix)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[ours] = round(float(value) * 1e6, 10)
+    return out
+
+
 def _litellm_entry(model: str) -> PriceEntry | None:
     """LiteLLM's bundled price map, read locally (never the online refresh)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -451,17 +478,10 @@ def _litellm_entry(model: str) -> PriceEntry | None:
     info = litellm.model_cost.get(model) or litellm.model_cost.get(name)
     if not info or info.get("input_cost_per_token") is None or info.get("output_cost_per_token") is None:
         return None
-
-    def per_m(field: str) -> float | None:
-        value = info.get(field)
-        return None if value is None else round(float(value) * 1e6, 10)
-
     return PriceEntry(
         provider=provider or str(info.get("litellm_provider", "unknown")), model=name, variant="default",
         price_version=0, effective_at=_EPOCH, expires_at=None, currency="USD",
-        rates=Rates(input=per_m("input_cost_per_token"), cached_input=per_m("cache_read_input_token_cost"),
-                    cache_write=per_m("cache_creation_input_token_cost"), output=per_m("output_cost_per_token"),
-                    reasoning=per_m("output_cost_per_reasoning_token")),
+        rates=Rates(**litellm_rates(info)),
         tiers={}, long_context_threshold=None, long_context_rates=None,
         max_output_tokens=info.get("max_output_tokens"), source="litellm",
         catalog_version=f"litellm-{getattr(litellm, 'version', None) or _litellm_version()}",

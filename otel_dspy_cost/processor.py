@@ -34,7 +34,7 @@ class _Node:
     """Book-keeping for one open span. The span reference is dropped when the span ends."""
 
     __slots__ = ("span", "parent", "is_lm", "lm_ancestor", "usd", "econ", "inp", "out", "calls", "unknown",
-                 "child_cost", "reservation", "budgets", "phase", "module", "trial", "model")
+                 "child_cost", "reservation", "budgets", "phase", "module", "trial", "model", "optimizer")
 
     def __init__(self, span: Span | None, parent: _Node | None, is_lm: bool):
         self.span = span
@@ -50,6 +50,7 @@ class _Node:
         self.module = ""
         self.trial: str | None = None
         self.model = ""
+        self.optimizer = ""
 
 
 def _is_lm(attrs: Any) -> bool:
@@ -79,6 +80,7 @@ class BudgetSpanProcessor(SpanProcessor):
         self._lock = threading.Lock()
         self._failed_once = False
         self.enabled = True
+        self.metrics: Any = None  # _metrics.CostMetrics, set by instrument(); fed once per LM call
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
@@ -138,6 +140,7 @@ class BudgetSpanProcessor(SpanProcessor):
         node.module = attrs.get(A.MODULE_PATH, node.module)
         state = _context.current()
         node.phase = attrs.get(A.PHASE, state.phase)
+        node.optimizer = state.optimizer or ""
         if state.trial is not None:
             node.trial = f"{state.optimizer or 'optimizer'}#{state.trial}"
         node.budgets = state.budgets
@@ -240,6 +243,19 @@ class BudgetSpanProcessor(SpanProcessor):
         node.usd, node.econ = cost.usd, cost.economic_usd
         node.inp, node.out, node.calls, node.unknown = usage.input_tokens, usage.output_tokens, 1, int(cost.unknown)
         self._add_to_parent(node, fired)
+        if self.metrics is not None:
+            self._record_metrics(span, node, cost, usage, cache_hit)
+
+    def _record_metrics(self, span: ReadableSpan, node: _Node, cost: CallCost, usage: Usage, cache_hit: bool) -> None:
+        attrs = span.attributes or {}
+        runs = [b for b in node.budgets if not b.is_scope]
+        duration = (span.end_time - span.start_time) / 1e9 if span.end_time and span.start_time else None
+        self.metrics.record_call(
+            module=node.module, model=node.model, provider=str(attrs.get(A.GEN_AI_PROVIDER, "")),
+            operation=str(attrs.get(A.GEN_AI_OPERATION, "chat")), phase=node.phase,
+            budget_label=runs[-1].label if runs else "", optimizer=node.optimizer, usd=cost.usd,
+            economic_usd=cost.economic_usd, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cache_hit=cache_hit, unknown=cost.unknown, duration_s=duration)
 
     def _end_other(self, node: _Node) -> None:
         if node.calls:

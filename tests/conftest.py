@@ -6,6 +6,8 @@ import tempfile
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="dspy-cache-"))
 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+# Never read or write the developer's own ~/.config/otel-dspy-cost/pricing.json from tests.
+os.environ["OTEL_DSPY_COST_USER_CATALOG"] = os.path.join(tempfile.mkdtemp(prefix="user-catalog-"), "pricing.json")
 
 import dspy  # noqa: E402
 import pytest  # noqa: E402
@@ -35,6 +37,33 @@ def otel():
     otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
     yield exporter, provider
     otel_dspy_cost.uninstrument()
+
+
+@pytest.fixture
+def otel_metrics():
+    """instrument() with a real SDK MeterProvider read in memory; yields (span exporter, metric reader)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[reader]),
+                              unknown_model="warn")
+    yield exporter, reader
+    otel_dspy_cost.uninstrument()
+
+
+def metric_points(reader):
+    """{metric name: [(attributes dict, point)]} from one collection."""
+    out = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend((dict(p.attributes), p) for p in metric.data.data_points)
+    return out
 
 
 @pytest.fixture

@@ -291,3 +291,146 @@ def test_budgets_lm_spans_of_the_official_genai_instrumentation(server):
         otel_dspy_cost.uninstrument()
         official.uninstrument()
 
+
+
+def test_metrics_count_each_call_once_and_the_warn_crossing(otel_metrics, lm):
+    from conftest import metric_points
+
+    exporter, reader = otel_metrics
+    with otel_dspy_cost.budget(limit_usd=0.0004, warn_at=0.5, action="warn", label="nightly") as b, \
+            dspy.context(lm=lm):
+        for i in range(4):
+            ResearchAgent()(question=f"metric {i}")
+    points = metric_points(reader)
+    spans = lm_spans(exporter)
+    assert b.call_count == len(spans) == 20 and b.status == "exceeded"
+    cost = points["dspy.cost"]
+    assert sum(p.value for _, p in cost) == pytest.approx(b.spent_usd)
+    assert {a[A.MODULE_PATH] for a, _ in cost} == {"ResearchAgent.planner", "ResearchAgent.searcher",
+                                                   "ResearchAgent.synthesizer"}
+    assert {(a[A.BUDGET_LABEL], a[A.PHASE], a[A.GEN_AI_REQUEST_MODEL]) for a, _ in cost} == {
+        ("nightly", "infer", MODEL)}
+    assert sum(p.value for _, p in points["dspy.lm.calls"]) == 20
+    assert sum(p.value for _, p in points["dspy.cost.economic"]) == pytest.approx(b.economic_usd)
+    tokens = {a["gen_ai.token.type"]: p for a, p in points["gen_ai.client.token.usage"]}
+    assert tokens["input"].sum == sum(s.attributes[A.GEN_AI_INPUT_TOKENS] for s in spans)
+    assert tokens["output"].count == 20 and points["gen_ai.client.operation.duration"][0][1].count == 20
+    events = {a["dspy.budget.event"]: p.value for a, p in points["dspy.budget.events"]}
+    assert events == {"warn": 1, "exceeded": 1}
+    gauges = {name: points[name][0] for name in ("dspy.budget.spent", "dspy.budget.limit",
+                                                  "dspy.budget.utilization", "dspy.budget.warn_threshold")}
+    assert all(a == {A.BUDGET_LABEL: "nightly"} for a, _ in gauges.values())
+    assert gauges["dspy.budget.spent"][1].value == pytest.approx(b.spent_usd)
+    assert gauges["dspy.budget.utilization"][1].value == pytest.approx(b.spent_usd / 0.0004)
+    assert (gauges["dspy.budget.limit"][1].value, gauges["dspy.budget.warn_threshold"][1].value) == (0.0004, 0.5)
+
+
+def test_metric_labels_stay_bounded():
+    from conftest import metric_points
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_dspy_cost._metrics import OVERFLOW, CostMetrics
+
+    reader = InMemoryMetricReader()
+    m = CostMetrics.create(MeterProvider(metric_readers=[reader]), max_label_values=5)
+    for i in range(50):
+        m.record_call(module=f"Prog.step{i}.inner.deep", model=f"openai/m{i}", provider="openai", operation="chat",
+                      phase="infer", budget_label=f"req-{i}", optimizer="", usd=0.01, economic_usd=0.01,
+                      input_tokens=1, output_tokens=1, cache_hit=False, unknown=False, duration_s=0.1)
+    cost = metric_points(reader)["dspy.cost"]
+    assert len(cost) == 6 and sum(p.value for _, p in cost) == pytest.approx(0.5)
+    assert {a[A.MODULE_PATH] for a, _ in cost} == {f"Prog.step{i}" for i in range(5)} | {OVERFLOW}
+
+
+def _ancestor_kinds(exporter, span):
+    by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    kinds = []
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
+        kinds.append(span.attributes.get(A.SPAN_KIND))
+    return kinds
+
+
+def _assert_stopped_cleanly(exporter, server, b, limit, err):
+    """The error names the budget; spend <= limit; the server saw exactly the calls the budget counted,
+    all reserved before the first refusal; nothing more arrives afterwards."""
+    import time
+
+    assert err.label == b.label and err.limit == limit and err.spent_usd <= limit and b.spent_usd <= limit
+    seen = server.count
+    time.sleep(1.0)
+    assert server.count == seen == b.call_count > 0
+    refused = [s for s in exporter.get_finished_spans() if s.attributes.get(A.BUDGET_REFUSED)]
+    assert refused and all(s.start_time < min(r.start_time for r in refused) for s in lm_spans(exporter))
+    return refused
+
+
+def test_stop_escapes_miprov2_candidate_evaluation(otel, lm, server):
+    """MIPROv2 (auto="light", Optuna) catches Exception in eval_candidate_program; the stop must get out."""
+    import inspect
+
+    exporter, _ = otel
+    train = [dspy.Example(question=f"mipro question {i}", answer="a").with_inputs("question") for i in range(12)]
+    optimizer = dspy.MIPROv2(metric=lambda e, p, t=None: float(len(p.answer) % 3 == 0), auto="light",
+                             num_threads=2, verbose=False, prompt_model=lm, task_model=lm)
+    kwargs = {"requires_permission_to_run": False} \
+        if "requires_permission_to_run" in inspect.signature(optimizer.compile).parameters else {}
+    limit = 0.006  # a full light run against the simulator costs ~$0.0086: the cap lands in the trials
+    with pytest.raises(BudgetExceededError) as info:
+        with otel_dspy_cost.budget(limit_usd=limit, label="mipro-compile") as b, dspy.context(lm=lm):
+            optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=train, **kwargs)
+    refused = _assert_stopped_cleanly(exporter, server, b, limit, info.value)
+    # The first refusal happened inside a candidate evaluation of the compile, in the train phase.
+    first = min(refused, key=lambda s: s.start_time)
+    assert "evaluate" in _ancestor_kinds(exporter, first) and "compile" in _ancestor_kinds(exporter, first)
+    assert first.attributes[A.PHASE] == "train"
+
+
+def test_stop_escapes_gepa(otel, lm, server):
+    exporter, _ = otel
+    data = [dspy.Example(question=f"gepa question {i}", answer="a").with_inputs("question") for i in range(8)]
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return dspy.Prediction(score=float(len(pred.answer) % 3 == 0), feedback="answer in fewer words")
+
+    optimizer = dspy.GEPA(metric=metric, max_metric_calls=60, reflection_lm=lm, num_threads=2)
+    limit = 0.003  # a full run here costs ~$0.007
+    with pytest.raises(BudgetExceededError) as info:
+        with otel_dspy_cost.budget(limit_usd=limit, label="gepa-compile") as b, dspy.context(lm=lm):
+            optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=data[:4], valset=data[4:])
+    _assert_stopped_cleanly(exporter, server, b, limit, info.value)
+    assert otel_dspy_cost.spend_report(by="phase")["train"]["calls"] == b.call_count
+
+
+def test_one_budget_entered_in_many_threads_and_tasks_at_once(otel, lm, server):
+    """Sharing one Budget object across workers (`with b:` in each) must keep each context's state apart."""
+    import threading
+
+    b = otel_dspy_cost.budget(limit_usd=1.0, label="shared")
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(3):
+                with b, dspy.context(lm=lm):
+                    dspy.Predict("question -> answer")(question=f"thread {k} call {i}")
+        except BaseException as exc:  # noqa: BLE001 - any escape is the failure we look for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    async def tasks():
+        async def one(k):
+            async with b:
+                await dspy.Predict("question -> answer").acall(question=f"task {k}")
+        with dspy.context(lm=lm):
+            await asyncio.gather(*(one(k) for k in range(8)))
+
+    asyncio.run(tasks())
+    assert errors == [] and b.call_count == 8 * 3 + 8 == server.count
+    assert otel_dspy_cost._context.current().budgets == ()

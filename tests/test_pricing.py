@@ -175,3 +175,90 @@ def test_every_attribute_is_documented():
     names = [v for k, v in vars(A).items() if k.isupper() and isinstance(v, str)]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, missing
+
+
+def _cli(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_add_appends_versions_and_show_lists_history(tmp_path, monkeypatch):
+    import os
+
+    user = tmp_path / "user.json"
+    env = {**os.environ, "OTEL_DSPY_COST_USER_CATALOG": str(user)}
+    assert _cli("pricing", "add", "acme/writer-1", "--input", "2", "--output", "8", env=env).returncode == 0
+    change = _cli("pricing", "add", "acme/writer-1", "--input", "1", "--output", "4",
+                  "--effective-at", "2026-06-01T00:00:00Z", env=env)
+    assert change.returncode == 0 and "v2" in change.stdout
+    history = json.loads(_cli("pricing", "show", "acme/writer-1", env=env).stdout)
+    assert [(h["price_version"], h["rates"]["input"], h["source"]) for h in history] == [(1, 2.0, "user"),
+                                                                                       (2, 1.0, "user")]
+    before = json.loads(_cli("pricing", "lookup", "acme/writer-1", "--when", "2026-01-01", env=env).stdout)
+    after = json.loads(_cli("pricing", "lookup", "acme/writer-1", "--when", "2026-07-01", env=env).stdout)
+    assert (before["rates"]["input"], after["rates"]["input"]) == (2.0, 1.0)
+    # The user catalog is read by every resolver (so by instrument()), after overrides, before the shipped one.
+    monkeypatch.setenv("OTEL_DSPY_COST_USER_CATALOG", str(user))
+    assert PricingResolver(use_litellm=False).lookup("acme/writer-1").rates.output == 4.0
+    # A bad rate is refused with the field named, and the file is left as it was.
+    saved = user.read_text()
+    bad = _cli("pricing", "add", "acme/writer-1", "--input", "-1", "--output", "4", env=env)
+    assert bad.returncode == 2 and "field 'input'" in bad.stderr and user.read_text() == saved
+
+
+def test_cli_import_litellm_appends_only_changed_prices(tmp_path):
+    import litellm
+
+    out = tmp_path / "imported.json"
+    first = _cli("pricing", "import-litellm", "--out", str(out), "--provider", "openai", "--only", "gpt-4o-mini",
+                 "--only", "gpt-4o")
+    assert first.returncode == 0, first.stderr
+    data = json.loads(out.read_text())
+    mini = next(e for e in data["entries"] if e["model"] == "gpt-4o-mini")
+    info = litellm.model_cost["gpt-4o-mini"]
+    assert mini["input"] == pytest.approx(info["input_cost_per_token"] * 1e6)
+    assert mini["cached_input"] == pytest.approx(info["cache_read_input_token_cost"] * 1e6)
+    assert mini["tiers"]["batch"]["output"] == pytest.approx(info["output_cost_per_token_batches"] * 1e6)
+    # A price change in the file's latest entry is detected: re-import appends v2 for that model only.
+    mini["input"] = 9.99
+    out.write_text(json.dumps(data))
+    again = _cli("pricing", "import-litellm", "--out", str(out), "--provider", "openai", "--only", "gpt-4o-mini",
+                 "--only", "gpt-4o")
+    assert "1 entries added, 1 unchanged" in again.stdout
+    entries = [e for e in json.loads(out.read_text())["entries"] if e["model"] == "gpt-4o-mini"]
+    assert [e["price_version"] for e in entries] == [1, 2]
+    resolver = PricingResolver(out, use_litellm=False)
+    assert resolver.lookup("openai/gpt-4o-mini").rates.input == pytest.approx(info["input_cost_per_token"] * 1e6)
+    assert _cli("pricing", "validate", str(out)).returncode == 0
+
+
+def test_prompt_policy_asks_on_a_tty_and_appends_to_the_user_catalog(tmp_path):
+    """Run in a child process whose stdin is a real pseudo-terminal, as a user at a shell would be."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    user = tmp_path / "user.json"
+    code = ("import datetime as dt\n"
+            "from otel_dspy_cost._costing import CostEngine\n"
+            "from otel_dspy_cost.pricing import PricingResolver\n"
+            "engine = CostEngine(PricingResolver(use_litellm=False), unknown_model='prompt')\n"
+            "entry = engine.entry_for('acme/asked-1')\n"
+            "print('GOT', entry.rates.input, entry.rates.output, entry.source)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["OTEL_DSPY_COST_USER_CATALOG"] = str(user)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=secondary, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    os.close(secondary)
+    os.write(primary, b"3\n1.5\n12\n")
+    out, err = proc.communicate(timeout=60)
+    os.close(primary)
+    assert proc.returncode == 0, err
+    assert "GOT 3.0 12.0 user" in out and "no price known for 'acme/asked-1'" in err
+    entry = json.loads(user.read_text())["entries"][0]
+    assert (entry["model"], entry["cached_input"]) == ("asked-1", 1.5) and entry["added_at"].endswith("Z")

@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmarks: an in-process LM, the programs, providers that export nowhere.
+
+The LM is a real `dspy.BaseLM` subclass whose `forward` builds an OpenAI-shaped response in
+process (no HTTP), so a DSPy call costs what DSPy itself costs and the instrumentation's share is
+easy to see. Every benchmark measures its baseline in the same process run and prints ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+from litellm import ModelResponse  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+
+from otel_dspy_cost.simulator import SimulatedLM  # noqa: E402
+
+MODEL = "openai/gpt-4o-mini"
+
+
+class InProcessLM(dspy.BaseLM):
+    """A fast LM: the simulator's answer policy and usage, without a socket."""
+
+    def __init__(self, max_tokens: int = 256):
+        super().__init__(model=MODEL, max_tokens=max_tokens)
+        self.sim = SimulatedLM()
+
+    def forward(self, prompt=None, messages=None, **kwargs):
+        body = {"model": self.model, "messages": messages or [{"role": "user", "content": prompt}]}
+        text, usage = self.sim.complete(body)
+        return ModelResponse(id="bench", model="gpt-4o-mini", usage=usage,
+                             choices=[{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": text}}])
+
+
+class NullExporter(SpanExporter):
+    """Exports nowhere, so the benchmark measures span creation and processing, not a network."""
+
+    def export(self, spans):
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        return None
+
+
+def batch_provider() -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(NullExporter(), max_queue_size=65536))
+    return provider
+
+
+class FourModules(dspy.Module):
+    """planner -> researcher -> critic -> writer: four predictors, four LM calls per run."""
+
+    def __init__(self):
+        super().__init__()
+        self.planner = dspy.Predict("question -> plan")
+        self.researcher = dspy.Predict("plan -> notes")
+        self.critic = dspy.Predict("notes -> critique")
+        self.writer = dspy.Predict("question, notes, critique -> answer")
+
+    def forward(self, question):
+        plan = self.planner(question=question).plan
+        notes = self.researcher(plan=plan).notes
+        critique = self.critic(notes=notes).critique
+        return self.writer(question=question, notes=notes, critique=critique)
+
+
+def one_predict() -> dspy.Module:
+    return dspy.Predict("question -> answer")
+
+
+def time_per_call(fn: Callable[[int], object], n: int) -> float:
+    """Seconds per call of fn(i) over n calls."""
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.perf_counter() - start) / n
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def rss_mb() -> float:
+    """Resident set size now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,0 +1,116 @@
+"""Per-call overhead of instrumentation on a DSPy program, side by side with the alternatives.
+
+    python benchmarks/overhead.py [--calls 400] [--rounds 7]
+
+Variants, interleaved round by round in one process (instrument, time, uninstrument), medians:
+  baseline       uninstrumented DSPy
+  otel-dspy-cost instrument(): spans + cost + budget (an active budget) + metrics, BatchSpanProcessor
+  openinference  openinference-instrumentation-dspy (if installed)
+  genai-dspy     the official opentelemetry-instrumentation-genai-dspy (if installed; LM/tool/agent spans, no cost)
+Each on one Predict and on a four-module program, against an in-process LM (no HTTP).
+Prints microseconds per program call, the added overhead and our added overhead as a share of the others'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import warnings
+
+warnings.simplefilter("ignore")  # DSPy 3.4 deprecates BaseLM.forward(); the path is still what users run
+
+from _common import FourModules, InProcessLM, batch_provider, dspy, median, one_predict, time_per_call  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+
+import otel_dspy_cost  # noqa: E402
+
+
+class Variant:
+    def __init__(self, name, on, off):
+        self.name, self.on, self.off = name, on, off
+
+
+def _ours():
+    state = {}
+
+    def on():
+        otel_dspy_cost.instrument(tracer_provider=batch_provider(),
+                                  meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+                                  unknown_model="warn")
+        state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
+
+    def off():
+        state.pop("budget").__exit__(None, None, None)
+        otel_dspy_cost.uninstrument()
+
+    return Variant("otel-dspy-cost", on, off)
+
+
+def _from_instrumentor(name, factory):
+    holder = {}
+
+    def on():
+        holder["i"] = factory()
+        holder["i"].instrument(tracer_provider=batch_provider())
+
+    def off():
+        holder.pop("i").uninstrument()
+
+    return Variant(name, on, off)
+
+
+def variants() -> list[Variant]:
+    out = [Variant("baseline", lambda: None, lambda: None), _ours()]
+    try:
+        from openinference.instrumentation.dspy import DSPyInstrumentor as OpenInference
+
+        out.append(_from_instrumentor("openinference", OpenInference))
+    except ImportError:
+        print("(openinference-instrumentation-dspy not installed: skipped)")
+    try:
+        from opentelemetry.instrumentation.genai.dspy import DSPyInstrumentor as GenAI
+
+        out.append(_from_instrumentor("genai-dspy", GenAI))
+    except ImportError:
+        print("(opentelemetry-instrumentation-genai-dspy not installed: skipped)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=400, help="program calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    dspy.configure(lm=InProcessLM())
+    programs = {"one Predict": one_predict(), "4-module program": FourModules()}
+    vs = variants()
+    results = {(p, v.name): [] for p in programs for v in vs}
+    for _ in range(args.rounds):
+        for v in vs:
+            v.on()
+            try:
+                for pname, program in programs.items():
+                    time_per_call(lambda i, program=program: program(question=f"warm {i}"), 20)
+                    gc.collect()
+                    results[(pname, v.name)].append(
+                        time_per_call(lambda i, program=program: program(question=f"question {i}"), args.calls))
+            finally:
+                v.off()
+    print(f"dspy {dspy.__version__}; {args.rounds} interleaved rounds x {args.calls} calls; median per program call")
+    for pname in programs:
+        base = median(results[(pname, "baseline")])
+        print(f"\n{pname}: baseline {base * 1e6:,.0f} us/call")
+        print(f"  {'variant':16s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
+        added = {}
+        for v in vs:
+            t = median(results[(pname, v.name)])
+            added[v.name] = t - base
+            print(f"  {v.name:16s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
+        for other in ("openinference", "genai-dspy"):
+            if other in added and added[other] > 0:
+                print(f"  otel-dspy-cost added overhead = {added['otel-dspy-cost'] / added[other]:.0%} of {other}'s")
+
+
+if __name__ == "__main__":
+    main()
