@@ -24,6 +24,7 @@ from .budget import (  # noqa: E402
     budget,
     scope,
 )
+from .guarded import CompileResult, NothingUsableError, guarded_compile  # noqa: E402
 from .instrumentor import DSPyCostInstrumentor, instrument, uninstrument  # noqa: E402
 from .processor import BudgetSpanProcessor  # noqa: E402
 from .report import spend_report  # noqa: E402
@@ -32,10 +33,13 @@ __all__ = [
     "Budget",
     "BudgetExceededError",
     "BudgetSpanProcessor",
+    "CompileResult",
     "DSPyCostInstrumentor",
+    "NothingUsableError",
     "ScopeExhaustedError",
     "UnpricedModelError",
     "budget",
+    "guarded_compile",
     "instrument",
     "pricing",
     "scope",

@@ -17,6 +17,22 @@ ADAPTER_CLASS = "dspy.adapter.class"
 EVAL_SIZE = "dspy.evaluate.dataset_size"
 EVAL_THREADS = "dspy.evaluate.num_threads"
 EVAL_SCORE = "dspy.evaluate.score"
+EVAL_METRIC = "dspy.evaluate.metric"
+LM_ROLE = "dspy.lm.role"  # teacher|student|prompt_model|task_model|reflection
+
+# --- optimizer runs (trial, stage and bootstrap spans; evaluate spans inside a compile) ---------------------
+OPTIMIZER_TRIAL = "dspy.optimizer.trial"
+OPTIMIZER_SCORE = "dspy.optimizer.score"
+OPTIMIZER_EVAL = "dspy.optimizer.eval"  # minibatch|full
+OPTIMIZER_BASELINE = "dspy.optimizer.baseline"
+OPTIMIZER_PARAM_PREFIX = "dspy.optimizer.param."
+OPTIMIZER_STAGE = "dspy.optimizer.stage"
+OPTIMIZER_ROUND = "dspy.optimizer.round"
+OPTIMIZER_EXAMPLE = "dspy.optimizer.example_index"
+OPTIMIZER_SUCCESS = "dspy.optimizer.success"
+OPTIMIZER_PARENT = "dspy.optimizer.parent_candidate"
+OPTIMIZER_CANDIDATE = "dspy.optimizer.candidate"
+OPTIMIZER_ACCEPTED = "dspy.optimizer.accepted"
 
 # --- GenAI semantic conventions ------------------------------------------------------------
 GEN_AI_OPERATION = "gen_ai.operation.name"

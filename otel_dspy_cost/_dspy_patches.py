@@ -22,7 +22,7 @@ import wrapt
 from opentelemetry import context as otel_context
 
 from . import _attributes as A
-from . import _context, _lm_span, _runtime
+from . import _context, _lm_span, _optimizers, _runtime
 from ._spans import CURRENT_MODULE, finish, internal_error, start
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -298,26 +298,61 @@ def _evaluate_begin(instance, args, kwargs):
                  A.MODULE_CLASS: type(program).__qualname__}
         metric = kwargs.get("metric") or getattr(instance, "metric", None)
         if metric is not None:
-            attrs["dspy.evaluate.metric"] = getattr(metric, "__name__", type(metric).__name__)
+            attrs[A.EVAL_METRIC] = getattr(metric, "__name__", type(metric).__name__)
         span, token = start(rt.tracer, f"evaluate {type(program).__name__}", attrs)
+        metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
+        trial_token = _optimizers.evaluate_begin(span, kwargs, len(devset))
         # The program called by Evaluate starts a fresh module path.
-        return span, token, CURRENT_MODULE.set(None)
+        return span, token, CURRENT_MODULE.set(None), trial_token, program, metric_key
     except Exception:
         internal_error("evaluate span start")
         return None
 
 
 def _evaluate_end(state, result, exc):
-    span, token, mod_token = state
+    span, token, mod_token, trial_token, program, metric_key = state
     CURRENT_MODULE.reset(mod_token)
+    score = None
     if exc is None:
         try:
-            score = getattr(result, "score", result)
-            if isinstance(score, (int, float)) and not isinstance(score, bool):
-                span.set_attribute(A.EVAL_SCORE, float(score))
+            value = getattr(result, "score", result)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                score = float(value)
+                span.set_attribute(A.EVAL_SCORE, score)
         except Exception:
             internal_error("evaluate score")
+    try:
+        _optimizers.evaluate_end(span, trial_token, program, score, metric_key)
+    except Exception:
+        internal_error("evaluate trial end")
     finish(span, token, exc)
+
+
+def _patch_optimizer_internals(optimizer: Any) -> None:
+    """Trial, stage and bootstrap spans, patched when an optimizer that has them first compiles.
+
+    Optuna's `Study.optimize` is public; the MIPROv2 and BootstrapFewShot methods are private, so each is
+    wrapped only where the class defines it (tested on every supported DSPy version).
+    """
+    for cls in type(optimizer).__mro__:
+        hooks = _OPTIMIZER_HOOKS.get(cls.__name__, {})
+        for name, wrapper in hooks.items():
+            if callable(cls.__dict__.get(name)):
+                _patches.wrap(cls, name, wrapper)
+    if type(optimizer).__name__ == "MIPROv2":
+        try:
+            import optuna
+
+            _patches.wrap(optuna.study.Study, "optimize", _optimizers.optuna_optimize)
+        except ImportError:
+            pass
+
+
+_OPTIMIZER_HOOKS = {
+    "MIPROv2": {"_bootstrap_fewshot_examples": _optimizers.stage("bootstrap", "teacher"),
+                "_propose_instructions": _optimizers.stage("propose_instructions", "prompt_model")},
+    "BootstrapFewShot": {"_bootstrap_one_example": _optimizers.bootstrap_attempt},
+}
 
 
 def _compile_begin(instance, args, kwargs):
@@ -329,18 +364,23 @@ def _compile_begin(instance, args, kwargs):
         name = type(instance).__name__
         attrs = {A.SPAN_KIND: "compile", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
                  A.OPTIMIZER_NAME: name}
+        _patch_optimizer_internals(instance)
         span, token = start(rt.tracer, f"compile {name}", attrs)
         state = _context.current()
         return (span, token, _IN_COMPILE.set(active + (id(instance),)),
-                _context.var().set(_context.RunContext(state.budgets, "train", name, state.trial, state.lm_role)),
-                CURRENT_MODULE.set(None))
+                _context.var().set(_context.RunContext(state.budgets, "train", name, None, state.lm_role)),
+                CURRENT_MODULE.set(None), _optimizers.begin_compile(instance, args, kwargs))
     except Exception:
         internal_error("compile span start")
         return None
 
 
 def _compile_end(state, result, exc):
-    span, token, compile_token, run_token, mod_token = state
+    span, token, compile_token, run_token, mod_token, optimizer_state = state
+    try:
+        _optimizers.end_compile(optimizer_state)
+    except Exception:
+        internal_error("compile end")
     CURRENT_MODULE.reset(mod_token)
     _context.var().reset(run_token)
     _IN_COMPILE.reset(compile_token)
@@ -361,7 +401,8 @@ def _parallel_execute(wrapped, instance, args, kwargs):
         function = kwargs.pop("function") if "function" in kwargs else args[0]
         rest = args[1:] if args and args[0] is function else args
         otel_ctx = otel_context.get_current()
-        carried = [(var, var.get()) for var in (_context.var(), CURRENT_MODULE, _IN_COMPILE)]
+        carried = [(var, var.get()) for var in (_context.var(), CURRENT_MODULE, _IN_COMPILE, _optimizers.COMPILE_RUN,
+                                                _optimizers.TRIAL_SPAN)]
 
         def in_context(item):
             token = otel_context.attach(otel_ctx)

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from . import _attributes as A
-from . import _context, _redact
+from . import _context, _optimizers, _redact
 from ._cost import CallCost, Usage, estimate_tokens, usage_from_openai
 from ._runtime import Runtime
 from ._spans import CURRENT_MODULE
@@ -90,8 +90,9 @@ def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: d
     module = CURRENT_MODULE.get()
     if module is not None:
         attrs[A.MODULE_PATH] = module[1]
-    if state.lm_role:
-        attrs["dspy.lm.role"] = state.lm_role
+    role = _optimizers.role_for(lm) or state.lm_role
+    if role:
+        attrs[A.LM_ROLE] = role
     server = _redact.server_address(merged.get("api_base") or merged.get("base_url"))
     if server:
         attrs["server.address"] = server[0]

@@ -79,9 +79,11 @@ class CostMetrics:
                                       description="Spend counted against each budget")
         meter.create_observable_gauge("dspy.budget.limit", [self._observe("limit")], unit="USD",
                                       description="Each budget's limit")
-        meter.create_observable_gauge("dspy.budget.utilization", [self._observe("utilization")], unit="1",
+        # Ratios carry no unit on purpose: exporters would add a "_ratio" suffix on some paths and not
+        # others, and the dashboards pin one name.
+        meter.create_observable_gauge("dspy.budget.utilization", [self._observe("utilization")], unit="",
                                       description="spent / limit")
-        meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe("warn")], unit="1",
+        meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe("warn")], unit="",
                                       description="The fraction of the limit at which the budget warns")
 
     @classmethod
@@ -118,6 +120,8 @@ class CostMetrics:
     def watch_budget(self, budget: Any) -> None:
         """Report this budget's gauges; the latest budget of a label wins, the oldest labels are dropped."""
         label = self._label(budget.label)
+        for kind in ("warn", "exceeded"):  # series exist at 0 from the start, so increase() sees the first event
+            self.budget_events.add(0, {A.BUDGET_LABEL: label, "dspy.budget.event": kind})
         with self._budgets_lock:
             self._budgets[label] = budget
             self._budgets.move_to_end(label)

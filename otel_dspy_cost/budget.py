@@ -105,6 +105,7 @@ class Budget:
         # at once (`with b:` in each worker), and each must restore its own context.
         self._tokens: dict[tuple[int, int], list[Any]] = {}
         self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
+        self.max_reserved_usd = 0.0  # the largest worst case reserved for one call under this budget
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop"))
 
     # -- context manager ------------------------------------------------------------------------

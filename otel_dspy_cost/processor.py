@@ -177,6 +177,9 @@ class BudgetSpanProcessor(SpanProcessor):
                 culprit = next(b for b in group if b.account == outcome.account)
                 raise culprit._refused(outcome, requested_usd=amount, term=term, model=model)
             node.reservation = held
+            for b in budgets:
+                if amount > b.max_reserved_usd:
+                    b.max_reserved_usd = amount  # a plain max: a lost race only under-reports a hint
             span.set_attribute(A.BUDGET_RESERVED_USD, amount)
             span.set_attribute(A.BUDGET_LABEL, ",".join(b.label for b in node.budgets))
         except (BudgetExceededError, UnpricedModelError) as stop:

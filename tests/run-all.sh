@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 PYTHON="${PYTHON:-python3}"
 DSPY_VERSIONS="${DSPY_VERSIONS:-3.4.1 3.3.1}"
+bash tests/install-system-deps.sh
 for version in $DSPY_VERSIONS; do
   venv=".venv-dspy-$version"
   echo "=== DSPy $version: installing into $venv"
@@ -13,7 +14,7 @@ for version in $DSPY_VERSIONS; do
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   "$venv/bin/python" -m pip install -q ".[test]" "dspy==$version" 2>&1 | grep -v "^WARNING: Location" || true
   "$venv/bin/python" -c "import dspy, otel_dspy_cost; assert dspy.__version__ == '$version', dspy.__version__"
-  "$venv/bin/ruff" check otel_dspy_cost tests
+  "$venv/bin/ruff" check otel_dspy_cost tests benchmarks grafana
   echo "=== DSPy $version: tests"
   # pytest exits 5 when it collects no test: set -e turns that into a failure, never a silent pass.
   "$venv/bin/pytest" -q -p no:cacheprovider

@@ -1,0 +1,344 @@
+"""What an optimizer run is made of: trials, stages, bootstrap attempts, LM roles, best-so-far.
+
+One `CompileRun` per optimizer `compile` (held in a ContextVar and carried into DSPy's worker
+threads) numbers the trials and remembers the best candidate evaluated so far, which is what
+`guarded_compile()` returns when a budget stops the run. Hooks, all feature-detected:
+
+- MIPROv2: each Optuna trial is a span (Optuna's public `Study.optimize`, objective wrapped), with the
+  chosen instruction/demo indices and minibatch vs full; the default-program evaluation before the
+  trials is trial 0; the bootstrap and instruction-proposal stages are spans of their own.
+- Any `Evaluate` inside a compile and outside a trial is a trial of its own (RandomSearch candidates,
+  MIPROv2's baseline and periodic full evaluations).
+- BootstrapFewShot: each `_bootstrap_one_example` attempt is a span with its round and success.
+- GEPA: a GEPA callback (its public `gepa_kwargs={"callbacks": ...}`) makes a span per iteration with the
+  selected parent candidate, the new candidate, its score and whether it was accepted; LM calls made
+  while GEPA proposes new instructions carry `dspy.lm.role = reflection`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import threading
+from typing import Any
+
+from . import _attributes as A
+from . import _context, _runtime
+from ._spans import finish, internal_error, start
+
+
+@dataclasses.dataclass
+class CompileRun:
+    name: str
+    optimizer: Any
+    student: Any = None
+    next_trial: int = 1  # 1-based, as MIPROv2 logs them: its default-program evaluation is trial 1
+    optuna_started: bool = False
+    last_trial: int | None = None
+    best_score: float | None = None
+    best_program: Any = None
+    best_trial: int | None = None
+    trials: int = 0
+    roles: dict[int, str] = dataclasses.field(default_factory=dict)
+    gepa_best: tuple[float, dict[str, str]] | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def record(self, program: Any, score: float | None, trial: int | None, full: bool) -> None:
+        """A candidate was evaluated: keep it if it is the best full evaluation so far."""
+        if score is None or not full or program is None:
+            return
+        with self.lock:
+            self.trials += 1
+            if self.best_score is None or score > self.best_score:
+                self.best_score, self.best_program, self.best_trial = score, program, trial
+
+
+COMPILE_RUN: contextvars.ContextVar[CompileRun | None] = contextvars.ContextVar("otel_dspy_cost_compile_run",
+                                                                                default=None)
+TRIAL_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_trial_span", default=None)
+# Runs that ended, numbered, newest last (the last few only), so guarded_compile can find the one it started.
+_finished: list[tuple[int, CompileRun]] = []
+_ended = 0
+
+
+def _roles_of(optimizer: Any) -> dict[int, str]:
+    """LM instance -> role, from the optimizer's own attributes; an LM in two roles is left out."""
+    found: dict[int, set[str]] = {}
+    teacher = (getattr(optimizer, "teacher_settings", None) or {}).get("lm")
+    for lm, role in ((getattr(optimizer, "prompt_model", None), "prompt_model"),
+                     (getattr(optimizer, "task_model", None), "task_model"),
+                     (getattr(optimizer, "reflection_lm", None), "reflection"), (teacher, "teacher")):
+        if lm is not None:
+            found.setdefault(id(lm), set()).add(role)
+    return {k: next(iter(v)) for k, v in found.items() if len(v) == 1}
+
+
+def role_for(lm: Any) -> str | None:
+    run = COMPILE_RUN.get()
+    return run.roles.get(id(lm)) if run is not None else None
+
+
+def begin_compile(optimizer: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    student = kwargs.get("student", args[0] if args else None)
+    run = CompileRun(type(optimizer).__name__, optimizer, student=student, roles=_roles_of(optimizer))
+    gepa_restore = _attach_gepa(optimizer, run)
+    return COMPILE_RUN.set(run), gepa_restore
+
+
+def end_compile(state: tuple[Any, Any]) -> None:
+    token, gepa_restore = state
+    run = COMPILE_RUN.get()
+    COMPILE_RUN.reset(token)
+    if gepa_restore is not None:
+        gepa_restore()
+    if run is not None:
+        global _ended
+        _ended += 1
+        _finished.append((_ended, run))
+        del _finished[:-8]
+
+
+def ended_count() -> int:
+    return _ended
+
+
+def ended_since(count: int) -> list[CompileRun]:
+    return [run for seq, run in _finished if seq > count]
+
+
+def _pushed_trial(trial: int, role: str | None) -> Any:
+    state = _context.current()
+    return _context.var().set(dataclasses.replace(state, trial=trial, lm_role=role or state.lm_role))
+
+
+# -- Evaluate inside a compile ---------------------------------------------------------------------------
+
+def evaluate_begin(span: Any, kwargs: dict, devset_size: int) -> Any:
+    """Annotate an Evaluate span inside a compile; returns a context token to reset, or None."""
+    run = COMPILE_RUN.get()
+    if run is None:
+        return None
+    metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
+    span.set_attribute(A.OPTIMIZER_NAME, run.name)
+    trial_span = TRIAL_SPAN.get()
+    if trial_span is not None:  # an Evaluate inside an Optuna trial: say whether it is a minibatch
+        kind = "minibatch" if metric_key == "eval_minibatch" else "full"
+        trial_span.set_attribute(A.OPTIMIZER_EVAL, kind)
+        span.set_attribute(A.OPTIMIZER_EVAL, kind)
+        return None
+    with run.lock:
+        if run.optuna_started and run.last_trial is not None:
+            trial = run.last_trial
+            span.set_attribute(A.OPTIMIZER_EVAL, "full")
+        else:
+            trial = run.next_trial
+            run.next_trial += 1
+            if trial == 1:
+                span.set_attribute(A.OPTIMIZER_BASELINE, True)
+    span.set_attribute(A.OPTIMIZER_TRIAL, trial)
+    return _pushed_trial(trial, "student")
+
+
+def evaluate_end(span: Any, token: Any, program: Any, score: float | None, metric_key: str | None) -> None:
+    run = COMPILE_RUN.get()
+    if token is not None:
+        _context.var().reset(token)
+    if run is None:
+        return
+    if score is not None:
+        span.set_attribute(A.OPTIMIZER_SCORE, score)
+    trial = _context.current().trial
+    run.record(program, score, trial, full=metric_key != "eval_minibatch")
+
+
+# -- Optuna trials (MIPROv2) ---------------------------------------------------------------------------------
+
+def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrap the objective of `Study.optimize` when it runs inside a compile: one span per trial."""
+    run = COMPILE_RUN.get()
+    rt = _runtime.active()
+    if run is None or rt is None:
+        return wrapped(*args, **kwargs)
+    func = kwargs.pop("func") if "func" in kwargs else args[0]
+    rest = args[1:] if args and args[0] is func else args
+    run.optuna_started = True
+
+    def objective(trial: Any) -> Any:
+        number = trial.number + 1
+        try:
+            attrs = {A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
+                     A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number}
+            span, token = start(rt.tracer, f"trial {number}", attrs)
+            with run.lock:
+                run.last_trial = number
+            ctx = _pushed_trial(number, "task_model"), TRIAL_SPAN.set(span)
+        except Exception:
+            internal_error("trial span start")
+            return func(trial)
+        try:
+            value = func(trial)
+        except BaseException as exc:
+            _end_trial(span, token, ctx, trial, None, exc)
+            raise
+        _end_trial(span, token, ctx, trial, value, None)
+        return value
+
+    return wrapped(objective, *rest, **kwargs)
+
+
+def _end_trial(span: Any, token: Any, ctx: tuple, trial: Any, value: Any, exc: BaseException | None) -> None:
+    TRIAL_SPAN.reset(ctx[1])
+    _context.var().reset(ctx[0])
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            span.set_attribute(A.OPTIMIZER_SCORE, float(value))
+        for name, choice in (getattr(trial, "params", None) or {}).items():
+            if isinstance(choice, (int, float, str, bool)):
+                span.set_attribute(f"{A.OPTIMIZER_PARAM_PREFIX}{name}", choice)
+    except Exception:
+        internal_error("trial span end")
+    finish(span, token, exc)
+
+
+# -- stages (MIPROv2) and bootstrap attempts (BootstrapFewShot) ------------------------------------------------
+
+def stage(name: str, role: str | None):
+    """A wrapper making one span for an optimizer stage, with an LM role for the calls inside."""
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        rt = _runtime.active()
+        if rt is None:
+            return wrapped(*args, **kwargs)
+        try:
+            span, token = start(rt.tracer, f"stage {name}", {
+                A.SPAN_KIND: "stage", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
+                A.OPTIMIZER_NAME: type(instance).__name__, A.OPTIMIZER_STAGE: name})
+            state = _context.current()
+            ctx = _context.var().set(dataclasses.replace(state, lm_role=role or state.lm_role))
+        except Exception:
+            internal_error("stage span start")
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _context.var().reset(ctx)
+            finish(span, token, exc)
+            raise
+        _context.var().reset(ctx)
+        finish(span, token, None)
+        return result
+
+    return wrapper
+
+
+def bootstrap_attempt(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    rt = _runtime.active()
+    if rt is None:
+        return wrapped(*args, **kwargs)
+    try:
+        example = kwargs.get("example", args[0] if args else None)
+        round_idx = kwargs.get("round_idx", args[1] if len(args) > 1 else 0)
+        trainset = getattr(instance, "trainset", None) or []
+        index = next((i for i, e in enumerate(trainset) if e is example), -1)
+        span, token = start(rt.tracer, "bootstrap example", {
+            A.SPAN_KIND: "bootstrap", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
+            A.OPTIMIZER_NAME: type(instance).__name__, A.OPTIMIZER_ROUND: int(round_idx),
+            A.OPTIMIZER_EXAMPLE: index})
+        state = _context.current()
+        ctx = _context.var().set(dataclasses.replace(state, lm_role="teacher"))
+    except Exception:
+        internal_error("bootstrap span start")
+        return wrapped(*args, **kwargs)
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as exc:
+        _context.var().reset(ctx)
+        finish(span, token, exc)
+        raise
+    _context.var().reset(ctx)
+    span.set_attribute(A.OPTIMIZER_SUCCESS, bool(result))
+    finish(span, token, None)
+    return result
+
+
+# -- GEPA -----------------------------------------------------------------------------------------------------
+
+class _GEPAObserver:
+    """A GEPA callback (gepa.core.callbacks.GEPACallback protocol): a span per iteration."""
+
+    def __init__(self, run: CompileRun):
+        self.run = run
+        self.span = self.token = self.ctx = self.proposal = None
+
+    def on_iteration_start(self, event: dict) -> None:
+        rt = _runtime.active()
+        if rt is None:
+            return
+        try:
+            number = int(event["iteration"])
+            self.span, self.token = start(rt.tracer, f"iteration {number}", {
+                A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
+                A.OPTIMIZER_NAME: self.run.name, A.OPTIMIZER_TRIAL: number})
+            self.ctx = _pushed_trial(number, None)
+            self.run.last_trial = number
+        except Exception:
+            internal_error("GEPA iteration start")
+
+    def on_candidate_selected(self, event: dict) -> None:
+        if self.span is not None:
+            self.span.set_attribute(A.OPTIMIZER_PARENT, int(event["candidate_idx"]))
+
+    def on_proposal_start(self, event: dict) -> None:
+        state = _context.current()
+        self.proposal = _context.var().set(dataclasses.replace(state, lm_role="reflection"))
+
+    def on_proposal_end(self, event: dict) -> None:
+        if self.proposal is not None:
+            _context.var().reset(self.proposal)
+            self.proposal = None
+
+    def on_candidate_accepted(self, event: dict) -> None:
+        if self.span is not None:
+            self.span.set_attributes({A.OPTIMIZER_CANDIDATE: int(event["new_candidate_idx"]),
+                                      A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: True})
+
+    def on_candidate_rejected(self, event: dict) -> None:
+        if self.span is not None:
+            self.span.set_attributes({A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: False})
+
+    def on_valset_evaluated(self, event: dict) -> None:
+        score = float(event["average_score"])
+        best = self.run.gepa_best
+        if best is None or score > best[0]:
+            self.run.gepa_best = (score, dict(event["candidate"]))
+            self.run.best_score, self.run.best_trial = score, int(event["iteration"])
+
+    def on_iteration_end(self, event: dict) -> None:
+        self.on_proposal_end(event)
+        if self.span is not None:
+            if self.ctx is not None:
+                _context.var().reset(self.ctx)
+            finish(self.span, self.token, None)
+            self.span = self.token = self.ctx = None
+
+    def __getattr__(self, name: str) -> Any:  # every other event of the protocol: nothing to do
+        if name.startswith("on_"):
+            return lambda event: None
+        raise AttributeError(name)
+
+
+def _attach_gepa(optimizer: Any, run: CompileRun):
+    """Add our callback to a dspy.GEPA's gepa_kwargs for this compile; returns the undo, or None."""
+    kwargs = getattr(optimizer, "gepa_kwargs", None)
+    if not isinstance(kwargs, dict) or type(optimizer).__name__ != "GEPA":
+        return None
+    had = "callbacks" in kwargs
+    before = kwargs.get("callbacks")
+    kwargs["callbacks"] = [*(before or []), _GEPAObserver(run)]
+
+    def undo() -> None:
+        if had:
+            kwargs["callbacks"] = before
+        else:
+            kwargs.pop("callbacks", None)
+
+    return undo

@@ -1,0 +1,27 @@
+"""The benchmark scripts run (tiny sizes, nothing timed here): they must not rot between measurements.
+
+The contention benchmark also asserts zero overshoot under 16 threads, so it is a real check.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("overhead.py", ["--calls", "5", "--rounds", "1"], "otel-dspy-cost"),
+    ("memory.py", ["--calls", "300"], "attributable to instrumentation"),
+    ("budget_contention.py", ["--calls-per-thread", "10"], "overshoot"),
+    ("pricing_lookup.py", ["--n", "200"], "lookup, cached"),
+])
+def test_benchmark_runs(script, args, expect):
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=BENCH)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout
