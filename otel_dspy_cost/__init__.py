@@ -16,6 +16,7 @@ import os as _os
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from . import pricing  # noqa: E402
+from .artifacts import record_run  # noqa: E402
 from .budget import (  # noqa: E402
     Budget,
     BudgetExceededError,
@@ -24,6 +25,7 @@ from .budget import (  # noqa: E402
     budget,
     scope,
 )
+from .estimate import Estimate, estimate  # noqa: E402
 from .guarded import CompileResult, NothingUsableError, guarded_compile  # noqa: E402
 from .instrumentor import DSPyCostInstrumentor, instrument, uninstrument  # noqa: E402
 from .processor import BudgetSpanProcessor  # noqa: E402
@@ -35,13 +37,16 @@ __all__ = [
     "BudgetSpanProcessor",
     "CompileResult",
     "DSPyCostInstrumentor",
+    "Estimate",
     "NothingUsableError",
     "ScopeExhaustedError",
     "UnpricedModelError",
     "budget",
+    "estimate",
     "guarded_compile",
     "instrument",
     "pricing",
+    "record_run",
     "scope",
     "spend_report",
     "uninstrument",

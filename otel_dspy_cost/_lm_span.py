@@ -90,6 +90,10 @@ def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: d
     module = CURRENT_MODULE.get()
     if module is not None:
         attrs[A.MODULE_PATH] = module[1]
+    if state.trial is not None:
+        attrs[A.OPTIMIZER_TRIAL] = state.trial
+    if state.optimizer:
+        attrs[A.OPTIMIZER_NAME] = state.optimizer
     role = _optimizers.role_for(lm) or state.lm_role
     if role:
         attrs[A.LM_ROLE] = role

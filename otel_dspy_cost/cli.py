@@ -13,13 +13,9 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """A planner / ReAct searcher / synthesizer program evaluated under a budget that trips partway,
-    against the built-in OpenAI-compatible simulator on 127.0.0.1 (no API key, no network)."""
+def _demo_program():
+    """planner -> ReAct searcher (with a tool) -> synthesizer: the demo's multi-module program."""
     import dspy
-
-    import otel_dspy_cost
-    from otel_dspy_cost.simulator import SimulatorServer
 
     def search(query: str) -> str:
         """Searches the knowledge base."""
@@ -37,24 +33,100 @@ def _demo(args: argparse.Namespace) -> int:
             findings = self.searcher(plan=plan).findings
             return self.synthesizer(question=question, findings=findings)
 
+    return ResearchAgent()
+
+
+def _provider_key(model: str) -> str | None:
+    provider = model.split("/", 1)[0].upper() if "/" in model else "OPENAI"
+    return os.environ.get(f"{provider}_API_KEY")
+
+
+class _Progress:
+    """A live spend-vs-budget line while the run goes (on a terminal; a few plain lines otherwise)."""
+
+    def __init__(self, guard):
+        import threading
+
+        self.guard, self.stop = guard, threading.Event()
+        self.tty = sys.stdout.isatty()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        shown = -1
+        while not self.stop.wait(0.25):
+            g = self.guard
+            pct = int(100 * g.spent_usd / g.limit_usd) if g.limit_usd else 0
+            line = f"  spend ${g.spent_usd:.6f} of ${g.limit_usd:.4f} ({pct}%), {g.call_count} calls"
+            if self.tty:
+                print("\r" + line, end="", flush=True)
+            elif pct // 25 != shown:
+                shown = pct // 25
+                print(line, flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.tty:
+            print()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Estimate, then compile (RandomSearch: 4 scored trials) and evaluate the demo program under a budget
+    that trips partway, against the built-in OpenAI-compatible simulator on 127.0.0.1 (no API key, no network), and
+    write the run's artifacts. With --model and that provider's API key, the same runs for real."""
+    import contextlib
+
+    import dspy
+
+    import otel_dspy_cost
+    from otel_dspy_cost._run_report import render, run_report
+    from otel_dspy_cost.estimate import estimate
+    from otel_dspy_cost.simulator import SimulatorServer
+
+    model = args.model or "openai/gpt-4o-mini"
+    real = args.model is not None and _provider_key(model) is not None
     otel_dspy_cost.instrument(unknown_model="warn")
     questions = [f"What drives cost in DSPy optimizer run {i}?" for i in range(args.examples)]
     devset = [dspy.Example(question=q, answer="cost").with_inputs("question") for q in questions]
-    with SimulatorServer() as server:
-        lm = dspy.LM(args.model, api_base=server.api_base, api_key="sim-no-key", cache=False, max_tokens=400)
-        print(f"simulated provider on {server.api_base}, priced as {args.model}; budget ${args.budget:.4f}")
-        evaluate = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: 1.0, num_threads=2,
-                                 display_progress=False)
+    trainset = [dspy.Example(question=f"Which module of pipeline {i} costs most?", answer="cost")
+                .with_inputs("question") for i in range(4)]
+    optimizer = dspy.BootstrapFewShotWithRandomSearch(metric=lambda e, p, t=None: True, max_bootstrapped_demos=1,
+                                                      max_labeled_demos=0, num_candidate_programs=1, num_threads=2)
+    program = _demo_program()
+    for stage, opt, sizes in (("compile (RandomSearch)", optimizer, {"trainset_size": len(trainset)}),
+                              ("evaluate", None, {"devset_size": len(devset)})):
+        est = estimate(program, model=model, optimizer=opt, max_tokens=400, input_chars=60, budget_usd=args.budget,
+                       **sizes)
+        print(f"estimate, {stage}: {est.summary()}")
+    with contextlib.ExitStack() as stack:
+        if real:
+            lm = dspy.LM(model, cache=False, max_tokens=400)
+            print(f"real provider for {model}; budget ${args.budget:.4f}")
+        else:
+            server = stack.enter_context(SimulatorServer())
+            lm = dspy.LM(model, api_base=server.api_base, api_key="sim-no-key", cache=False, max_tokens=400)
+            print(f"simulated provider on {server.api_base}, priced as {model}; budget ${args.budget:.4f}")
+        guard = otel_dspy_cost.budget(limit_usd=args.budget, label="demo", warn_at=0.75)
+        run = stack.enter_context(otel_dspy_cost.record_run(args.out, budget=guard))
         try:
-            with otel_dspy_cost.budget(limit_usd=args.budget, label="demo", warn_at=0.75) as b, dspy.context(lm=lm):
-                evaluate(ResearchAgent())
-            print(f"finished within budget: ${b.spent_usd:.6f} of ${args.budget:.4f}")
+            with guard, dspy.context(lm=lm), _Progress(guard):
+                compiled = optimizer.compile(program, trainset=trainset)
+                evaluate = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: 1.0, num_threads=2,
+                                         display_progress=False)
+                run.score = evaluate(compiled).score
+            print(f"finished within budget: ${guard.spent_usd:.6f} of ${args.budget:.4f}")
         except otel_dspy_cost.BudgetExceededError as stop:
             print(f"BUDGET STOP: {stop}")
-        print(f"provider requests made: {server.count}; budget status: {b.status}; "
-              f"spent ${b.spent_usd:.6f} of ${args.budget:.4f} in {b.call_count} calls")
-    otel_dspy_cost.spend_report(depth=2, print_table=True)
-    otel_dspy_cost.spend_report(by="model", print_table=True)
+        requests = "" if real else f"provider requests made: {server.count}; "
+        print(f"{requests}budget status: {guard.status}; spent ${guard.spent_usd:.6f} of ${args.budget:.4f} in "
+              f"{guard.call_count} calls")
+    print(render(run_report(args.out)))
+    print(f"artifacts: {args.out}/costs.jsonl, {args.out}/summary.json "
+          f"(again: otel-dspy-cost report {args.out})")
     return 0
 
 
@@ -155,15 +227,105 @@ def _pricing_parser(sub: Any) -> None:
     pricing.set_defaults(fn=_pricing)
 
 
+def _optimizer_from_name(name: str, args: argparse.Namespace) -> object:
+    if name == "evaluate":
+        return None
+    if name.startswith("mipro"):
+        auto = name.split("-", 1)[1] if "-" in name else "light"
+        return _Stub("MIPROv2", auto=auto, max_bootstrapped_demos=args.demos, max_labeled_demos=args.demos)
+    if name == "bootstrap":
+        return _Stub("BootstrapFewShot", max_bootstrapped_demos=args.demos, max_rounds=1)
+    if name == "gepa":
+        return _Stub("GEPA", max_metric_calls=args.max_metric_calls)
+    raise SystemExit(f"unknown optimizer {name!r}")
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import importlib
+
+    from otel_dspy_cost.estimate import estimate
+    from otel_dspy_cost.pricing import UnknownModelError
+
+    if args.program == "demo":
+        program = _demo_program()
+    else:
+        module, _, attr = args.program.partition(":")
+        target = getattr(importlib.import_module(module), attr or "program")
+        program = target() if callable(target) and not hasattr(target, "named_predictors") else target
+    try:
+        est = estimate(program, model=args.model, optimizer=_optimizer_from_name(args.optimizer, args),
+                       trainset_size=args.trainset, valset_size=args.valset, devset_size=args.devset,
+                       max_tokens=args.max_tokens, input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate,
+                       budget_usd=args.budget)
+    except UnknownModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(est), indent=1))
+    else:
+        print(est.summary())
+        for stage, numbers in est.stages.items():
+            print(f"  {stage:22s} {numbers}")
+        for note in est.assumptions:
+            print(f"  - {note}")
+    if est.exceeds_budget:
+        print(f"projection ${est.usd_high:.6f} may exceed the budget ${args.budget:.6f}", file=sys.stderr)
+        return 1 if os.environ.get("CI") or args.strict else 0
+    return 0
+
+
+class _Stub:
+    """Stands for an optimizer by its name and settings (the estimator reads nothing else)."""
+
+    def __init__(self, name: str, **settings: object):
+        self.__class__ = type(name, (_Stub,), {})
+        self.__dict__.update(settings)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from otel_dspy_cost._run_report import main as report_main
+
+    return report_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otel-dspy-cost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="offline demo: a multi-module program under a budget that trips")
-    demo.add_argument("--model", default="openai/gpt-4o-mini", help="model name the simulated calls are priced as")
-    demo.add_argument("--budget", type=float, default=0.004, help="USD limit (default trips partway)")
+    demo.add_argument("--model", default=None, help="model to price the simulated calls as (default "
+                      "openai/gpt-4o-mini); with that provider's API key set (e.g. OPENAI_API_KEY), a real run")
+    demo.add_argument("--budget", type=float, default=0.012, help="USD limit (default trips partway)")
     demo.add_argument("--examples", type=int, default=12)
+    demo.add_argument("--out", default="otel-dspy-cost-demo", help="run directory for costs.jsonl and summary.json")
     demo.set_defaults(fn=_demo)
     _pricing_parser(sub)
+    est = sub.add_parser("estimate", help="project LM calls and USD before a run (exit 1 in CI over budget)")
+    est.add_argument("--program", default="demo", help="module:attr of a dspy.Module (or a function making one); "
+                                                       "'demo' for the demo's program")
+    est.add_argument("--model", default="openai/gpt-4o-mini")
+    est.add_argument("--optimizer", default="evaluate",
+                     help="evaluate | bootstrap | mipro-light | mipro-medium | mipro-heavy | gepa")
+    est.add_argument("--trainset", type=int, default=0)
+    est.add_argument("--valset", type=int, default=None)
+    est.add_argument("--devset", type=int, default=0)
+    est.add_argument("--max-tokens", type=int, default=None)
+    est.add_argument("--input-chars", type=int, default=200, help="typical characters per input field")
+    est.add_argument("--cache-hit-rate", type=float, default=0.0)
+    est.add_argument("--demos", type=int, default=4, help="max bootstrapped demos")
+    est.add_argument("--max-metric-calls", type=int, default=None, help="GEPA budget")
+    est.add_argument("--budget", type=float, default=None, help="USD to compare against")
+    est.add_argument("--strict", action="store_true", help="exit 1 over budget even outside CI")
+    est.add_argument("--json", action="store_true")
+    est.set_defaults(fn=_estimate)
+    rep = sub.add_parser("report", help="tables from a run's costs.jsonl / summary.json")
+    rep.add_argument("run_dir")
+    rep.add_argument("--depth", type=int, default=2, help="module path levels (0: full paths)")
+    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--csv", action="store_true")
+    rep.add_argument("--compare", help="a second run directory, side by side")
+    rep.set_defaults(fn=_report)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -122,7 +122,10 @@ def test_guarded_miprov2_returns_the_best_trial_and_it_saves_and_loads(otel, lm,
         result = otel_dspy_cost.guarded_compile(optimizer, dspy.ChainOfThought("question -> answer"), budget=cap,
                                                 trainset=train, valset=val, **_mipro_kwargs(optimizer))
     assert result.cut_short and result.reason == "budget_exceeded" and result.error is not None
-    assert result.spent_usd <= cap and result.calls == server.count - full.call_count
+    import time
+
+    time.sleep(1.0)  # a call already in flight in another worker when the stop came may still finish
+    assert result.budget.spent_usd <= cap and result.budget.call_count == server.count - full.call_count
     assert result.trials_evaluated >= 2
     scored = [s for s in exporter.get_finished_spans() if A.OPTIMIZER_SCORE in s.attributes
               and s.attributes.get(A.OPTIMIZER_EVAL, "full") == "full" and s.attributes.get(A.OPTIMIZER_TRIAL)]
