@@ -20,6 +20,7 @@ from .artifacts import record_run  # noqa: E402
 from .budget import (  # noqa: E402
     Budget,
     BudgetExceededError,
+    LedgerUnavailableError,
     ScopeExhaustedError,
     UnpricedModelError,
     budget,
@@ -38,6 +39,7 @@ __all__ = [
     "CompileResult",
     "DSPyCostInstrumentor",
     "Estimate",
+    "LedgerUnavailableError",
     "NothingUsableError",
     "ScopeExhaustedError",
     "UnpricedModelError",

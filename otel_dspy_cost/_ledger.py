@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclasses.dataclass
@@ -34,15 +34,17 @@ class Limits:
     max_calls: int | None
     phase_limits: dict[str, float]
     enforce: bool  # False for action="warn": track, never refuse
+    window: Any = None  # _shared_ledgers.Window: spend older than the window stops counting
 
 
 @dataclasses.dataclass(frozen=True)
 class Refusal:
     account: str
-    reason: str  # limit_usd | max_calls | max_<phase>_usd | tripped
+    reason: str  # limit_usd | max_calls | max_<phase>_usd | tripped | ledger_unavailable
     spent_usd: float
     reserved_usd: float
     limit: float
+    detail: str = ""
 
 
 @dataclasses.dataclass
@@ -51,9 +53,13 @@ class Reservation:
     amount_usd: float
     phase: str
     settled: bool = False
+    reservation_id: str = ""  # shared ledgers: the call's id, so settling is idempotent
+    local: bool = False  # counted in a fail-open local ledger while the shared one was down
 
 
 class Ledger(Protocol):
+    shared: bool  # True: accounts are keyed by budget label, one number for every process using the ledger
+
     def open(self, account: str, limits: Limits) -> None: ...
 
     def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal: ...
@@ -69,6 +75,9 @@ class Ledger(Protocol):
 
 class InProcessLedger:
     """One lock over every account: a reservation against nested budgets is all-or-nothing."""
+
+    shared = False
+    url = "memory://"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

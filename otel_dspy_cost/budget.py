@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,10 @@ class BudgetExceededError(BaseException):
 
 class ScopeExhaustedError(BudgetExceededError):
     """A `scope()` sub-limit ran out; the scope's `with` block ends, the enclosing run goes on."""
+
+
+class LedgerUnavailableError(BudgetExceededError):
+    """The shared ledger could not be reached and the policy is fail_closed: the call was not made."""
 
 
 class UnpricedModelError(BaseException):
@@ -77,7 +82,8 @@ class Budget:
     def __init__(self, limit_usd: float | None = None, *, warn_at: float | None = 0.8, action: str = "stop",
                  label: str | None = None, max_calls: int | None = None, max_train_usd: float | None = None,
                  max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
-                 on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | None = None,
+                 on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
+                 window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
                  _scope_of: Budget | None = None):
         if action not in ("stop", "warn"):
             raise ValueError("action must be 'stop' or 'warn'")
@@ -93,8 +99,20 @@ class Budget:
         self.phase_limits = {k: v for k, v in (("train", max_train_usd), ("infer", max_infer_usd)) if v is not None}
         self.on_warn = on_warn
         self.on_exceed = on_exceed
+        from . import _shared_ledgers
+
+        self.window = _shared_ledgers.parse_window(window, tz)
+        if isinstance(ledger, str) or (ledger is None and os.environ.get(_shared_ledgers.LEDGER_ENV)):
+            ledger = _shared_ledgers.shared_ledger(ledger or os.environ[_shared_ledgers.LEDGER_ENV], on_unavailable)
+        elif ledger is None and self.window is not None:
+            ledger = _shared_ledgers.ledger_from_url("sqlite://:memory:")  # a window needs timestamped spend
         self.ledger: Ledger = ledger or default_ledger()
-        self.account = f"{self.label}#{next(_ids)}"
+        if getattr(self.ledger, "shared", False):
+            # One number for every process using this ledger and label.
+            name = f"{_scope_of.label}/{self.label}" if _scope_of is not None else self.label
+            self.account = self.ledger.key(name)
+        else:
+            self.account = f"{self.label}#{next(_ids)}"
         self.is_scope = _scope_of is not None
         self._scopes: dict[str, Budget] = {}
         self._scopes_lock = threading.Lock()
@@ -106,7 +124,8 @@ class Budget:
         self._tokens: dict[tuple[int, int], list[Any]] = {}
         self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
         self.max_reserved_usd = 0.0  # the largest worst case reserved for one call under this budget
-        self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop"))
+        self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
+                                              window=self.window))
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> Budget:
@@ -161,6 +180,16 @@ class Budget:
             return None
         return self.spent_usd / self.limit_usd
 
+    def window_bounds(self) -> tuple[Any, Any] | None:
+        """(start, end) of the current window as UTC datetimes, or None without a window."""
+        if self.window is None:
+            return None
+        import datetime as dt
+        import time
+
+        start, end = self.window.bounds(getattr(getattr(self.ledger, "inner", self.ledger), "clock", time.time)())
+        return dt.datetime.fromtimestamp(start, dt.UTC), dt.datetime.fromtimestamp(end, dt.UTC)
+
     @property
     def status(self) -> str:
         if self._exceeded or self.ledger.state(self.account).tripped:
@@ -188,6 +217,13 @@ class Budget:
             return existing
 
     def _refused(self, refusal: Refusal, *, requested_usd: float, term: str | None, model: str) -> BudgetExceededError:
+        if refusal.reason == "ledger_unavailable":  # not sticky: the run may be retried once the ledger is back
+            return LedgerUnavailableError(
+                f"Budget {self.label!r} refused a call to {model}: the shared budget ledger "
+                f"{getattr(self.ledger, 'url', '?')} is unreachable ({refusal.detail}); failing closed, so no "
+                f"call is made. Use on_unavailable='fail_open' to keep running with local accounting.",
+                label=self.label, spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
+                requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
         what = {
@@ -254,16 +290,23 @@ class Budget:
 def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, action: str = "stop",
            label: str | None = None, max_calls: int | None = None, max_train_usd: float | None = None,
            max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
-           on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | None = None) -> Budget:
+           on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
+           window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed") -> Budget:
     """A budget to use as `with budget(limit_usd=25.0, label="compile-v1") as b: ...`.
 
     `action="stop"` refuses the first provider call whose worst case no longer fits and raises
     `BudgetExceededError`; `action="warn"` never refuses, it only warns. `max_calls` caps calls
     (the useful cap for free local models); `max_train_usd`/`max_infer_usd` cap one phase.
+
+    `ledger="sqlite:///path/budgets.db"` or `"redis://host:6379/0"` (or `OTEL_DSPY_COST_LEDGER`) shares
+    the budget, by label, with every process using that ledger; `window="1h" | "1d" | "30d"` (rolling) or
+    `"day" | "month"` (calendar, in `tz`) counts only recent spend. `on_unavailable` says what happens
+    when a shared ledger cannot be reached: "fail_closed" (refuse calls) or "fail_open" (account locally,
+    replay later).
     """
     return Budget(limit_usd, warn_at=warn_at, action=action, label=label, max_calls=max_calls,
                   max_train_usd=max_train_usd, max_infer_usd=max_infer_usd, on_warn=on_warn, on_exceed=on_exceed,
-                  ledger=ledger)
+                  ledger=ledger, window=window, tz=tz, on_unavailable=on_unavailable)
 
 
 def scope(name: str, *, limit_usd: float | None = None, max_calls: int | None = None,

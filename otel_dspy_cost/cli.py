@@ -284,6 +284,40 @@ class _Stub:
         self.__dict__.update(settings)
 
 
+def _budget(args: argparse.Namespace) -> int:
+    """Status or reset of a label on a shared ledger (what every process using it counts against)."""
+    from otel_dspy_cost._ledger import Limits
+    from otel_dspy_cost._shared_ledgers import LedgerUnavailable, ledger_from_url, parse_window
+
+    try:
+        ledger = ledger_from_url(args.ledger_url)
+        account = ledger.key(args.label)
+        window = parse_window(args.window, args.tz)
+        ledger.open(account, Limits(args.limit, None, {}, False, window))
+        if args.action == "reset":
+            ledger.reset(account)
+            print(f"{args.ledger_url} {args.label!r}: reset (spend and reservations removed)")
+            return 0
+        state = ledger.inner.state(account)
+    except (LedgerUnavailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = {"ledger": args.ledger_url, "label": args.label, "spent_usd": state.spent_usd,
+            "economic_usd": state.economic_usd, "calls": state.calls, "reserved_usd": state.reserved_usd,
+            "reserved_calls": state.reserved_calls, "by_phase": state.phase_spent}
+    if window is not None:
+        import datetime as dt
+        import time
+
+        start, end = window.bounds(time.time())
+        data["window"] = {"kind": window.describe(), "start": dt.datetime.fromtimestamp(start, dt.UTC).isoformat(),
+                          "end": dt.datetime.fromtimestamp(end, dt.UTC).isoformat()}
+    if args.limit is not None:
+        data["limit_usd"], data["remaining_usd"] = args.limit, max(0.0, args.limit - state.spent_usd)
+    print(json.dumps(data, indent=1))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from otel_dspy_cost._run_report import main as report_main
 
@@ -319,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--strict", action="store_true", help="exit 1 over budget even outside CI")
     est.add_argument("--json", action="store_true")
     est.set_defaults(fn=_estimate)
+    bud = sub.add_parser("budget", help="status | reset of a budget label on a shared ledger")
+    bud.add_argument("action", choices=["status", "reset"])
+    bud.add_argument("ledger_url", help="sqlite:///path/budgets.db or redis://host:6379/0")
+    bud.add_argument("label")
+    bud.add_argument("--window", default=None, help="1h | 1d | 30d | day | month: count spend in this window")
+    bud.add_argument("--tz", default="UTC")
+    bud.add_argument("--limit", type=float, default=None, help="show remaining against this limit")
+    bud.set_defaults(fn=_budget)
     rep = sub.add_parser("report", help="tables from a run's costs.jsonl / summary.json")
     rep.add_argument("run_dir")
     rep.add_argument("--depth", type=int, default=2, help="module path levels (0: full paths)")

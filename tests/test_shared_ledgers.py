@@ -1,0 +1,202 @@
+"""Budgets shared across processes (real SQLite file, real redis-server) and rolling/calendar windows."""
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+from conftest import MODEL
+
+import otel_dspy_cost
+from otel_dspy_cost._ledger import Limits
+from otel_dspy_cost._shared_ledgers import ledger_from_url
+
+WORKER = str(Path(__file__).resolve().parent / "ledger_worker.py")
+PER_CALL = (40 * 0.15 + 10 * 0.6) / 1e6  # TinyLM's usage at gpt-4o-mini prices
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, tmp_path):
+        if shutil.which("redis-server") is None:
+            pytest.skip("Debian package redis-server missing (tests/install-system-deps.sh installs it)")
+        self.port, self.dir, self.proc = _free_port(), tmp_path, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        # Append-only file on: data survives a kill and restart, as a production Redis would keep it.
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+                                      "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.proc.poll() is None:
+        server.kill()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def ledger_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'budgets.db'}"
+    else:
+        server = RedisServer(tmp_path).start()
+        yield server.url
+        server.kill()
+
+
+def test_eight_processes_share_one_cap_and_every_call_counts_once(ledger_url):
+    cap = PER_CALL * 8 * 500 / 2  # half the calls fit
+    procs = [subprocess.Popen([sys.executable, WORKER, ledger_url, repr(cap), "500"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    made = sum(r["made"] for r in results)
+    ledger = ledger_from_url(ledger_url)
+    account = ledger.key("fleet")
+    ledger.open(account, Limits(cap, None, {}, False))
+    state = ledger.inner.state(account)
+    assert state.calls == made  # every call made is in the ledger, once
+    assert state.spent_usd == pytest.approx(made * PER_CALL)
+    assert state.spent_usd <= cap  # one number for all eight processes: never overshot
+    assert made < 8 * 500 and all(r["refused"] for r in results)
+    assert state.reserved_usd == 0
+
+
+def test_a_killed_process_reservation_is_released_after_the_timeout(ledger_url):
+    p = subprocess.Popen([sys.executable, WORKER, "--hold", ledger_url, "1.5"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+    ledger = ledger_from_url(ledger_url)
+    account = ledger.key("held")
+    ledger.open(account, Limits(1.0, None, {}, True))
+    assert ledger.inner.state(account).reserved_usd == pytest.approx(0.25)  # held by a dead process...
+    time.sleep(1.8)
+    assert ledger.inner.state(account).reserved_usd == 0  # ...until its reservation expires
+    assert not isinstance(ledger.reserve([account], 1.0, "infer"), otel_dspy_cost._ledger.Refusal)
+
+
+def test_redis_killed_fail_closed_refuses_naming_the_ledger(otel, redis_server, server):
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64, num_retries=0)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="closed", ledger=redis_server.url)
+    with guard, dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="before")
+        redis_server.kill()
+        sent = server.count
+        with pytest.raises(otel_dspy_cost.LedgerUnavailableError) as info:
+            dspy.Predict("question -> answer")(question="while down")
+    assert redis_server.url in str(info.value) and "fail_open" in str(info.value)
+    assert server.count == sent  # no provider call without accounting
+    redis_server.start()
+    with guard, dspy.context(lm=lm):  # not sticky: once the ledger is back, calls go on
+        dspy.Predict("question -> answer")(question="after")
+    assert guard.call_count == 2
+
+
+def test_redis_killed_fail_open_counts_locally_and_replays(otel, redis_server, server, caplog):
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64, num_retries=0)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="open", ledger=redis_server.url, on_unavailable="fail_open")
+    with guard, dspy.context(lm=lm):
+        for i in range(2):
+            dspy.Predict("question -> answer")(question=f"before {i}")
+        redis_server.kill()
+        for i in range(3):
+            dspy.Predict("question -> answer")(question=f"while down {i}")
+        assert "unreachable" in caplog.text
+        redis_server.start()
+        dspy.Predict("question -> answer")(question="after")
+    fresh = ledger_from_url(redis_server.url)
+    account = fresh.key("open")
+    fresh.open(account, Limits(1.0, None, {}, False))
+    state = fresh.inner.state(account)
+    assert state.calls == 6 == server.count  # nothing lost, nothing counted twice
+    assert state.spent_usd == pytest.approx(guard.spent_usd)
+
+
+def test_rolling_window_rolls_over_with_an_injected_clock(tmp_path):
+    now = [1_700_000_000.0]
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'w.db'}", clock=lambda: now[0])
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="hourly", ledger=ledger, window="1h")
+    account = guard.account
+    res = ledger.reserve([account], 0.9, "infer")
+    ledger.settle(res, 0.9, 0.9)
+    now[0] += 59 * 60
+    assert guard.spent_usd == pytest.approx(0.9)
+    assert isinstance(ledger.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
+    now[0] += 2 * 60  # 61 minutes after the spend: it no longer counts
+    assert guard.spent_usd == 0
+    assert not isinstance(ledger.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
+    start, end = guard.window_bounds()
+    assert end - start == dt.timedelta(hours=1)
+
+
+def test_calendar_day_window_follows_the_time_zone(tmp_path):
+    berlin = dt.timezone(dt.timedelta(hours=1))  # 2026-01-15 is winter time in Europe/Berlin
+    now = [dt.datetime(2026, 1, 15, 23, 30, tzinfo=berlin).timestamp()]
+    ledger = ledger_from_url(f"sqlite:///{tmp_path / 'c.db'}", clock=lambda: now[0])
+    guard = otel_dspy_cost.budget(limit_usd=5.0, label="daily", ledger=ledger, window="day", tz="Europe/Berlin")
+    ledger.settle(ledger.reserve([guard.account], 3.0, "train"), 3.0, 3.0)
+    start, end = guard.window_bounds()
+    assert start == dt.datetime(2026, 1, 14, 23, 0, tzinfo=dt.UTC) and end - start == dt.timedelta(days=1)
+    now[0] += 20 * 60  # 23:50 local: same day
+    assert guard.spent_usd == 3.0 and guard.spent_by_phase() == {"train": 3.0}
+    now[0] += 20 * 60  # 00:10 local, next day: a fresh budget
+    assert guard.spent_usd == 0
+
+
+def test_labels_are_namespaced_and_amounts_exact(redis_server):
+    a = otel_dspy_cost.budget(limit_usd=1.0, label="project-a", ledger=redis_server.url)
+    b = otel_dspy_cost.budget(limit_usd=1.0, label="project-b", ledger=redis_server.url)
+    for _ in range(1000):
+        a.ledger.settle(a.ledger.reserve([a.account], 0.0000001, "infer"), 0.0000001, 0.0000001)
+    assert a.spent_usd == 0.0001 and b.spent_usd == 0  # integer nano-dollars: no float drift
+    keys = {k.decode() for k in a.ledger.inner.client.keys("*")}
+    assert keys and all(k.startswith("otel-dspy-cost:{project-a}") for k in keys)
+
+
+def test_budget_cli_status_and_reset(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    guard = otel_dspy_cost.budget(limit_usd=2.0, label="nightly", ledger=url)
+    guard.ledger.settle(guard.ledger.reserve([guard.account], 0.5, "train"), 0.5, 0.5)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "budget", *args], capture_output=True,
+                              text=True, timeout=60, env={**os.environ})
+
+    status = json.loads(cli("status", url, "nightly", "--limit", "2", "--window", "1d").stdout)
+    assert status["spent_usd"] == 0.5 and status["remaining_usd"] == 1.5 and "start" in status["window"]
+    assert cli("reset", url, "nightly").returncode == 0
+    assert json.loads(cli("status", url, "nightly").stdout)["spent_usd"] == 0
+    bad = cli("status", "ftp://nowhere", "x")
+    assert bad.returncode == 2 and "sqlite:///" in bad.stderr
