@@ -495,7 +495,7 @@ def _hook_new_subclasses(base: type, names: dict[str, Callable[..., Any]]) -> No
     _patches.applied.append((base, "__init_subclass__", original))
 
 
-def apply() -> None:
+def apply(*, adapter_spans: bool = True) -> None:
     import dspy
     from dspy.adapters.base import Adapter
     from dspy.clients.base_lm import BaseLM
@@ -510,8 +510,9 @@ def apply() -> None:
     _wrap_subclass_methods(BaseLM, {"__call__": _LM_SPAN, "acall": _LM_SPAN,
                                     "_process_lm_response": _capture_process_response,
                                     "_finalize_lm_response": _capture_finalize_lm_response})
-    _wrap_subclass_methods(Adapter, _adapter_wrappers)
-    _hook_new_subclasses(Adapter, _adapter_wrappers)
+    if adapter_spans:  # two of the four spans of a Predict call; instrument(adapter_spans=False) drops them
+        _wrap_subclass_methods(Adapter, _adapter_wrappers)
+        _hook_new_subclasses(Adapter, _adapter_wrappers)
     tool_span = _simple_span("tool", lambda i, a, k: f"execute_tool {getattr(i, 'name', type(i).__name__)}",
                              _tool_attrs)
     _patches.wrap(dspy.Tool, "__call__", tool_span)

@@ -439,3 +439,26 @@ def test_spans_export_as_json(otel, lm):
         dspy.ChainOfThought("question -> answer")(question="json?")
     for s in exporter.get_finished_spans():
         json.loads(s.to_json())
+
+
+def test_lean_mode_drops_only_the_adapter_spans(server):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", adapter_spans=False)
+    try:
+        lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64)
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="lean?")
+        spans = exporter.get_finished_spans()
+        assert [s.attributes[A.SPAN_KIND] for s in spans] == ["lm", "predictor"]
+        lm_span, predictor = spans
+        assert lm_span.parent.span_id == predictor.context.span_id and lm_span.attributes[A.COST_USD] > 0
+        assert predictor.attributes[A.TOTAL_USD] == lm_span.attributes[A.COST_USD]
+    finally:
+        otel_dspy_cost.uninstrument()
