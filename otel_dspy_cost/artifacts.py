@@ -227,7 +227,8 @@ class Run:
 
 @contextmanager
 def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate: Any = None,
-               tracer_provider: Any = None, max_bytes: int = 50 * 2**20) -> Iterator[Run]:
+               tracer_provider: Any = None, max_bytes: int = 50 * 2**20,
+               drain_timeout_s: float = 10.0) -> Iterator[Run]:
     """Write `costs.jsonl` during the block and `summary.json` at its end (also when a budget stops it)."""
     provider = tracer_provider or trace.get_tracer_provider()
     directory = Path(run_dir)
@@ -248,6 +249,13 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
         cancelled = "budget_exceeded" if isinstance(exc, BudgetExceededError) else type(exc).__name__
         raise
     finally:
+        from . import _runtime
+
+        rt = _runtime.active()
+        if rt is not None and rt.processor is not None:
+            # Calls already sent from DSPy's worker threads when a stop unwound this block still cost money:
+            # let them finish so they are in the log and the summary.
+            rt.processor.wait_for_calls(drain_timeout_s)
         processor.force_flush()
         _detach(provider, processor)
         try:

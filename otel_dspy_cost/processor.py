@@ -115,6 +115,21 @@ class BudgetSpanProcessor(SpanProcessor):
         with self._lock:
             self._live.clear()
 
+    def wait_for_calls(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no LM call holds a reservation (e.g. calls still in flight in DSPy's worker
+        threads when a budget stop unwound the caller); False if some were still running at the timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                busy = any(n.is_lm and n.reservation for n in self._live.values())
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
 
