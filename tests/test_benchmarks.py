@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("memory.py", ["--calls", "300"], "attributable to instrumentation"),
     ("budget_contention.py", ["--calls-per-thread", "10"], "overshoot"),
     ("pricing_lookup.py", ["--n", "200"], "lookup, cached"),
+    ("span_cost.py", ["--spans", "200"], "BudgetSpanProcessor"),
 ])
 def test_benchmark_runs(script, args, expect):
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
