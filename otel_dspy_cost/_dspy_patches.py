@@ -349,9 +349,9 @@ def _patch_optimizer_internals(optimizer: Any) -> None:
 
 
 _OPTIMIZER_HOOKS = {
-    "MIPROv2": {"_bootstrap_fewshot_examples": _optimizers.stage("bootstrap", "teacher"),
-                "_propose_instructions": _optimizers.stage("propose_instructions", "prompt_model")},
-    "BootstrapFewShot": {"_bootstrap_one_example": _optimizers.bootstrap_attempt},
+    "MIPROv2": {"_bootstrap_fewshot_examples": _around(*_optimizers.stage_hooks("bootstrap", "teacher")),
+                "_propose_instructions": _around(*_optimizers.stage_hooks("propose_instructions", "prompt_model"))},
+    "BootstrapFewShot": {"_bootstrap_one_example": _around(*_optimizers.BOOTSTRAP_ATTEMPT)},
 }
 
 

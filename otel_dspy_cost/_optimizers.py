@@ -202,62 +202,57 @@ def _end_trial(span: Any, token: Any, ctx: tuple, trial: Any, value: Any, exc: B
 
 # -- stages (MIPROv2) and bootstrap attempts (BootstrapFewShot) ------------------------------------------------
 
-def stage(name: str, role: str | None):
-    """A wrapper making one span for an optimizer stage, with an LM role for the calls inside."""
-    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        rt = _runtime.active()
-        if rt is None:
-            return wrapped(*args, **kwargs)
-        try:
-            span, token = start(rt.tracer, f"stage {name}", {
-                A.SPAN_KIND: "stage", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
-                A.OPTIMIZER_NAME: type(instance).__name__, A.OPTIMIZER_STAGE: name})
-            state = _context.current()
-            ctx = _context.var().set(dataclasses.replace(state, lm_role=role or state.lm_role))
-        except Exception:
-            internal_error("stage span start")
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _context.var().reset(ctx)
-            finish(span, token, exc)
-            raise
-        _context.var().reset(ctx)
-        finish(span, token, None)
-        return result
+# Begin/end pairs for `_dspy_patches._around`, which makes the sync and async wrappers.
 
-    return wrapper
-
-
-def bootstrap_attempt(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+def _open_role_span(name: str, attrs: dict[str, Any], role: str | None) -> tuple[Any, Any, Any] | None:
     rt = _runtime.active()
     if rt is None:
-        return wrapped(*args, **kwargs)
+        return None
+    span, token = start(rt.tracer, name, {A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train", **attrs})
+    state = _context.current()
+    return span, token, _context.var().set(dataclasses.replace(state, lm_role=role or state.lm_role))
+
+
+def _close_role_span(state: tuple[Any, Any, Any], result: Any, exc: BaseException | None) -> None:
+    span, token, ctx = state
+    _context.var().reset(ctx)
+    finish(span, token, exc)
+
+
+def stage_hooks(name: str, role: str | None):
+    """One span for an optimizer stage; the LM calls inside carry `role`."""
+    def begin(instance: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return _open_role_span(f"stage {name}", {A.SPAN_KIND: "stage", A.OPTIMIZER_STAGE: name,
+                                                      A.OPTIMIZER_NAME: type(instance).__name__}, role)
+        except Exception:
+            internal_error("stage span start")
+            return None
+
+    return begin, _close_role_span
+
+
+def _bootstrap_begin(instance: Any, args: tuple, kwargs: dict) -> Any:
     try:
         example = kwargs.get("example", args[0] if args else None)
         round_idx = kwargs.get("round_idx", args[1] if len(args) > 1 else 0)
         trainset = getattr(instance, "trainset", None) or []
         index = next((i for i, e in enumerate(trainset) if e is example), -1)
-        span, token = start(rt.tracer, "bootstrap example", {
-            A.SPAN_KIND: "bootstrap", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
-            A.OPTIMIZER_NAME: type(instance).__name__, A.OPTIMIZER_ROUND: int(round_idx),
-            A.OPTIMIZER_EXAMPLE: index})
-        state = _context.current()
-        ctx = _context.var().set(dataclasses.replace(state, lm_role="teacher"))
+        return _open_role_span("bootstrap example", {
+            A.SPAN_KIND: "bootstrap", A.OPTIMIZER_NAME: type(instance).__name__, A.OPTIMIZER_ROUND: int(round_idx),
+            A.OPTIMIZER_EXAMPLE: index}, "teacher")
     except Exception:
         internal_error("bootstrap span start")
-        return wrapped(*args, **kwargs)
-    try:
-        result = wrapped(*args, **kwargs)
-    except BaseException as exc:
-        _context.var().reset(ctx)
-        finish(span, token, exc)
-        raise
-    _context.var().reset(ctx)
-    span.set_attribute(A.OPTIMIZER_SUCCESS, bool(result))
-    finish(span, token, None)
-    return result
+        return None
+
+
+def _bootstrap_end(state: tuple[Any, Any, Any], result: Any, exc: BaseException | None) -> None:
+    if exc is None:
+        state[0].set_attribute(A.OPTIMIZER_SUCCESS, bool(result))
+    _close_role_span(state, result, exc)
+
+
+BOOTSTRAP_ATTEMPT = (_bootstrap_begin, _bootstrap_end)
 
 
 # -- GEPA -----------------------------------------------------------------------------------------------------
