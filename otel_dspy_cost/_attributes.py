@@ -18,6 +18,7 @@ EVAL_SIZE = "dspy.evaluate.dataset_size"
 EVAL_THREADS = "dspy.evaluate.num_threads"
 EVAL_SCORE = "dspy.evaluate.score"
 EVAL_METRIC = "dspy.evaluate.metric"
+EVAL_ERRORS = "dspy.evaluate.errors"
 LM_ROLE = "dspy.lm.role"  # teacher|student|prompt_model|task_model|reflection
 
 # --- optimizer runs (trial, stage and bootstrap spans; evaluate spans inside a compile) ---------------------

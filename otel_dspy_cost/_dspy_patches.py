@@ -29,6 +29,9 @@ logger = logging.getLogger("otel_dspy_cost")
 
 _IN_ADAPTER_OP: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_dspy_cost_adapter_op", default=False)
 _IN_COMPILE: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("otel_dspy_cost_compile", default=())
+# Per Evaluate call: [examples whose program call raised] (Evaluate scores them as failures and goes on).
+_EVAL_ERRORS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("otel_dspy_cost_eval_errors",
+                                                                               default=None)
 
 
 class _OurWrapper(wrapt.FunctionWrapper):
@@ -192,15 +195,19 @@ def _module_begin(instance, args, kwargs):
         attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
                  A.PHASE: _context.current().phase, A.INSTRUMENTATION: "otel-dspy-cost"}
         span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
-        return span, token, CURRENT_MODULE.set((instance, path))
+        return span, token, CURRENT_MODULE.set((instance, path)), "." not in path
     except Exception:
         internal_error("module span start")
         return None
 
 
 def _module_end(state, result, exc):
-    span, token, mod_token = state
+    span, token, mod_token, top_level = state
     CURRENT_MODULE.reset(mod_token)
+    if exc is not None and top_level and isinstance(exc, Exception):
+        errors = _EVAL_ERRORS.get()
+        if errors is not None:
+            errors[0] += 1
     finish(span, token, exc)
 
 
@@ -302,15 +309,19 @@ def _evaluate_begin(instance, args, kwargs):
         span, token = start(rt.tracer, f"evaluate {type(program).__name__}", attrs)
         metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
         trial_token = _optimizers.evaluate_begin(span, kwargs, len(devset))
+        errors = [0]
         # The program called by Evaluate starts a fresh module path.
-        return span, token, CURRENT_MODULE.set(None), trial_token, program, metric_key
+        return (span, token, CURRENT_MODULE.set(None), trial_token, program, metric_key, errors,
+                _EVAL_ERRORS.set(errors))
     except Exception:
         internal_error("evaluate span start")
         return None
 
 
 def _evaluate_end(state, result, exc):
-    span, token, mod_token, trial_token, program, metric_key = state
+    span, token, mod_token, trial_token, program, metric_key, errors, errors_token = state
+    _EVAL_ERRORS.reset(errors_token)
+    span.set_attribute(A.EVAL_ERRORS, errors[0])
     CURRENT_MODULE.reset(mod_token)
     score = None
     if exc is None:
@@ -401,8 +412,8 @@ def _parallel_execute(wrapped, instance, args, kwargs):
         function = kwargs.pop("function") if "function" in kwargs else args[0]
         rest = args[1:] if args and args[0] is function else args
         otel_ctx = otel_context.get_current()
-        carried = [(var, var.get()) for var in (_context.var(), CURRENT_MODULE, _IN_COMPILE, _optimizers.COMPILE_RUN,
-                                                _optimizers.TRIAL_SPAN)]
+        carried = [(var, var.get()) for var in (_context.var(), CURRENT_MODULE, _IN_COMPILE, _EVAL_ERRORS,
+                                                _optimizers.COMPILE_RUN, _optimizers.TRIAL_SPAN)]
 
         def in_context(item):
             token = otel_context.attach(otel_ctx)

@@ -196,6 +196,10 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, tri
                              "status": budget.status, "within_budget": budget.status != "exceeded",
                              "exceeded_threshold": budget.status in ("warned", "exceeded"),
                              "cancelled_reason": cancelled_reason}
+        bounds = budget.window_bounds() if hasattr(budget, "window_bounds") else None
+        if bounds is not None:
+            summary["budget"]["window"] = {"kind": budget.window.describe(), "start": bounds[0].isoformat(),
+                                           "end": bounds[1].isoformat()}
     if estimate is not None:
         summary["estimate"] = dataclasses.asdict(estimate) if dataclasses.is_dataclass(estimate) else dict(estimate)
     return summary

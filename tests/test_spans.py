@@ -462,3 +462,25 @@ def test_lean_mode_drops_only_the_adapter_spans(server):
         assert predictor.attributes[A.TOTAL_USD] == lm_span.attributes[A.COST_USD]
     finally:
         otel_dspy_cost.uninstrument()
+
+
+def test_evaluate_counts_examples_that_raised(otel, lm):
+    exporter, _ = otel
+
+    class Flaky(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.answer = dspy.Predict("question -> answer")
+
+        def forward(self, question):
+            if question.endswith("3") or question.endswith("7"):
+                raise ValueError("flaky example")
+            return self.answer(question=question)
+
+    devset = [dspy.Example(question=f"q{i}", answer="a").with_inputs("question") for i in range(10)]
+    with dspy.context(lm=lm):
+        dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: 1.0, num_threads=4, display_progress=False,
+                      max_errors=100)(Flaky())
+    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "evaluate"]
+    assert span.attributes[A.EVAL_ERRORS] == 2 and span.attributes[A.EVAL_SIZE] == 10
+    assert span.attributes["dspy.evaluate.metric"] == "<lambda>"
