@@ -124,6 +124,7 @@ class Budget:
         self._tokens: dict[tuple[int, int], list[Any]] = {}
         self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
         self.max_reserved_usd = 0.0  # the largest worst case reserved for one call under this budget
+        self._first_stop: str | None = None  # what the first refusal said; later (sticky) refusals repeat it
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
                                               window=self.window))
 
@@ -231,7 +232,8 @@ class Budget:
                          f"${requested_usd:.6f} for this call would pass the ${refusal.limit:.6f} limit",
             "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
                          f"max_calls={int(refusal.limit)}",
-            "tripped": f"the budget already stopped this run ({first_reason}); no further provider calls are made",
+            "tripped": f"the budget already stopped this run; no further provider calls are made. First stop: "
+                       f"{self._first_stop or first_reason}",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
         hints = {
@@ -243,6 +245,8 @@ class Budget:
         # A sticky stop refuses whatever is asked: what the call would have reserved explains nothing.
         hint = "" if refusal.reason == "tripped" else hints.get(term or "", "")
         cls = ScopeExhaustedError if self.is_scope else BudgetExceededError
+        if refusal.reason != "tripped" and self._first_stop is None:
+            self._first_stop = f"{what}.{hint}"
         err = cls(f"Budget {self.label!r} stopped a call to {model}: {what}.{hint}", label=self.label,
                   spent_usd=self.spent_usd, limit=refusal.limit, reason=refusal.reason,
                   requested_usd=requested_usd, term=term)
