@@ -91,6 +91,21 @@ class LedgerUnavailable(ConnectionError):
 
 # -- SQLite ---------------------------------------------------------------------------------------------
 
+def _sqlite_errors_as_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A locked, unreadable or vanished database is an unavailable ledger: the failure policy applies
+    (instead of the processor logging it as our bug and letting the call through unbudgeted)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self: SqliteLedger, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"{self.url}: {exc}") from exc
+
+    return wrapper
+
+
 class SqliteLedger:
     """One machine: processes share a budget through one SQLite file; spend survives restarts.
 
@@ -101,8 +116,9 @@ class SqliteLedger:
     shared = True
 
     def __init__(self, path: str, *, namespace: str = "", reservation_timeout_s: float = 600.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0):
         self.url = f"sqlite:///{path}"
+        self.busy_timeout_s = busy_timeout_s
         self.path = path
         self.namespace = namespace
         self.timeout = reservation_timeout_s
@@ -129,7 +145,7 @@ class SqliteLedger:
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         if self.path != ":memory:":
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -184,6 +200,7 @@ class SqliteLedger:
         return {"spent": spent, "econ": econ, "calls": calls, "reserved": reserved, "rcalls": rcalls,
                 "phases": phases, "rphases": rphases}
 
+    @_sqlite_errors_as_unavailable
     def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
         amount = to_nano(amount_usd)
         now = self.clock()
@@ -210,6 +227,7 @@ class SqliteLedger:
                            [(rid, name, amount, phase, now + self.timeout, str(os.getpid())) for name in accounts])
         return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid)
 
+    @_sqlite_errors_as_unavailable
     def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
         if reservation.settled:
             return
@@ -221,6 +239,7 @@ class SqliteLedger:
                            [(reservation.reservation_id, name, now, to_nano(actual_usd), to_nano(economic_usd),
                              reservation.phase) for name in reservation.accounts])
 
+    @_sqlite_errors_as_unavailable
     def release(self, reservation: Reservation) -> None:
         if reservation.settled:
             return
@@ -231,6 +250,7 @@ class SqliteLedger:
     def trip(self, account: str, reason: str) -> None:
         self._tripped.setdefault(account, reason)
 
+    @_sqlite_errors_as_unavailable
     def state(self, account: str) -> AccountState:
         db = self._db() if self._memory_lock is None else None
         if db is None:
@@ -242,12 +262,14 @@ class SqliteLedger:
                             {k: v / NANO for k, v in t["phases"].items()},
                             {k: v / NANO for k, v in t["rphases"].items()}, self._tripped.get(account))
 
+    @_sqlite_errors_as_unavailable
     def reset(self, account: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM spend WHERE account=?", (account,))
             db.execute("DELETE FROM reservations WHERE account=?", (account,))
         self._tripped.pop(account, None)
 
+    @_sqlite_errors_as_unavailable
     def record(self, call_id: str, accounts: Sequence[str], phase: str, actual_usd: float, economic_usd: float,
                ts: float) -> None:
         """Replay one call counted elsewhere (fail-open spend), idempotently."""
@@ -549,13 +571,15 @@ class GuardedLedger:
 
 
 def ledger_from_url(url: str, *, on_unavailable: str = "fail_closed", reservation_timeout_s: float = 600.0,
-                    namespace: str | None = None, clock: Callable[[], float] = time.time) -> GuardedLedger:
+                    namespace: str | None = None, clock: Callable[[], float] = time.time,
+                    busy_timeout_s: float = 30.0) -> GuardedLedger:
     """`sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`, `redis://host:port/db`."""
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         path = path[1:] if path.startswith("/") and not path.startswith("//") and path[1:2] == "/" else path
         inner: Any = SqliteLedger(path or ":memory:", namespace=namespace or "",
-                                  reservation_timeout_s=reservation_timeout_s, clock=clock)
+                                  reservation_timeout_s=reservation_timeout_s, clock=clock,
+                                  busy_timeout_s=busy_timeout_s)
     elif url.startswith(("redis://", "rediss://", "unix://")):
         inner = RedisLedger(url, namespace=namespace if namespace is not None else "otel-dspy-cost:",
                             reservation_timeout_s=reservation_timeout_s, clock=clock)

@@ -202,3 +202,25 @@ def test_budget_cli_status_and_reset(tmp_path):
     assert json.loads(cli("status", url, "nightly").stdout)["spent_usd"] == 0
     bad = cli("status", "ftp://nowhere", "x")
     assert bad.returncode == 2 and "sqlite:///" in bad.stderr
+
+
+def test_a_locked_sqlite_ledger_is_unavailable_not_ignored(otel, server, tmp_path):
+    """Another process holding the database's write lock past the busy timeout: the policy applies."""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    ledger = ledger_from_url(f"sqlite:///{path}", busy_timeout_s=0.2)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="locked", ledger=ledger)
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64, num_retries=0)
+    try:
+        with pytest.raises(otel_dspy_cost.LedgerUnavailableError) as info, guard, dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="locked?")
+        assert "locked.db" in str(info.value) and server.count == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with guard, dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="unlocked")
+    assert guard.call_count == 1 == server.count
