@@ -305,8 +305,10 @@ for i = 1, n do
   if enforce == '1' then
     local ids = redis.call('ZRANGEBYSCORE', p .. ':ts', start, '+inf')
     local spent, calls, pspent = 0, #ids, 0
-    if #ids > 0 then
-      local vals = redis.call('HMGET', p .. ':amt', unpack(ids))
+    for s = 1, #ids, 1000 do  -- in chunks: unpack() has a stack limit of a few thousand values
+      local chunk = {}
+      for k = s, math.min(s + 999, #ids) do chunk[#chunk + 1] = ids[k] end
+      local vals = redis.call('HMGET', p .. ':amt', unpack(chunk))
       for j = 1, #vals do
         local nano, ph = string.match(vals[j] or '0||0', '(%d+)|[^|]*|([^|]*)')
         spent = spent + tonumber(nano)
@@ -360,7 +362,7 @@ class RedisLedger:
 
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.RedisError, OSError) as exc:  # any failure: the policy applies, never silently unbudgeted
             raise LedgerUnavailable(f"{self.url}: {exc}") from exc
 
     def key(self, label: str) -> str:

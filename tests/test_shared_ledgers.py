@@ -224,3 +224,19 @@ def test_a_locked_sqlite_ledger_is_unavailable_not_ignored(otel, server, tmp_pat
     with guard, dspy.context(lm=lm):
         dspy.Predict("question -> answer")(question="unlocked")
     assert guard.call_count == 1 == server.count
+
+
+def test_redis_window_with_more_calls_than_lua_can_unpack(redis_server):
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="many", ledger=redis_server.url, window="1d")
+    inner = guard.ledger.inner
+    pipe = inner.client.pipeline()
+    now = time.time()
+    for i in range(12000):  # settled calls written directly: the reserve script must sum all of them
+        pipe.hsetnx(f"{guard.account}:amt", f"c{i}", "50|50|infer")
+        pipe.zadd(f"{guard.account}:ts", {f"c{i}": now})
+    pipe.execute()
+    assert guard.spent_usd == pytest.approx(12000 * 50 / 1e9)
+    res = guard.ledger.reserve([guard.account], 0.001, "infer")
+    assert not isinstance(res, otel_dspy_cost._ledger.Refusal)
+    refused = guard.ledger.reserve([guard.account], 1.0, "infer")
+    assert isinstance(refused, otel_dspy_cost._ledger.Refusal) and refused.spent_usd == pytest.approx(0.0006)
