@@ -6,6 +6,7 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   baseline       uninstrumented DSPy
   otel-dspy-cost instrument(): spans + cost + budget (an active budget) + metrics, BatchSpanProcessor
   ours, lean     the same with instrument(adapter_spans=False): 2 spans per Predict call instead of 4
+  ours, no metrics  the same without a MeterProvider (the metrics API stays a no-op)
   openinference  openinference-instrumentation-dspy (if installed)
   genai-dspy     the official opentelemetry-instrumentation-genai-dspy (if installed; LM/tool/agent spans, no cost)
 Each on one Predict and on a four-module program, against an in-process LM (no HTTP).
@@ -32,12 +33,12 @@ class Variant:
         self.name, self.on, self.off = name, on, off
 
 
-def _ours(name="otel-dspy-cost", **options):
+def _ours(name="otel-dspy-cost", metrics=True, **options):
     state = {}
 
     def on():
-        otel_dspy_cost.instrument(tracer_provider=batch_provider(),
-                                  meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
+        meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if metrics else None
+        otel_dspy_cost.instrument(tracer_provider=batch_provider(), meter_provider=meter_provider,
                                   unknown_model="warn", **options)
         state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
 
@@ -63,7 +64,7 @@ def _from_instrumentor(name, factory):
 
 def variants() -> list[Variant]:
     out = [Variant("baseline", lambda: None, lambda: None), _ours(),
-           _ours("ours, lean", adapter_spans=False)]
+           _ours("ours, lean", adapter_spans=False), _ours("ours, no metrics", metrics=False)]
     try:
         from openinference.instrumentation.dspy import DSPyInstrumentor as OpenInference
 
@@ -103,12 +104,12 @@ def main() -> None:
     for pname in programs:
         base = median(results[(pname, "baseline")])
         print(f"\n{pname}: baseline {base * 1e6:,.0f} us/call")
-        print(f"  {'variant':16s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
+        print(f"  {'variant':18s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
         added = {}
         for v in vs:
             t = median(results[(pname, v.name)])
             added[v.name] = t - base
-            print(f"  {v.name:16s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
+            print(f"  {v.name:18s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
         for other in ("openinference", "genai-dspy"):
             if other in added and added[other] > 0:
                 for ours in ("otel-dspy-cost", "ours, lean"):

@@ -97,11 +97,15 @@ def _demo(args: argparse.Namespace) -> int:
     optimizer = dspy.BootstrapFewShotWithRandomSearch(metric=lambda e, p, t=None: True, max_bootstrapped_demos=1,
                                                       max_labeled_demos=0, num_candidate_programs=1, num_threads=2)
     program = _demo_program()
+    stages = []
     for stage, opt, sizes in (("compile (RandomSearch)", optimizer, {"trainset_size": len(trainset)}),
                               ("evaluate", None, {"devset_size": len(devset)})):
         est = estimate(program, model=model, optimizer=opt, max_tokens=400, input_chars=60, budget_usd=args.budget,
                        **sizes)
+        stages.append(est)
         print(f"estimate, {stage}: {est.summary()}")
+    projected = stages[0] + stages[1]
+    print(f"estimate, whole run: {projected.summary()}")
     with contextlib.ExitStack() as stack:
         if real:
             lm = dspy.LM(model, cache=False, max_tokens=400)
@@ -111,7 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
             lm = dspy.LM(model, api_base=server.api_base, api_key="sim-no-key", cache=False, max_tokens=400)
             print(f"simulated provider on {server.api_base}, priced as {model}; budget ${args.budget:.4f}")
         guard = otel_dspy_cost.budget(limit_usd=args.budget, label="demo", warn_at=0.75)
-        run = stack.enter_context(otel_dspy_cost.record_run(args.out, budget=guard))
+        run = stack.enter_context(otel_dspy_cost.record_run(args.out, budget=guard, estimate=projected))
         try:
             with guard, dspy.context(lm=lm), _Progress(guard):
                 compiled = optimizer.compile(program, trainset=trainset)

@@ -41,6 +41,16 @@ class Estimate:
     stages: dict[str, dict[str, int]]
     assumptions: list[str]
 
+    def __add__(self, other: Estimate) -> Estimate:
+        """Two stages of one run (a compile, then an evaluation) as one projection."""
+        budget = self.budget_usd if self.budget_usd is not None else other.budget_usd
+        high = self.usd_high + other.usd_high
+        return Estimate(self.model, self.calls_low + other.calls_low, self.calls_high + other.calls_high,
+                        self.usd_low + other.usd_low, high, self.economic_usd_low + other.economic_usd_low,
+                        self.economic_usd_high + other.economic_usd_high, budget,
+                        budget is not None and high > budget, {**self.stages, **other.stages},
+                        self.assumptions + [a for a in other.assumptions if a not in self.assumptions])
+
     def summary(self) -> str:
         verdict = ""
         if self.budget_usd is not None:

@@ -189,3 +189,7 @@ def test_demo_runs_fast_and_matches_its_artifacts(tmp_path):
     assert summary["calls"] == requests == len(read_costs(tmp_path / "demo"))
     assert summary["budget"]["cancelled_reason"] == "budget_exceeded" and summary["total_cost_usd"] <= 0.012
     assert len(summary["trials"]) >= 2
+    estimate_ = summary["estimate"]
+    # The budget cut the run short, so the actual sits below the projection, which warned it might not fit.
+    assert summary["calls"] <= estimate_["calls_high"] and estimate_["exceeds_budget"] is True
+    assert "estimate, whole run" in text
