@@ -240,3 +240,14 @@ def test_redis_window_with_more_calls_than_lua_can_unpack(redis_server):
     assert not isinstance(res, otel_dspy_cost._ledger.Refusal)
     refused = guard.ledger.reserve([guard.account], 1.0, "infer")
     assert isinstance(refused, otel_dspy_cost._ledger.Refusal) and refused.spent_usd == pytest.approx(0.0006)
+
+
+def test_process_wide_default_ledger_from_the_environment(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'default.db'}"
+    monkeypatch.setenv("OTEL_DSPY_COST_LEDGER", url)
+    first = otel_dspy_cost.budget(limit_usd=1.0, label="from-env")
+    second = otel_dspy_cost.budget(limit_usd=1.0, label="from-env")  # e.g. another process: same account
+    first.ledger.settle(first.ledger.reserve([first.account], 0.3, "infer"), 0.3, 0.3)
+    assert first.ledger.url == url and second.spent_usd == pytest.approx(0.3)
+    monkeypatch.delenv("OTEL_DSPY_COST_LEDGER")
+    assert otel_dspy_cost.budget(limit_usd=1.0, label="from-env").spent_usd == 0  # in-process again
