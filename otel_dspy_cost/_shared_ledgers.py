@@ -575,10 +575,11 @@ class GuardedLedger:
 def ledger_from_url(url: str, *, on_unavailable: str = "fail_closed", reservation_timeout_s: float = 600.0,
                     namespace: str | None = None, clock: Callable[[], float] = time.time,
                     busy_timeout_s: float = 30.0) -> GuardedLedger:
-    """`sqlite:///abs/path.db`, `sqlite://rel/path.db`, `sqlite://:memory:`, `redis://host:port/db`."""
+    """`sqlite:///relative/path.db`, `sqlite:////absolute/path.db`, `sqlite://:memory:`, `redis://host:port/db`."""
     if url.startswith("sqlite://"):
+        # SQLAlchemy's convention: sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite://:memory:
         path = url[len("sqlite://"):]
-        path = path[1:] if path.startswith("/") and not path.startswith("//") and path[1:2] == "/" else path
+        path = path[1:] if path.startswith("/") else path
         inner: Any = SqliteLedger(path or ":memory:", namespace=namespace or "",
                                   reservation_timeout_s=reservation_timeout_s, clock=clock,
                                   busy_timeout_s=busy_timeout_s)
