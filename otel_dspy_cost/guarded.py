@@ -92,6 +92,8 @@ def guarded_compile(optimizer: Any, program: Any, *, budget: float | Budget, **c
                              run.best_score if run else getattr(compiled, "score", None),
                              run.best_trial if run else None, run.trials if run else 0, guard)
     except BudgetExceededError as stop:
+        if stop.label != guard.label:  # an enclosing budget stopped the run: that stop is not ours to absorb
+            raise
         run = _run_since(before)
         best = _best_program(run, optimizer, program)
         if best is None:
