@@ -178,7 +178,7 @@ def test_guarded_compile_does_not_absorb_an_enclosing_budgets_stop(otel, lm):
     optimizer = dspy.BootstrapFewShot(metric=lambda e, p, t=None: True, max_bootstrapped_demos=8,
                                       max_labeled_demos=0)
     with pytest.raises(otel_dspy_cost.BudgetExceededError) as info, dspy.context(lm=lm), \
-            otel_dspy_cost.budget(limit_usd=0.0008, label="daily"):
+            otel_dspy_cost.budget(limit_usd=0.0005, label="daily"):
         otel_dspy_cost.guarded_compile(optimizer, dspy.ChainOfThought("question -> answer"), budget=10.0,
                                        trainset=_data(8))
     assert info.value.label == "daily"
