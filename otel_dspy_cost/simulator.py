@@ -197,6 +197,8 @@ class SimulatorServer(ThreadingHTTPServer):
     """`with SimulatorServer() as s: dspy.LM("openai/gpt-4o-mini", api_base=s.api_base, api_key="x")`."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when 16 client threads connect at once.
+    request_queue_size = 256
 
     def __init__(self, sim: SimulatedLM | None = None, host: str = "127.0.0.1", port: int = 0):
         super().__init__((host, port), _Handler)
