@@ -10,8 +10,9 @@ while holding one leaks it only until then. Settling is idempotent per call id, 
 counted exactly once, even when its reservation already expired.
 
 When the shared ledger cannot be reached: `on_unavailable="fail_closed"` (default) refuses the provider
-call with an error naming the ledger; `"fail_open"` keeps accounting locally with a loud warning and
-replays that spend into the shared ledger once it answers again.
+call with an error naming the ledger; `"fail_open"` keeps accounting locally with a loud warning (the
+local ledger enforces what was left when the shared one was last read) and replays that spend into the
+shared ledger once it answers again.
 """
 
 from __future__ import annotations
@@ -472,6 +473,8 @@ class GuardedLedger:
         self._pending: list[tuple[str, tuple[str, ...], str, float, float, float]] = []
         self._lock = threading.Lock()
         self._down = False
+        self._limits: dict[str, Limits] = {}
+        self._last_seen: dict[str, AccountState] = {}  # the shared totals last read, per account
 
     def key(self, label: str) -> str:
         return self.inner.key(label)
@@ -479,10 +482,24 @@ class GuardedLedger:
     def open(self, account: str, limits: Limits) -> None:
         self.inner.open(account, limits)
         self.local.open(account, limits)
+        self._limits[account] = limits
 
     def _outage(self, exc: Exception) -> None:
         if not self._down:
             self._down = True
+            # Failing open, a fresh local ledger enforces what was left when the shared one was last read,
+            # so a process does not start from a full budget. (Other processes' spend meanwhile is unknown.)
+            self.local = InProcessLedger()
+            for account, lim in self._limits.items():
+                seen = self._last_seen.get(account)
+                if seen is None:
+                    self.local.open(account, lim)
+                    continue
+                left = None if lim.limit_usd is None else max(0.0, lim.limit_usd - seen.spent_usd)
+                calls = None if lim.max_calls is None else max(0, lim.max_calls - seen.calls)
+                phases = {k: max(0.0, v - seen.phase_spent.get(k, 0.0)) for k, v in lim.phase_limits.items()}
+                self.local.open(account, dataclasses.replace(lim, limit_usd=left, max_calls=calls,
+                                                             phase_limits=phases))
             logger.error("otel-dspy-cost: shared budget ledger %s is unreachable (%s); policy %s", self.url, exc,
                          self.policy)
 
@@ -554,8 +571,14 @@ class GuardedLedger:
                 self._replay()
             shared = self.inner.state(account)
         except LedgerUnavailable:
-            local = self.local.state(account)
-            return local  # best knowledge while the shared ledger is away
+            local = self.local.state(account)  # best knowledge while the shared ledger is away
+            seen = self._last_seen.get(account)
+            if seen is not None:
+                local.spent_usd += seen.spent_usd
+                local.economic_usd += seen.economic_usd
+                local.calls += seen.calls
+            return local
+        self._last_seen[account] = dataclasses.replace(shared, phase_spent=dict(shared.phase_spent))
         with self._lock:
             pending = [p for p in self._pending if account in p[1]]
         if pending:

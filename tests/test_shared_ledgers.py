@@ -251,3 +251,23 @@ def test_process_wide_default_ledger_from_the_environment(tmp_path, monkeypatch)
     assert first.ledger.url == url and second.spent_usd == pytest.approx(0.3)
     monkeypatch.delenv("OTEL_DSPY_COST_LEDGER")
     assert otel_dspy_cost.budget(limit_usd=1.0, label="from-env").spent_usd == 0  # in-process again
+
+
+def test_fail_open_enforces_what_was_left_when_the_ledger_went_away(otel, redis_server, server):
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=32, num_retries=0)
+    guard = otel_dspy_cost.budget(limit_usd=0.001, label="left", ledger=redis_server.url, on_unavailable="fail_open")
+    with guard, dspy.context(lm=lm):
+        for i in range(4):
+            dspy.Predict("question -> answer")(question=f"before {i}")
+    spent_before = guard.spent_usd  # read from Redis: the last shared totals this process saw
+    redis_server.kill()
+    with pytest.raises(otel_dspy_cost.BudgetExceededError), guard, dspy.context(lm=lm):
+        for i in range(100):
+            dspy.Predict("question -> answer")(question=f"while down {i}")
+    assert spent_before < guard.spent_usd <= 0.001  # the local ledger started from what was left
+    redis_server.start()
+    fresh = ledger_from_url(redis_server.url)
+    account = fresh.key("left")
+    fresh.open(account, Limits(0.001, None, {}, False))
+    guard.ledger.flush()
+    assert fresh.inner.state(account).calls == server.count and fresh.inner.state(account).spent_usd <= 0.001
