@@ -5,9 +5,10 @@
     with otel_dspy_cost.budget(limit_usd=5.0, label="compile") as b:
         optimizer.compile(program, trainset=train)
 
-Data flow: DSPy call points (wrappers, `_dspy_patches`) -> spans with GenAI usage and cost
-(`_lm_span`, `pricing`) -> `BudgetSpanProcessor` (reservations, roll-ups, spend report) ->
-the tracer provider's exporters. See docs/architecture.md.
+Data flow: DSPy call points (wrappers, `_dspy_patches`; optimizer trials, `_optimizers`) -> spans
+with GenAI usage and cost (`_lm_span`, `pricing`) -> `BudgetSpanProcessor` (reservations in a ledger,
+`_ledger` / `_shared_ledgers`; roll-ups; spend report; metrics, `_metrics`) -> the tracer provider's
+exporters (and `artifacts.record_run`'s cost log). See docs/architecture.md.
 """
 
 import os as _os
