@@ -17,6 +17,7 @@ shared ledger once it answers again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._ledger import AccountState, InProcessLedger, Limits, Refusal, Reservation
@@ -90,6 +91,30 @@ class LedgerUnavailable(ConnectionError):
     """The shared ledger could not be reached."""
 
 
+class _SharedAccounts:
+    """What both shared ledgers keep in this process: each account's limits (they come from this
+    process's `budget()` call) and its sticky stop (a stop ends this process's run, not the fleet's)."""
+
+    shared = True
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self._limits: dict[str, Limits] = {}
+        self._tripped: dict[str, str] = {}
+
+    def open(self, account: str, limits: Limits) -> None:
+        self._limits[account] = limits
+
+    def trip(self, account: str, reason: str) -> None:
+        self._tripped.setdefault(account, reason)
+
+    def _window_start(self, account: str, now: float) -> float:
+        """Spend before this time (epoch seconds) no longer counts; 0 without a window."""
+        limits = self._limits.get(account)
+        window = limits.window if limits is not None else None
+        return window.bounds(now)[0] if window is not None else 0.0
+
+
 # -- SQLite ---------------------------------------------------------------------------------------------
 
 def _sqlite_errors_as_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,31 +132,28 @@ def _sqlite_errors_as_unavailable(method: Callable[..., Any]) -> Callable[..., A
     return wrapper
 
 
-class SqliteLedger:
+class SqliteLedger(_SharedAccounts):
     """One machine: processes share a budget through one SQLite file; spend survives restarts.
 
     Each reserve/settle is one `BEGIN IMMEDIATE` transaction (SQLite's write lock), so the check
     and the hold are atomic across processes. WAL mode keeps readers from blocking writers.
     """
 
-    shared = True
-
     def __init__(self, path: str, *, namespace: str = "", reservation_timeout_s: float = 600.0,
                  clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0):
+        super().__init__(clock)
         self.url = f"sqlite:///{path}"
         self.busy_timeout_s = busy_timeout_s
         self.path = path
         self.namespace = namespace
         self.timeout = reservation_timeout_s
-        self.clock = clock
-        self._limits: dict[str, Limits] = {}
-        self._tripped: dict[str, str] = {}
         self._local = threading.local()
-        self._memory_lock = threading.Lock() if path == ":memory:" else None
-        self._shared_conn = self._connect() if path == ":memory:" else None
-        if self._memory_lock is not None:
-            self._memory_lock.acquire()
-        try:  # executescript commits by itself: not inside _tx()
+        # An in-memory database is one connection shared by every thread, so its use is serialised;
+        # a file gets a connection per thread and SQLite's own locking.
+        memory = path == ":memory:"
+        self._serial: Any = threading.Lock() if memory else contextlib.nullcontext()
+        self._shared_conn = self._connect() if memory else None
+        with self._serial:  # executescript commits by itself: not inside _tx()
             self._db().executescript("""
                 CREATE TABLE IF NOT EXISTS spend (call_id TEXT, account TEXT, ts REAL, nano INTEGER,
                     econ_nano INTEGER, phase TEXT, PRIMARY KEY (call_id, account));
@@ -139,9 +161,6 @@ class SqliteLedger:
                 CREATE TABLE IF NOT EXISTS reservations (id TEXT, account TEXT, nano INTEGER, phase TEXT,
                     expires REAL, owner TEXT, PRIMARY KEY (id, account));
             """)
-        finally:
-            if self._memory_lock is not None:
-                self._memory_lock.release()
 
     def _connect(self) -> sqlite3.Connection:
         if self.path != ":memory:":
@@ -160,36 +179,23 @@ class SqliteLedger:
             db = self._local.db = self._connect()
         return db
 
-    class _Tx:
-        def __init__(self, ledger: SqliteLedger):
-            self.ledger = ledger
-
-        def __enter__(self) -> sqlite3.Connection:
-            if self.ledger._memory_lock is not None:
-                self.ledger._memory_lock.acquire()
-            self.db = self.ledger._db()
-            self.db.execute("BEGIN IMMEDIATE")
-            return self.db
-
-        def __exit__(self, exc_type, exc, tb) -> None:
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._serial:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-            finally:
-                if self.ledger._memory_lock is not None:
-                    self.ledger._memory_lock.release()
-
-    def _tx(self) -> SqliteLedger._Tx:
-        return SqliteLedger._Tx(self)
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def key(self, label: str) -> str:
         return f"{self.namespace}{label}"
 
-    def open(self, account: str, limits: Limits) -> None:
-        self._limits[account] = limits
-
     def _totals(self, db: sqlite3.Connection, account: str, now: float) -> dict[str, Any]:
-        window = self._limits.get(account, Limits(None, None, {}, False)).window
-        start = window.bounds(now)[0] if window is not None else float("-inf")
+        start = self._window_start(account, now)
         spent, econ, calls = db.execute("SELECT COALESCE(SUM(nano),0), COALESCE(SUM(econ_nano),0), COUNT(*) FROM "
                                         "spend WHERE account=? AND ts>=?", (account, start)).fetchone()
         reserved, rcalls = db.execute("SELECT COALESCE(SUM(nano),0), COUNT(*) FROM reservations WHERE account=? AND "
@@ -248,17 +254,10 @@ class SqliteLedger:
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE id=?", (reservation.reservation_id,))
 
-    def trip(self, account: str, reason: str) -> None:
-        self._tripped.setdefault(account, reason)
-
     @_sqlite_errors_as_unavailable
     def state(self, account: str) -> AccountState:
-        db = self._db() if self._memory_lock is None else None
-        if db is None:
-            with self._memory_lock:
-                t = self._totals(self._shared_conn, account, self.clock())
-        else:
-            t = self._totals(db, account, self.clock())
+        with self._serial:
+            t = self._totals(self._db(), account, self.clock())
         return AccountState(t["spent"] / NANO, t["econ"] / NANO, t["reserved"] / NANO, t["calls"], t["rcalls"],
                             {k: v / NANO for k, v in t["phases"].items()},
                             {k: v / NANO for k, v in t["rphases"].items()}, self._tripped.get(account))
@@ -339,24 +338,20 @@ return 1
 """
 
 
-class RedisLedger:
+class RedisLedger(_SharedAccounts):
     """Fleets: reservations and settlements are single Lua scripts, atomic on the Redis server."""
-
-    shared = True
 
     def __init__(self, url: str, *, namespace: str = "otel-dspy-cost:", reservation_timeout_s: float = 600.0,
                  clock: Callable[[], float] = time.time, socket_timeout: float = 2.0):
         import redis
 
+        super().__init__(clock)
         self.url = url
         self.namespace = namespace
         self.timeout = reservation_timeout_s
-        self.clock = clock
         self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         self._reserve = self.client.register_script(_RESERVE)
         self._settle = self.client.register_script(_SETTLE)
-        self._limits: dict[str, Limits] = {}
-        self._tripped: dict[str, str] = {}
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         import redis
@@ -369,13 +364,6 @@ class RedisLedger:
     def key(self, label: str) -> str:
         return f"{self.namespace}{{{label}}}"  # hash tag: one account's keys on one cluster slot
 
-    def open(self, account: str, limits: Limits) -> None:
-        self._limits[account] = limits
-
-    def _start(self, account: str, now: float) -> float:
-        window = self._limits.get(account, Limits(None, None, {}, False)).window
-        return window.bounds(now)[0] if window is not None else 0.0
-
     def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
         now = self.clock()
         rid = uuid.uuid4().hex
@@ -386,7 +374,8 @@ class RedisLedger:
                 return Refusal(name, "tripped", 0.0, 0.0, lim.limit_usd or 0.0)
             args += ["1" if lim.enforce else "0", to_nano(lim.limit_usd) if lim.limit_usd is not None else -1,
                      lim.max_calls if lim.max_calls is not None else -1,
-                     to_nano(lim.phase_limits[phase]) if phase in lim.phase_limits else -1, self._start(name, now)]
+                     to_nano(lim.phase_limits[phase]) if phase in lim.phase_limits else -1,
+                     self._window_start(name, now)]
         out = self._call(lambda: self._reserve(keys=list(accounts), args=args))
         if int(out[0]) == 0:
             return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid)
@@ -419,12 +408,9 @@ class RedisLedger:
         reservation.settled = True
         self._call(lambda: [self.client.hdel(f"{a}:res", reservation.reservation_id) for a in reservation.accounts])
 
-    def trip(self, account: str, reason: str) -> None:
-        self._tripped.setdefault(account, reason)
-
     def state(self, account: str) -> AccountState:
         now = self.clock()
-        start = self._start(account, now)
+        start = self._window_start(account, now)
 
         def read() -> tuple[list, dict]:
             ids = self.client.zrangebyscore(f"{account}:ts", start, "+inf")
