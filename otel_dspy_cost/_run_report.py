@@ -12,21 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import read_costs, read_summary, totals
-from .report import format_table
+from .artifacts import aggregate, read_costs, read_summary
+from .report import format_table, spend_report
 
 
 def run_report(run_dir: str | Path, *, depth: int | None = 2) -> dict[str, Any]:
-    lines = read_costs(run_dir)
+    agg = aggregate(read_costs(run_dir))
     summary = read_summary(run_dir)
-    return {"run": str(run_dir), "module": totals(lines, "module", depth=depth), "model": totals(lines, "model"),
-            "phase": totals(lines, "phase"), "trial": totals(lines, "trial"), "trials": summary.get("trials", []),
+    tables = {by: spend_report(by, depth=(depth or None) if by == "module" else None, aggregator=agg)
+              for by in ("module", "model", "phase", "trial")}
+    return {"run": str(run_dir), **tables, "trials": summary.get("trials", []),
             "summary": {k: v for k, v in summary.items() if not k.startswith("by_") and k != "trials"}}
-
-
-def _sorted(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    rows = sorted(((k, v) for k, v in table.items() if k != "total"), key=lambda kv: -kv[1]["usd"])
-    return {**dict(rows), "total": table["total"]}
 
 
 def _trials_table(trials: list[dict[str, Any]]) -> str:
@@ -65,9 +61,8 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"estimate: ${estimate['usd_low']:.6f} .. ${estimate['usd_high']:.6f} "
                    f"({estimate['calls_low']}..{estimate['calls_high']} calls); "
                    f"actual ${s.get('total_cost_usd', 0):.6f}")
-    out.append(format_table(_sorted(report["module"]), title="spend by module"))
-    out.append(format_table(_sorted(report["model"]), title="spend by model"))
-    out.append(format_table(_sorted(report["phase"]), title="spend by phase"))
+    for by in ("module", "model", "phase"):  # spend_report() rows: largest spend first, total last
+        out.append(format_table(report[by], title=f"spend by {by}"))
     if report["trials"]:
         out.append(_trials_table(report["trials"]))
     return "\n".join(out)

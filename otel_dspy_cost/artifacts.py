@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from . import _attributes as A
+from .report import SpendAggregator, spend_report
 
 logger = logging.getLogger("otel_dspy_cost")
 SUMMARY_VERSION = 1
@@ -125,45 +126,32 @@ def read_costs(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def totals(lines: list[dict[str, Any]], by: str | None = None, depth: int | None = None) -> dict[str, dict[str, float]]:
-    """The same shape as `spend_report()`: {key: {calls, usd, economic_usd, tokens...}, "total": {...}}."""
-    fields = ("calls", "usd", "economic_usd", "input_tokens", "cached_input_tokens", "output_tokens",
-              "reasoning_tokens", "unknown_cost_calls", "estimated_calls", "cache_hits")
-    out: dict[str, dict[str, float]] = {}
-
-    def add(key: str, line: dict[str, Any]) -> None:
-        row = out.setdefault(key, dict.fromkeys(fields, 0))
-        row["calls"] += 1
-        row["usd"] += line["usd"] or 0.0
-        row["economic_usd"] += line["economic_usd"] or 0.0
-        for f in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
-            row[f] += line[f]
-        row["unknown_cost_calls"] += int(line["unknown_cost"])
-        row["estimated_calls"] += int(line["estimated"])
-        row["cache_hits"] += int(line["cache_hit"])
-
+def aggregate(lines: list[dict[str, Any]]) -> SpendAggregator:
+    """The log's calls fed to the same aggregator the live processor fills, so a report built from a
+    run's `costs.jsonl` is `spend_report()` of that run by construction."""
+    agg = SpendAggregator()
     for line in lines:
-        if by == "module":
-            path = line["module"] or "(no module)"
-            key = ".".join(path.split(".")[:depth]) if depth else path
-        elif by == "trial":
-            key = None if line["trial"] is None else f"{line['optimizer'] or 'optimizer'}#{line['trial']}"
-        elif by is not None:
-            key = str(line.get(by) or f"(no {by})")
-        else:
-            key = None
-        if key is not None:
-            add(key, line)
-        add("total", line)
-    out.setdefault("total", dict.fromkeys(fields, 0))
-    return out
+        trial = None if line["trial"] is None else f"{line['optimizer'] or 'optimizer'}#{line['trial']}"
+        agg.record(module=line["module"] or "(no module)", model=line["model"] or "(unknown model)",
+                   phase=line["phase"], budgets=[b for b in (line.get("budget") or "").split(",") if b], trial=trial,
+                   values={"calls": 1, "usd": line["usd"] or 0.0, "economic_usd": line["economic_usd"] or 0.0,
+                           "input_tokens": line["input_tokens"], "cached_input_tokens": line["cached_input_tokens"],
+                           "output_tokens": line["output_tokens"], "reasoning_tokens": line["reasoning_tokens"],
+                           "unknown_cost_calls": int(line["unknown_cost"]), "estimated_calls": int(line["estimated"]),
+                           "cache_hits": int(line["cache_hit"])})
+    return agg
+
+
+def totals(lines: list[dict[str, Any]], by: str = "module", depth: int | None = None) -> dict[str, dict[str, float]]:
+    """`spend_report(by, depth=depth)` of the calls in a log ({key: {...}, "total": {...}})."""
+    return spend_report(by, depth=depth or None, aggregator=aggregate(lines))
 
 
 def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, trials: list[dict[str, Any]] = (),
                   budget: Any = None, estimate: Any = None, score: float | None = None,
                   cancelled_reason: str | None = None, started_at: str | None = None) -> dict[str, Any]:
-    lines = read_costs(run_dir)
-    by_phase = totals(lines, "phase")
+    agg = aggregate(read_costs(run_dir))
+    by_phase = spend_report("phase", aggregator=agg)
     train, infer = by_phase.get("train", {}), by_phase.get("infer", {})
     total = by_phase["total"]
     summary: dict[str, Any] = {
@@ -184,8 +172,8 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, tri
         "unknown_cost_calls": total["unknown_cost_calls"], "estimated_calls": total["estimated_calls"],
         "program_runs": program_runs,
         "program_cost_per_million_runs": (infer.get("usd", 0.0) / program_runs * 1e6) if program_runs else None,
-        "by_model": {k: v for k, v in totals(lines, "model").items() if k != "total"},
-        "by_module": {k: v for k, v in totals(lines, "module", depth=2).items() if k != "total"},
+        "by_model": {k: v for k, v in spend_report("model", aggregator=agg).items() if k != "total"},
+        "by_module": {k: v for k, v in spend_report("module", depth=2, aggregator=agg).items() if k != "total"},
         "trials": sorted(trials, key=lambda t: (t["optimizer"], t["trial"])),
         "score": score,
     }
