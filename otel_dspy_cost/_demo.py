@@ -126,9 +126,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"BUDGET STOP: {stop}")
         from otel_dspy_cost import _runtime
 
-        rt = _runtime.active()
-        if rt is not None and rt.processor is not None:
-            rt.processor.wait_for_calls()  # calls already in flight in worker threads when the stop came
+        _runtime.wait_for_calls()  # calls already in flight in worker threads when the stop came
         requests = "" if real else f"provider requests made: {server.count}; "
         print(f"{requests}budget status: {guard.status}; spent ${guard.spent_usd:.6f} of ${args.budget:.4f} in "
               f"{guard.call_count} calls")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import aggregate, read_costs, read_summary
-from .report import format_table, spend_report
+from .report import format_table, render_table, spend_report
 
 
 def run_report(run_dir: str | Path, *, depth: int | None = 2) -> dict[str, Any]:
@@ -26,7 +26,6 @@ def run_report(run_dir: str | Path, *, depth: int | None = 2) -> dict[str, Any]:
 
 
 def _trials_table(trials: list[dict[str, Any]]) -> str:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="trials: cost next to score")
@@ -35,9 +34,7 @@ def _trials_table(trials: list[dict[str, Any]]) -> str:
     for t in trials:
         table.add_row(t["optimizer"], str(t["trial"]), str(t.get("eval") or "-"), f"{t['score']:.2f}",
                       str(t.get("calls", 0)), f"{t.get('usd', 0.0):.6f}", t.get("trace_id", "")[:16])
-    buf = io.StringIO()
-    Console(file=buf, width=120, force_terminal=False).print(table)
-    return buf.getvalue()
+    return render_table(table)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -84,7 +81,6 @@ def to_csv(report: dict[str, Any]) -> str:
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="runs side by side")
@@ -95,9 +91,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
         x, y = a["summary"].get(key), b["summary"].get(key)
         change = f"{(y - x) / x:+.1%}" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x else "-"
         table.add_row(key, "-" if x is None else f"{x:.6g}", "-" if y is None else f"{y:.6g}", change)
-    buf = io.StringIO()
-    Console(file=buf, width=120, force_terminal=False).print(table)
-    return buf.getvalue()
+    return render_table(table)
 
 
 def main(args: Any) -> int:

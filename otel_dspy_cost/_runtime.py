@@ -70,3 +70,11 @@ def watch_budget(budget: Budget) -> None:
         rt.metrics.watch_budget(budget)
     except Exception:  # never let telemetry break the run
         logger.debug("otel-dspy-cost: budget gauge failed", exc_info=True)
+
+
+def wait_for_calls(timeout_s: float = 10.0) -> bool:
+    """Wait for LM calls already sent (e.g. from DSPy's worker threads when a budget stop unwound the
+    caller): they cost money and belong in the run's accounting. True when none is left in flight."""
+    if _active is None or _active.processor is None:
+        return True
+    return _active.processor.wait_for_calls(timeout_s)

@@ -243,11 +243,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     finally:
         from . import _runtime
 
-        rt = _runtime.active()
-        if rt is not None and rt.processor is not None:
-            # Calls already sent from DSPy's worker threads when a stop unwound this block still cost money:
-            # let them finish so they are in the log and the summary.
-            rt.processor.wait_for_calls(drain_timeout_s)
+        _runtime.wait_for_calls(drain_timeout_s)  # so calls still in flight are in the log and the summary
         processor.force_flush()
         _detach(provider, processor)
         try:

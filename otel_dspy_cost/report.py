@@ -98,9 +98,6 @@ def spend_report(by: str = "module", *, depth: int | None = None, print_table: b
 
 def format_table(report: dict[str, dict[str, float]], *, title: str = "spend by module") -> str:
     """The per-module table of the seed document: module | calls | input | output | total | USD | share."""
-    from io import StringIO
-
-    from rich.console import Console
     from rich.table import Table
 
     total_usd = report.get("total", {}).get("usd", 0.0) or 0.0
@@ -119,6 +116,15 @@ def format_table(report: dict[str, dict[str, float]], *, title: str = "spend by 
         table.add_row("total", f"{int(t['calls'])}", f"{int(t['input_tokens'])}", f"{int(t['output_tokens'])}",
                       f"{int(t['input_tokens'] + t['output_tokens'])}", f"{t['usd']:.6f}", "100%" if total_usd else "-",
                       style="bold")
+    return render_table(table)
+
+
+def render_table(table: Any) -> str:
+    """A rich Table as aligned plain text (120 columns), for print() and for tests to read."""
+    from io import StringIO
+
+    from rich.console import Console
+
     buf = StringIO()
     Console(file=buf, width=120, force_terminal=False).print(table)
     return buf.getvalue()
