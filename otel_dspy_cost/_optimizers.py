@@ -151,7 +151,16 @@ def evaluate_end(span: Any, token: Any, program: Any, score: float | None, metri
     run.record(program, score, trial, full=metric_key != "eval_minibatch")
 
 
-# -- Optuna trials (MIPROv2) ---------------------------------------------------------------------------------
+# -- trial spans: Optuna trials (MIPROv2) and GEPA iterations ------------------------------------------------
+
+def _open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | None) -> tuple[Any, Any, Any]:
+    """A `trial` span made current, with the trial number (and LM role) pushed for the calls inside."""
+    span, token = start(rt.tracer, name, {A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost",
+                                          A.PHASE: "train", A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number})
+    with run.lock:
+        run.last_trial = number
+    return span, token, _pushed_trial(number, role)
+
 
 def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Wrap the objective of `Study.optimize` when it runs inside a compile: one span per trial."""
@@ -166,12 +175,8 @@ def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
     def objective(trial: Any) -> Any:
         number = trial.number + 1
         try:
-            attrs = {A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
-                     A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number}
-            span, token = start(rt.tracer, f"trial {number}", attrs)
-            with run.lock:
-                run.last_trial = number
-            ctx = _pushed_trial(number, "task_model"), TRIAL_SPAN.set(span)
+            span, token, pushed = _open_trial(rt, run, f"trial {number}", number, "task_model")
+            ctx = pushed, TRIAL_SPAN.set(span)
         except Exception:
             internal_error("trial span start")
             return func(trial)
@@ -270,11 +275,7 @@ class _GEPAObserver:
             return
         try:
             number = int(event["iteration"])
-            self.span, self.token = start(rt.tracer, f"iteration {number}", {
-                A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
-                A.OPTIMIZER_NAME: self.run.name, A.OPTIMIZER_TRIAL: number})
-            self.ctx = _pushed_trial(number, None)
-            self.run.last_trial = number
+            self.span, self.token, self.ctx = _open_trial(rt, self.run, f"iteration {number}", number, None)
         except Exception:
             internal_error("GEPA iteration start")
 
