@@ -121,11 +121,11 @@ def _optimizer_from_name(name: str, args: argparse.Namespace) -> object:
         return None
     if name.startswith("mipro"):
         auto = name.split("-", 1)[1] if "-" in name else "light"
-        return _Stub("MIPROv2", auto=auto, max_bootstrapped_demos=args.demos, max_labeled_demos=args.demos)
+        return _stub("MIPROv2", auto=auto, max_bootstrapped_demos=args.demos, max_labeled_demos=args.demos)
     if name == "bootstrap":
-        return _Stub("BootstrapFewShot", max_bootstrapped_demos=args.demos, max_rounds=1)
+        return _stub("BootstrapFewShot", max_bootstrapped_demos=args.demos, max_rounds=1)
     if name == "gepa":
-        return _Stub("GEPA", max_metric_calls=args.max_metric_calls)
+        return _stub("GEPA", max_metric_calls=args.max_metric_calls)
     raise SystemExit(f"unknown optimizer {name!r}")
 
 
@@ -167,12 +167,9 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Stub:
-    """Stands for an optimizer by its name and settings (the estimator reads nothing else)."""
-
-    def __init__(self, name: str, **settings: object):
-        self.__class__ = type(name, (_Stub,), {})
-        self.__dict__.update(settings)
+def _stub(name: str, **settings: object) -> object:
+    """Stands for an optimizer by its class name and settings: all the estimator reads of one."""
+    return type(name, (), settings)()
 
 
 def _budget(args: argparse.Namespace) -> int:
