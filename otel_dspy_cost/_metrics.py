@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import metrics
@@ -75,15 +75,15 @@ class CostMetrics:
         self._budgets: OrderedDict[str, Any] = OrderedDict()
         self._budgets_lock = threading.Lock()
         self._max_budgets = max_label_values
-        meter.create_observable_gauge("dspy.budget.spent", [self._observe("spent")], unit="USD",
+        meter.create_observable_gauge("dspy.budget.spent", [self._observe(lambda b: b.spent_usd)], unit="USD",
                                       description="Spend counted against each budget")
-        meter.create_observable_gauge("dspy.budget.limit", [self._observe("limit")], unit="USD",
+        meter.create_observable_gauge("dspy.budget.limit", [self._observe(lambda b: b.limit_usd)], unit="USD",
                                       description="Each budget's limit")
         # Ratios carry no unit on purpose: exporters would add a "_ratio" suffix on some paths and not
         # others, and the dashboards pin one name.
-        meter.create_observable_gauge("dspy.budget.utilization", [self._observe("utilization")], unit="",
+        meter.create_observable_gauge("dspy.budget.utilization", [self._observe(lambda b: b.utilisation)], unit="",
                                       description="spent / limit")
-        meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe("warn")], unit="",
+        meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe(lambda b: b.warn_at)], unit="",
                                       description="The fraction of the limit at which the budget warns")
 
     @classmethod
@@ -148,20 +148,14 @@ class CostMetrics:
 
         return callback
 
-    def _observe(self, what: str):
+    def _observe(self, read: Callable[[Any], float | None]):
+        """A gauge callback reporting `read(budget)` for every watched budget label."""
         def callback(options: CallbackOptions) -> Iterable[Observation]:
             with self._budgets_lock:
                 items = list(self._budgets.items())
             out = []
             for label, b in items:
-                if what == "spent":
-                    value = b.spent_usd
-                elif what == "limit":
-                    value = b.limit_usd
-                elif what == "utilization":
-                    value = b.utilisation
-                else:
-                    value = b.warn_at
+                value = read(b)
                 if value is not None:
                     out.append(Observation(float(value), {A.BUDGET_LABEL: label}))
             return out
