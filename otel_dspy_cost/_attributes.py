@@ -5,15 +5,16 @@ GenAI names follow the OpenTelemetry GenAI semantic conventions so other backend
 budget processor can read LM spans from any instrumentation that follows them.
 """
 
+# Instrumentation scope of our tracer and meter: how our spans are told from other instrumentations'.
+SCOPE_NAME = "otel_dspy_cost"
+
 # --- span model -------------------------------------------------------------------------
 SPAN_KIND = "dspy.span.kind"  # compile|evaluate|module|predictor|adapter.format|lm|adapter.parse|tool|retriever
 MODULE_PATH = "dspy.module.path"
 MODULE_CLASS = "dspy.module.class"
 PHASE = "dspy.phase"  # train|infer
-INSTRUMENTATION = "dspy.instrumentation"  # "otel-dspy-cost" on our own spans
 OPTIMIZER_NAME = "dspy.optimizer.name"
 TOOL_NAME = "gen_ai.tool.name"
-ADAPTER_CLASS = "dspy.adapter.class"
 EVAL_SIZE = "dspy.evaluate.dataset_size"
 EVAL_THREADS = "dspy.evaluate.num_threads"
 EVAL_SCORE = "dspy.evaluate.score"

@@ -139,10 +139,16 @@ def _module_path(instance: Any) -> str:
     return f"{parent[1]}.{_child_name(parent[0], instance) or type(instance).__name__}"
 
 
-def _is_predictor(instance: Any) -> bool:
-    import dspy
+_predict_class: type | None = None
 
-    return isinstance(instance, dspy.Predict)
+
+def _is_predictor(instance: Any) -> bool:
+    global _predict_class
+    if _predict_class is None:  # imported once, not on every call
+        import dspy
+
+        _predict_class = dspy.Predict
+    return isinstance(instance, _predict_class)
 
 
 # -- one mechanism for every span: begin before the call, end after it, sync and async alike -------------
@@ -193,7 +199,7 @@ def _module_begin(instance, args, kwargs):
         path = _module_path(instance)
         kind = "predictor" if _is_predictor(instance) else "module"
         attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
-                 A.PHASE: _context.current().phase, A.INSTRUMENTATION: "otel-dspy-cost"}
+                 A.PHASE: _context.current().phase}
         span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
         return span, token, CURRENT_MODULE.set((instance, path)), "." not in path
     except Exception:
@@ -240,7 +246,9 @@ def _lm_end(state, result, exc):
             span.set_attributes({A.USAGE_MISSING: True, A.CACHE_HIT: False, A.COST_USD: 0.0,
                                  A.COST_ECONOMIC_USD: 0.0, A.GEN_AI_INPUT_TOKENS: 0, A.GEN_AI_OUTPUT_TOKENS: 0})
         else:
-            _lm_span.end_attributes(rt, span, rec, model, prompt, messages, result)
+            figures = _lm_span.end_attributes(rt, span, rec, model, prompt, messages, result)
+            if rt.processor is not None:
+                rt.processor.note_call_cost(span, figures)
     except Exception:
         internal_error("LM span end")
     finish(span, token, exc)
@@ -248,15 +256,20 @@ def _lm_end(state, result, exc):
 
 def _simple_span(kind: str, name_fn: Callable[[Any, tuple, dict], str],
                  attrs_fn: Callable[[Any, tuple, dict], dict] | None = None,
-                 guard: contextvars.ContextVar[bool] | None = None) -> Wrappers:
-    """One span around a method (adapter ops, tools, retrievers); `guard` stops a nested twin span."""
+                 guard: contextvars.ContextVar[bool] | None = None, phase: bool = True) -> Wrappers:
+    """One span around a method (adapter ops, tools, retrievers); `guard` stops a nested twin span.
+
+    Adapter format/parse spans (two per LM call) carry only kind and module path: every attribute is
+    validated and copied by the SDK, and their class is already in the span name."""
 
     def begin(instance, args, kwargs):
         rt = _runtime.active()
         if rt is None or (guard is not None and guard.get()):
             return None
         try:
-            attrs = {A.SPAN_KIND: kind, A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: _context.current().phase}
+            attrs = {A.SPAN_KIND: kind}
+            if phase:
+                attrs[A.PHASE] = _context.current().phase
             module = CURRENT_MODULE.get()
             if module is not None:
                 attrs[A.MODULE_PATH] = module[1]
@@ -288,10 +301,6 @@ def _tool_attrs(instance, args, kwargs):
     return attrs
 
 
-def _adapter_attrs(instance, args, kwargs):
-    return {A.ADAPTER_CLASS: type(instance).__name__}
-
-
 def _evaluate_begin(instance, args, kwargs):
     rt = _runtime.active()
     if rt is None:
@@ -299,7 +308,7 @@ def _evaluate_begin(instance, args, kwargs):
     try:
         program = kwargs.get("program", args[0] if args else None)
         devset = kwargs.get("devset") or getattr(instance, "devset", None) or []
-        attrs = {A.SPAN_KIND: "evaluate", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: _context.current().phase,
+        attrs = {A.SPAN_KIND: "evaluate", A.PHASE: _context.current().phase,
                  A.EVAL_SIZE: len(devset), A.EVAL_THREADS: int(kwargs.get("num_threads") or
                                                                getattr(instance, "num_threads", None) or 1),
                  A.MODULE_CLASS: type(program).__qualname__}
@@ -373,7 +382,7 @@ def _compile_begin(instance, args, kwargs):
         return None
     try:
         name = type(instance).__name__
-        attrs = {A.SPAN_KIND: "compile", A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train",
+        attrs = {A.SPAN_KIND: "compile", A.PHASE: "train",
                  A.OPTIMIZER_NAME: name}
         _patch_optimizer_internals(instance)
         span, token = start(rt.tracer, f"compile {name}", attrs)
@@ -474,10 +483,10 @@ def _all_subclasses(cls: type) -> list[type]:
 
 
 _adapter_wrappers = {
-    "format": _simple_span("adapter.format", lambda i, a, k: f"format {type(i).__name__}", _adapter_attrs,
-                           guard=_IN_ADAPTER_OP),
-    "parse": _simple_span("adapter.parse", lambda i, a, k: f"parse {type(i).__name__}", _adapter_attrs,
-                          guard=_IN_ADAPTER_OP),
+    "format": _simple_span("adapter.format", lambda i, a, k: f"format {type(i).__name__}", guard=_IN_ADAPTER_OP,
+                           phase=False),
+    "parse": _simple_span("adapter.parse", lambda i, a, k: f"parse {type(i).__name__}", guard=_IN_ADAPTER_OP,
+                          phase=False),
 }
 
 

@@ -151,4 +151,7 @@ class InProcessLedger:
     def state(self, account: str) -> AccountState:
         with self._lock:
             st = self._accounts[account]
-            return dataclasses.replace(st, phase_spent=dict(st.phase_spent), phase_reserved=dict(st.phase_reserved))
+            # A copy built field by field: dataclasses.replace() introspects the class on every call,
+            # and this runs once per LM call (the budget's warn check).
+            return AccountState(st.spent_usd, st.economic_usd, st.reserved_usd, st.calls, st.reserved_calls,
+                                dict(st.phase_spent), dict(st.phase_reserved), st.tripped)

@@ -77,7 +77,7 @@ def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: d
     max_tokens = merged.get("max_tokens") or merged.get("max_completion_tokens") or merged.get("max_output_tokens")
     state = _context.current()
     attrs: dict[str, Any] = {
-        A.SPAN_KIND: "lm", A.INSTRUMENTATION: "otel-dspy-cost",
+        A.SPAN_KIND: "lm",
         A.GEN_AI_OPERATION: _OPERATIONS.get(getattr(lm, "model_type", "chat"), "chat"),
         A.GEN_AI_PROVIDER: provider_of(model), A.GEN_AI_REQUEST_MODEL: model,
         A.INPUT_TOKENS_BOUND: input_tokens_bound(prompt, messages), A.PHASE: state.phase,
@@ -110,8 +110,10 @@ def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: d
 
 
 def end_attributes(rt: Runtime, span: Any, rec: LMCallRecord, model: str, prompt: Any, messages: Any,
-                   outputs: Any) -> None:
-    """Usage, cost and response attributes; estimates tokens when the provider reported none."""
+                   outputs: Any) -> tuple[CallCost, Usage, bool, bool]:
+    """Usage, cost and response attributes; estimates tokens when the provider reported none.
+
+    Returns (cost, billed usage, cache hit, estimated): the figures the attributes say, for the processor."""
     attrs: dict[str, Any] = {A.CACHE_HIT: rec.cache_hit}
     usage = rec.usage
     estimated = False
@@ -151,6 +153,7 @@ def end_attributes(rt: Runtime, span: Any, rec: LMCallRecord, model: str, prompt
         secrets = _redact.secrets_of(getattr(rec.lm, "kwargs", None) or {})
         attrs[A.GEN_AI_OUTPUT_MESSAGES] = _redact.scrub(json.dumps(outputs, default=str), secrets)
     span.set_attributes(attrs)
+    return cost, billed, rec.cache_hit, estimated
 
 
 # -- usage capture from DSPy's finalisation (version specific, feature-detected) ---------------------

@@ -50,8 +50,12 @@ class _Bounded:
 class CostMetrics:
     """The instruments; `record_call` is fed once per LM call by the budget processor."""
 
-    def __init__(self, meter: metrics.Meter, *, module_depth: int = 2, max_label_values: int = 100):
+    def __init__(self, meter: metrics.Meter, *, module_depth: int = 2, max_label_values: int = 100,
+                 via_global: bool = False):
         self.module_depth = module_depth
+        # On the global no-op provider every call would still pay for labels and sums nobody reads:
+        # skip until the app sets a real global MeterProvider (the API's proxy instruments then go live).
+        self._live = not via_global
         self._module = _Bounded(max_label_values)
         self._model = _Bounded(max_label_values)
         self._label = _Bounded(max_label_values)
@@ -59,6 +63,7 @@ class CostMetrics:
         # Cost and call counts are summed here per label set and observed at collection time: one dict
         # update per call instead of three SDK measurements (each hashes its attribute set).
         self._sums: dict[tuple[str, ...], list[float]] = {}
+        self._genai_labels: dict[tuple[str, str, str], tuple[dict[str, str], ...]] = {}
         self._sums_lock = threading.Lock()
         meter.create_observable_counter("dspy.cost", [self._observe_sums(0)], unit="USD",
                                         description="Actual LM spend (0 for cache hits and free local models)")
@@ -90,8 +95,14 @@ class CostMetrics:
     def create(cls, meter_provider: Any = None, **options: Any) -> CostMetrics:
         from .instrumentor import _version
 
-        meter = metrics.get_meter("otel_dspy_cost", _version(), meter_provider=meter_provider)
-        return cls(meter, **options)
+        meter = metrics.get_meter(A.SCOPE_NAME, _version(), meter_provider=meter_provider)
+        return cls(meter, via_global=meter_provider is None, **options)
+
+    def _went_live(self) -> bool:
+        if type(metrics.get_meter_provider()).__name__ in ("_ProxyMeterProvider", "NoOpMeterProvider"):
+            return False
+        self._live = True
+        return True
 
     def module_label(self, path: str) -> str:
         return self._module(".".join(path.split(".")[: self.module_depth]) if path else "(no module)")
@@ -99,6 +110,8 @@ class CostMetrics:
     def record_call(self, *, module: str, model: str, provider: str, operation: str, phase: str,
                     budget_label: str, optimizer: str, usd: float, economic_usd: float, input_tokens: int,
                     output_tokens: int, cache_hit: bool, unknown: bool, duration_s: float | None) -> None:
+        if not self._live and not self._went_live():
+            return
         model_label = self._model(model or "unknown")
         key = (self.module_label(module), model_label, phase, self._label(budget_label or "none"),
                self._optimizer(optimizer or "none"), "true" if cache_hit else "false", "true" if unknown else "false")
@@ -109,12 +122,24 @@ class CostMetrics:
             row[0] += usd
             row[1] += economic_usd
             row[2] += 1
+        genai_key = (operation, provider, model_label)
+        label_sets = self._genai_labels.get(genai_key)
+        if label_sets is None:
+            label_sets = self._genai_label_sets(*genai_key)
+        self.tokens.record(input_tokens, label_sets[0])
+        self.tokens.record(output_tokens, label_sets[1])
+        if duration_s is not None:
+            self.duration.record(duration_s, label_sets[2])
+
+    def _genai_label_sets(self, operation: str, provider: str, model_label: str) -> tuple[dict[str, str], ...]:
+        """(input tokens, output tokens, duration) label sets, built once per (operation, provider, model):
+        three dicts per call were a measurable share of the per-call cost. Bounded like the labels."""
         genai = {A.GEN_AI_OPERATION: operation or "chat", A.GEN_AI_PROVIDER: provider or "unknown",
                  A.GEN_AI_REQUEST_MODEL: model_label}
-        self.tokens.record(input_tokens, {**genai, "gen_ai.token.type": "input"})
-        self.tokens.record(output_tokens, {**genai, "gen_ai.token.type": "output"})
-        if duration_s is not None:
-            self.duration.record(duration_s, genai)
+        sets = ({**genai, "gen_ai.token.type": "input"}, {**genai, "gen_ai.token.type": "output"}, genai)
+        if len(self._genai_labels) < 4 * self._max_budgets:
+            self._genai_labels[(operation, provider, model_label)] = sets
+        return sets
 
     # -- budgets ---------------------------------------------------------------------------------
     def watch_budget(self, budget: Any) -> None:

@@ -155,7 +155,7 @@ def evaluate_end(span: Any, token: Any, program: Any, score: float | None, metri
 
 def _open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | None) -> tuple[Any, Any, Any]:
     """A `trial` span made current, with the trial number (and LM role) pushed for the calls inside."""
-    span, token = start(rt.tracer, name, {A.SPAN_KIND: "trial", A.INSTRUMENTATION: "otel-dspy-cost",
+    span, token = start(rt.tracer, name, {A.SPAN_KIND: "trial",
                                           A.PHASE: "train", A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number})
     with run.lock:
         run.last_trial = number
@@ -213,7 +213,7 @@ def _open_role_span(name: str, attrs: dict[str, Any], role: str | None) -> tuple
     rt = _runtime.active()
     if rt is None:
         return None
-    span, token = start(rt.tracer, name, {A.INSTRUMENTATION: "otel-dspy-cost", A.PHASE: "train", **attrs})
+    span, token = start(rt.tracer, name, {A.PHASE: "train", **attrs})
     state = _context.current()
     return span, token, _context.var().set(dataclasses.replace(state, lm_role=role or state.lm_role))
 

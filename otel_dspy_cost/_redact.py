@@ -3,6 +3,7 @@ scrubbed of the LM's own secrets and of common key shapes."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -40,6 +41,11 @@ def server_address(api_base: Any) -> tuple[str, int | None] | None:
     """host and port of an api_base, never its userinfo, path or query."""
     if not isinstance(api_base, str) or not api_base:
         return None
+    return _server_address(api_base)
+
+
+@functools.lru_cache(maxsize=256)  # one api_base per LM in practice: parsed once, not on every call
+def _server_address(api_base: str) -> tuple[str, int | None] | None:
     try:
         parts = urlsplit(api_base)
         return (parts.hostname or "", parts.port)

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import _attributes as A
+from . import _runtime
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -54,4 +55,7 @@ def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
         otel_context.detach(token)
     except Exception:
         internal_error("context detach")
+    rt = _runtime.active()
+    if rt is not None and rt.processor is not None:
+        rt.processor.write_rollup(span)  # guarded inside
     span.end()

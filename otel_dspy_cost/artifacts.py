@@ -71,9 +71,10 @@ class CostLogExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = []
         for span in spans:
-            a = span.attributes or {}
-            if a.get(A.INSTRUMENTATION) != "otel-dspy-cost":
+            scope = span.instrumentation_scope
+            if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
                 continue
+            a = span.attributes or {}
             kind = a.get(A.SPAN_KIND)
             if kind == "lm" and not a.get(A.BUDGET_REFUSED):
                 lines.append(json.dumps(_line(span), separators=(",", ":")))

@@ -256,6 +256,8 @@ class Budget:
     def _after_settle(self) -> list[str]:
         """Fire warn/exceed once per crossing; returns the kinds fired for span events and metrics."""
         fired = []
+        if (self.warn_at is None or self._warned) and (self.action != "warn" or self._exceeded):
+            return fired  # nothing left to fire: skip reading the ledger on every call
         if self.limit_usd:
             spent = self.spent_usd
             if self.warn_at is not None and not self._warned and spent >= self.warn_at * self.limit_usd:

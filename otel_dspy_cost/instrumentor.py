@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
+from . import _attributes as A
 from . import _dspy_patches, _runtime
 from ._costing import CostEngine
 from ._provider import meter_provider_from_env, provider_from_env
@@ -113,7 +114,7 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         capture = kwargs.get("capture_content")
         if capture is None:
             capture = os.environ.get(_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes")
-        tracer = trace.get_tracer("otel_dspy_cost", _version(), tracer_provider=provider)
+        tracer = trace.get_tracer(A.SCOPE_NAME, _version(), tracer_provider=provider)
         metrics = None
         try:
             from ._metrics import CostMetrics

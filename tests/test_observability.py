@@ -412,3 +412,45 @@ def test_every_metric_and_dashboard_metric_is_documented():
         assert metrics, expr
         for metric in metrics:
             assert f"`{metric}" in doc, metric
+
+
+_LATE_GLOBAL_METRICS = r"""
+import os
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+import dspy
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+import otel_dspy_cost
+from otel_dspy_cost.simulator import SimulatorServer
+
+with SimulatorServer() as server:
+    otel_dspy_cost.instrument(tracer_provider=TracerProvider())  # no meter provider anywhere yet
+    dspy.configure(lm=dspy.LM("openai/gpt-4o-mini", api_base=server.api_base, api_key="sk-test", cache=False))
+    qa = dspy.Predict("question -> answer")
+    qa(question="before any meter provider")
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    qa(question="one")
+    qa(question="two")
+    data = reader.get_metrics_data()
+    points = {m.name: m.data.data_points for rm in data.resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics}
+    print("calls", sum(p.value for p in points["dspy.lm.calls"]))
+    print("token_records", sum(p.count for p in points["gen_ai.client.token.usage"]))
+    print("requests", server.count)
+"""
+
+
+def test_metrics_follow_a_global_meter_provider_set_after_instrument(tmp_path):
+    """No meter provider at instrument(): per-call metric work is skipped; once the app sets a global
+    MeterProvider the same instruments report, from then on."""
+    script = tmp_path / "late.py"
+    script.write_text(_LATE_GLOBAL_METRICS)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OTEL_DSPY_COST_UNKNOWN_MODEL": "warn"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in
+                 ("calls", "token_records", "requests"))
+    assert lines == {"calls": "2", "token_records": "4", "requests": "3"}, out.stdout

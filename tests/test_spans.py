@@ -142,6 +142,12 @@ def test_parallel_and_streamify_parenting(otel, lm):
     assert len({s.context.trace_id for s in spans}) == 1
     predicts = [s for s in spans if s.name == "predict Predict"]
     assert len(predicts) == 4 and all(s.parent.span_id == root.get_span_context().span_id for s in predicts)
+    # The user's own span is rolled up too (updated per LM call; ours are written once as they end).
+    user_root = next(s for s in spans if s.name == "user-root")
+    lm_cost = sum(s.attributes[A.COST_USD] for s in spans if s.attributes.get(A.SPAN_KIND) == "lm")
+    assert user_root.attributes[A.LM_CALLS] == 4 and lm_cost > 0
+    assert user_root.attributes[A.TOTAL_USD] == pytest.approx(lm_cost, rel=1e-9)
+    assert sum(s.attributes[A.TOTAL_USD] for s in predicts) == pytest.approx(lm_cost, rel=1e-9)
 
     exporter.clear()
     stream_program = dspy.streamify(dspy.Predict("question -> answer"))
