@@ -9,6 +9,9 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   ours, no metrics  the same without a MeterProvider (the metrics API stays a no-op)
   openinference  openinference-instrumentation-dspy (if installed)
   genai-dspy     the official opentelemetry-instrumentation-genai-dspy (if installed; LM/tool/agent spans, no cost)
+  SDK floor, 4/2 bare spans: nothing but empty spans where ours go (module or predictor, format, LM, parse; or
+                 module/predictor and LM), made current, behind the same BatchSpanProcessor: what the OpenTelemetry
+                 SDK alone costs for our span model, the part no instrumentation code can remove
 Each on one Predict and on a four-module program, against an in-process LM (no HTTP).
 Prints microseconds per program call, the added overhead and our added overhead as a share of the others'.
 """
@@ -21,6 +24,7 @@ import warnings
 
 warnings.simplefilter("ignore")  # DSPy 3.4 deprecates BaseLM.forward(); the path is still what users run
 
+import wrapt  # noqa: E402
 from _common import FourModules, InProcessLM, batch_provider, dspy, median, one_predict, time_per_call  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
@@ -62,9 +66,36 @@ def _from_instrumentor(name, factory):
     return Variant(name, on, off)
 
 
+def _sdk_floor(name: str, with_adapter: bool) -> Variant:
+    """Bare spans (no attributes, no processor of ours) at the places ours go."""
+    targets = [(dspy.Module, "__call__"), (dspy.BaseLM, "__call__")]
+    if with_adapter:
+        targets += [(dspy.ChatAdapter, "format"), (dspy.ChatAdapter, "parse")]
+    saved = []
+
+    def on():
+        tracer = batch_provider().get_tracer("sdk-floor")
+
+        def span_around(wrapped, instance, args, kwargs):
+            with tracer.start_as_current_span("floor"):
+                return wrapped(*args, **kwargs)
+
+        for owner, attr in targets:
+            saved.append((owner, attr, owner.__dict__[attr]))
+            setattr(owner, attr, wrapt.FunctionWrapper(owner.__dict__[attr], span_around))
+
+    def off():
+        while saved:
+            owner, attr, original = saved.pop()
+            setattr(owner, attr, original)
+
+    return Variant(name, on, off)
+
+
 def variants() -> list[Variant]:
     out = [Variant("baseline", lambda: None, lambda: None), _ours(),
-           _ours("ours, lean", adapter_spans=False), _ours("ours, no metrics", metrics=False)]
+           _ours("ours, lean", adapter_spans=False), _ours("ours, no metrics", metrics=False),
+           _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False)]
     try:
         from openinference.instrumentation.dspy import DSPyInstrumentor as OpenInference
 
@@ -114,6 +145,9 @@ def main() -> None:
             if other in added and added[other] > 0:
                 for ours in ("otel-dspy-cost", "ours, lean"):
                     print(f"  {ours} added overhead = {added[ours] / added[other]:.0%} of {other}'s")
+        for ours, floor in (("otel-dspy-cost", "SDK floor, 4 spans"), ("ours, lean", "SDK floor, 2 spans")):
+            print(f"  {ours}: {added[floor] * 1e6:,.0f} us of its {added[ours] * 1e6:,.0f} us are the SDK's own "
+                  f"spans ({floor}); {(added[ours] - added[floor]) * 1e6:,.0f} us are ours")
 
 
 if __name__ == "__main__":
