@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("script,args,expect", [
-    ("overhead.py", ["--calls", "5", "--rounds", "1"], "otel-dspy-cost"),
+    ("overhead.py", ["--calls", "5", "--rounds", "1"], "are the SDK's own spans"),
+    ("breakdown.py", ["--calls", "5", "--rounds", "1"], "+ metrics (full)"),
     ("memory.py", ["--calls", "300"], "attributable to instrumentation"),
     ("budget_contention.py", ["--calls-per-thread", "10"], "overshoot"),
     ("pricing_lookup.py", ["--n", "200"], "lookup, cached"),

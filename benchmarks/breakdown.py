@@ -1,0 +1,108 @@
+"""Where our overhead per one-Predict call goes: the product built up piece by piece, in one process.
+
+    python benchmarks/breakdown.py [--calls 200] [--rounds 15]
+
+Steps, interleaved round by round (medians), each adding one piece to the one before:
+  baseline              uninstrumented DSPy
+  SDK floor, 4 spans    empty spans where ours go (no attributes, no processor of ours)
+  our spans             instrument() with the BudgetSpanProcessor switched off: wrappers, attributes, cost
+  + processor           roll-ups, spend aggregator (no budget active, no MeterProvider)
+  + budget              an active budget: reservation before the call, settlement after
+  + metrics             an SDK MeterProvider: GenAI histograms, cost sums (= the full product)
+Then the cost of one `CostMetrics.record_call` (what the processor feeds per LM call) with an SDK
+MeterProvider and with the API's no-op one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import warnings
+
+warnings.simplefilter("ignore")  # DSPy 3.4 deprecates BaseLM.forward(); the path is still what users run
+
+from _common import InProcessLM, batch_provider, dspy, median, one_predict, time_per_call  # noqa: E402
+from opentelemetry import metrics  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from overhead import Variant, _sdk_floor  # noqa: E402
+
+import otel_dspy_cost  # noqa: E402
+from otel_dspy_cost import _runtime  # noqa: E402
+from otel_dspy_cost._metrics import CostMetrics  # noqa: E402
+
+
+def _step(name: str, *, processor: bool, budget: bool, meter: bool) -> Variant:
+    state = {}
+
+    def on():
+        otel_dspy_cost.instrument(tracer_provider=batch_provider(), unknown_model="warn",
+                                  meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
+                                  if meter else None)
+        # Internal switch, used here only to measure the processor's share; users never need it.
+        _runtime.active().processor.enabled = processor
+        if budget:
+            state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
+
+    def off():
+        if "budget" in state:
+            state.pop("budget").__exit__(None, None, None)
+        otel_dspy_cost.uninstrument()
+
+    return Variant(name, on, off)
+
+
+def record_call_us(meter_provider, n: int) -> float:
+    cm = CostMetrics.create(meter_provider)
+    kw = dict(module="Predict", model="openai/gpt-4o-mini", provider="openai", operation="chat", phase="infer",
+              budget_label="bench", optimizer="", usd=0.001, economic_usd=0.001, input_tokens=100,
+              output_tokens=20, cache_hit=False, unknown=False, duration_s=0.0004)
+    for _ in range(200):
+        cm.record_call(**kw)
+    start = time.perf_counter()
+    for _ in range(n):
+        cm.record_call(**kw)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200, help="program calls per step per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    dspy.configure(lm=InProcessLM())
+    program = one_predict()
+    steps = [Variant("baseline", lambda: None, lambda: None), _sdk_floor("SDK floor, 4 spans", True),
+             _step("our spans", processor=False, budget=False, meter=False),
+             _step("+ processor", processor=True, budget=False, meter=False),
+             _step("+ budget", processor=True, budget=True, meter=False),
+             _step("+ metrics (full)", processor=True, budget=True, meter=True)]
+    results = {s.name: [] for s in steps}
+    for _ in range(args.rounds):
+        for step in steps:
+            step.on()
+            try:
+                time_per_call(lambda i: program(question=f"warm {i}"), 20)
+                gc.collect()
+                results[step.name].append(time_per_call(lambda i: program(question=f"q {i}"), args.calls))
+            finally:
+                step.off()
+    base = median(results["baseline"])
+    print(f"dspy {dspy.__version__}; one Predict; {args.rounds} interleaved rounds x {args.calls} calls; medians")
+    print(f"  {'step':20s} {'added us':>9s} {'this step':>10s}")
+    previous = 0.0
+    for step in steps[1:]:
+        added = (median(results[step.name]) - base) * 1e6
+        delta = added if step.name.startswith("SDK") else added - previous
+        print(f"  {step.name:20s} {added:9,.0f} {delta:+10,.0f}")
+        if not step.name.startswith("SDK"):
+            previous = added
+    n = max(args.calls * 10, 1000)
+    sdk = record_call_us(MeterProvider(metric_readers=[InMemoryMetricReader()]), n)
+    noop = record_call_us(metrics.NoOpMeterProvider(), n)
+    print(f"\nCostMetrics.record_call per LM call: SDK MeterProvider {sdk:.1f} us, no-op provider {noop:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
