@@ -11,9 +11,12 @@ for version in $DSPY_VERSIONS; do
   venv=".venv-dspy-$version"
   echo "=== DSPy $version: installing into $venv"
   "$PYTHON" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -m pip install -q ".[test]" "dspy==$version" 2>&1 | grep -v "^WARNING: Location" || true
+  # grep's own "no line left" status is ignored; pip's failure still fails the pipeline (pipefail).
+  "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+  "$venv/bin/python" -m pip install -q ".[test]" "dspy==$version" 2>&1 | { grep -v "^WARNING: Location" || true; }
   "$venv/bin/python" -c "import dspy, otel_dspy_cost; assert dspy.__version__ == '$version', dspy.__version__"
+  # The test extra's instrumentations are compared against for real; a missing one must fail here, not skip.
+  "$venv/bin/python" -c "import openinference.instrumentation.dspy, opentelemetry.instrumentation.genai.dspy, optuna, redis"
   "$venv/bin/ruff" check otel_dspy_cost tests benchmarks grafana
   echo "=== DSPy $version: tests"
   # pytest exits 5 when it collects no test: set -e turns that into a failure, never a silent pass.

@@ -293,6 +293,35 @@ def test_budgets_lm_spans_of_the_official_genai_instrumentation(server):
 
 
 
+def test_openinference_alongside_ours_counts_each_call_once(otel, server):
+    """openinference-instrumentation-dspy on the same provider (its LLM spans use its own attribute names,
+    not the GenAI ones): every call is priced, budgeted and rolled up once, from our LM span."""
+    pytest.importorskip("openinference.instrumentation.dspy")
+    from openinference.instrumentation.dspy import DSPyInstrumentor
+
+    exporter, provider = otel
+    openinference = DSPyInstrumentor()
+    openinference.instrument(tracer_provider=provider)
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-test-not-a-real-key-000", cache=False,
+                 max_tokens=128, num_retries=0)
+    try:
+        with otel_dspy_cost.budget(limit_usd=1.0, label="with-openinference") as b, dspy.context(lm=lm):
+            for i in range(3):
+                assert ResearchAgent()(question=f"coexist {i}").answer
+        spans = exporter.get_finished_spans()
+        theirs = [s for s in spans if s.instrumentation_scope.name != A.SCOPE_NAME]
+        ours_lm = [s for s in spans if s.attributes.get(A.SPAN_KIND) == "lm"]
+        assert theirs, "OpenInference made no spans: the test would prove nothing"
+        assert any(s.attributes.get("openinference.span.kind") == "LLM" for s in theirs)
+        assert b.call_count == len(ours_lm) == server.count
+        assert b.spent_usd == pytest.approx(sum(s.attributes[A.COST_USD] for s in ours_lm), rel=1e-9)
+        roots = [s for s in spans if s.attributes.get(A.SPAN_KIND) == "module" and
+                 s.attributes.get(A.MODULE_PATH) == "ResearchAgent"]
+        assert len(roots) == 3 and sum(s.attributes[A.LM_CALLS] for s in roots) == server.count
+    finally:
+        openinference.uninstrument()
+
+
 def test_metrics_count_each_call_once_and_the_warn_crossing(otel_metrics, lm):
     from conftest import metric_points
 
