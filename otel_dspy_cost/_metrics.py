@@ -137,7 +137,7 @@ class CostMetrics:
         genai = {A.GEN_AI_OPERATION: operation or "chat", A.GEN_AI_PROVIDER: provider or "unknown",
                  A.GEN_AI_REQUEST_MODEL: model_label}
         sets = ({**genai, "gen_ai.token.type": "input"}, {**genai, "gen_ai.token.type": "output"}, genai)
-        if len(self._genai_labels) < 4 * self._max_budgets:
+        if len(self._genai_labels) < 4 * self._model.max_values:  # a few operations/providers per model
             self._genai_labels[(operation, provider, model_label)] = sets
         return sets
 

@@ -227,7 +227,7 @@ class BudgetSpanProcessor(SpanProcessor):
 
     def note_call_cost(self, span: Span, figures: tuple[CallCost, Usage, bool, bool]) -> None:
         """Our LM wrapper hands over the figures it just wrote as attributes, before the span ends, so
-        `on_end` need not parse ten attributes back (measured: a tenth of the processor's per-call time)."""
+        `on_end` need not parse ten attributes back (cProfile: about a fifth of `on_end`'s time)."""
         node = self._live.get(span.get_span_context().span_id)
         if node is not None:
             node.own_cost = figures
@@ -290,8 +290,8 @@ class BudgetSpanProcessor(SpanProcessor):
 
     def write_rollup(self, span: Span) -> None:
         """Called by our wrappers just before one of our spans ends: its roll-up attributes are written
-        once instead of after every LM call below it (an optimizer's LM call sits under five or six
-        of our spans; rewriting five attributes on each, per call, was the processor's largest cost)."""
+        once instead of after every LM call below it (an optimizer's LM call sits under five or six of
+        our spans, and each rewrite is five attributes the SDK validates and copies)."""
         try:
             node = self._live.get(span.get_span_context().span_id)
             if node is None or not node.calls:

@@ -292,7 +292,6 @@ def test_budgets_lm_spans_of_the_official_genai_instrumentation(server):
         official.uninstrument()
 
 
-
 def test_openinference_alongside_ours_counts_each_call_once(otel, server):
     """openinference-instrumentation-dspy on the same provider (its LLM spans use its own attribute names,
     not the GenAI ones): every call is priced, budgeted and rolled up once, from our LM span."""
