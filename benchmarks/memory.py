@@ -1,6 +1,6 @@
 """Memory over many LM calls with instrumentation on: RSS and Python heap must stay flat.
 
-    python benchmarks/memory.py [--calls 100000]      # 1,000,000 for the full claim (~8 min here)
+    python benchmarks/memory.py [--calls 100000]      # 1,000,000 for the full claim (~10 min here)
 
 Runs the same number of calls uninstrumented first (DSPy's own growth, the baseline), then with
 instrument() + an active budget + metrics. Prints RSS (MiB) and live Python objects at checkpoints,
