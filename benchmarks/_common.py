@@ -7,6 +7,7 @@ easy to see. Every benchmark measures its baseline in the same process run and p
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -74,6 +75,32 @@ class FourModules(dspy.Module):
 
 def one_predict() -> dspy.Module:
     return dspy.Predict("question -> answer")
+
+
+class Variant:
+    """One way of running the programs (uninstrumented, ours, another instrumentation): on, measure, off."""
+
+    def __init__(self, name: str, on: Callable[[], object], off: Callable[[], object]):
+        self.name, self.on, self.off = name, on, off
+
+
+def interleaved(variants: Sequence[Variant], programs: dict[str, dspy.Module], calls: int,
+                rounds: int) -> dict[tuple[str, str], float]:
+    """Median seconds per program call for each (program, variant). Variants take turns round by round,
+    so a noisy machine's drift falls on all of them alike."""
+    samples: dict[tuple[str, str], list[float]] = {(p, v.name): [] for p in programs for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            v.on()
+            try:
+                for pname, program in programs.items():
+                    time_per_call(lambda i, program=program: program(question=f"warm {i}"), 20)
+                    gc.collect()
+                    samples[(pname, v.name)].append(
+                        time_per_call(lambda i, program=program: program(question=f"question {i}"), calls))
+            finally:
+                v.off()
+    return {key: median(xs) for key, xs in samples.items()}
 
 
 def time_per_call(fn: Callable[[int], object], n: int) -> float:

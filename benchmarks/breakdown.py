@@ -16,41 +16,18 @@ MeterProvider and with the API's no-op one.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 import warnings
 
 warnings.simplefilter("ignore")  # DSPy 3.4 deprecates BaseLM.forward(); the path is still what users run
 
-from _common import InProcessLM, batch_provider, dspy, median, one_predict, time_per_call  # noqa: E402
+from _common import InProcessLM, Variant, dspy, interleaved, one_predict  # noqa: E402
 from opentelemetry import metrics  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from overhead import Variant, _sdk_floor  # noqa: E402
+from overhead import _ours, _sdk_floor  # noqa: E402
 
-import otel_dspy_cost  # noqa: E402
-from otel_dspy_cost import _runtime  # noqa: E402
 from otel_dspy_cost._metrics import CostMetrics  # noqa: E402
-
-
-def _step(name: str, *, processor: bool, budget: bool, meter: bool) -> Variant:
-    state = {}
-
-    def on():
-        otel_dspy_cost.instrument(tracer_provider=batch_provider(), unknown_model="warn",
-                                  meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()])
-                                  if meter else None)
-        # Internal switch, used here only to measure the processor's share; users never need it.
-        _runtime.active().processor.enabled = processor
-        if budget:
-            state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
-
-    def off():
-        if "budget" in state:
-            state.pop("budget").__exit__(None, None, None)
-        otel_dspy_cost.uninstrument()
-
-    return Variant(name, on, off)
 
 
 def record_call_us(meter_provider, n: int) -> float:
@@ -72,28 +49,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     dspy.configure(lm=InProcessLM())
-    program = one_predict()
     steps = [Variant("baseline", lambda: None, lambda: None), _sdk_floor("SDK floor, 4 spans", True),
-             _step("our spans", processor=False, budget=False, meter=False),
-             _step("+ processor", processor=True, budget=False, meter=False),
-             _step("+ budget", processor=True, budget=True, meter=False),
-             _step("+ metrics (full)", processor=True, budget=True, meter=True)]
-    results = {s.name: [] for s in steps}
-    for _ in range(args.rounds):
-        for step in steps:
-            step.on()
-            try:
-                time_per_call(lambda i: program(question=f"warm {i}"), 20)
-                gc.collect()
-                results[step.name].append(time_per_call(lambda i: program(question=f"q {i}"), args.calls))
-            finally:
-                step.off()
-    base = median(results["baseline"])
+             _ours("our spans", processor=False, budget=False, metrics=False),
+             _ours("+ processor", budget=False, metrics=False),
+             _ours("+ budget", metrics=False),
+             _ours("+ metrics (full)")]
+    results = interleaved(steps, {"one Predict": one_predict()}, args.calls, args.rounds)
+    base = results[("one Predict", "baseline")]
     print(f"dspy {dspy.__version__}; one Predict; {args.rounds} interleaved rounds x {args.calls} calls; medians")
     print(f"  {'step':20s} {'added us':>9s} {'this step':>10s}")
     previous = 0.0
     for step in steps[1:]:
-        added = (median(results[step.name]) - base) * 1e6
+        added = (results[("one Predict", step.name)] - base) * 1e6
         delta = added if step.name.startswith("SDK") else added - previous
         print(f"  {step.name:20s} {added:9,.0f} {delta:+10,.0f}")
         if not step.name.startswith("SDK"):

@@ -19,35 +19,37 @@ Prints microseconds per program call, the added overhead and our added overhead 
 from __future__ import annotations
 
 import argparse
-import gc
 import warnings
 
 warnings.simplefilter("ignore")  # DSPy 3.4 deprecates BaseLM.forward(); the path is still what users run
 
 import wrapt  # noqa: E402
-from _common import FourModules, InProcessLM, batch_provider, dspy, median, one_predict, time_per_call  # noqa: E402
+from _common import FourModules, InProcessLM, Variant, batch_provider, dspy, interleaved, one_predict  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 
 import otel_dspy_cost  # noqa: E402
 
 
-class Variant:
-    def __init__(self, name, on, off):
-        self.name, self.on, self.off = name, on, off
-
-
-def _ours(name="otel-dspy-cost", metrics=True, **options):
+def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, **options):
+    """instrument() with an SDK MeterProvider (metrics) and an active budget (budget); processor=False
+    switches the BudgetSpanProcessor off, only to measure its share (benchmarks/breakdown.py)."""
     state = {}
 
     def on():
         meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if metrics else None
         otel_dspy_cost.instrument(tracer_provider=batch_provider(), meter_provider=meter_provider,
                                   unknown_model="warn", **options)
-        state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
+        if not processor:
+            from otel_dspy_cost import _runtime
+
+            _runtime.active().processor.enabled = False
+        if budget:
+            state["budget"] = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
 
     def off():
-        state.pop("budget").__exit__(None, None, None)
+        if "budget" in state:
+            state.pop("budget").__exit__(None, None, None)
         otel_dspy_cost.uninstrument()
 
     return Variant(name, on, off)
@@ -119,26 +121,15 @@ def main() -> None:
     dspy.configure(lm=InProcessLM())
     programs = {"one Predict": one_predict(), "4-module program": FourModules()}
     vs = variants()
-    results = {(p, v.name): [] for p in programs for v in vs}
-    for _ in range(args.rounds):
-        for v in vs:
-            v.on()
-            try:
-                for pname, program in programs.items():
-                    time_per_call(lambda i, program=program: program(question=f"warm {i}"), 20)
-                    gc.collect()
-                    results[(pname, v.name)].append(
-                        time_per_call(lambda i, program=program: program(question=f"question {i}"), args.calls))
-            finally:
-                v.off()
+    results = interleaved(vs, programs, args.calls, args.rounds)
     print(f"dspy {dspy.__version__}; {args.rounds} interleaved rounds x {args.calls} calls; median per program call")
     for pname in programs:
-        base = median(results[(pname, "baseline")])
+        base = results[(pname, "baseline")]
         print(f"\n{pname}: baseline {base * 1e6:,.0f} us/call")
         print(f"  {'variant':18s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
         added = {}
         for v in vs:
-            t = median(results[(pname, v.name)])
+            t = results[(pname, v.name)]
             added[v.name] = t - base
             print(f"  {v.name:18s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
         # genai-dspy wraps only dspy.LM.__call__ (no span for a BaseLM subclass like this LM, no cost):
