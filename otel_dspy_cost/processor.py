@@ -58,6 +58,14 @@ class _Node:
         self.model = ""
         self.optimizer = ""
 
+    def rollup_attributes(self) -> dict[str, Any]:
+        """The subtree's totals as span attributes (read under the processor's lock)."""
+        attrs: dict[str, Any] = {A.TOTAL_USD: self.usd, A.TOTAL_ECONOMIC_USD: self.econ, A.TOTAL_INPUT_TOKENS: self.inp,
+                                 A.TOTAL_OUTPUT_TOKENS: self.out, A.LM_CALLS: self.calls}
+        if self.unknown:
+            attrs[A.TOTAL_UNKNOWN_CALLS] = self.unknown
+        return attrs
+
 
 def _is_lm(attrs: Any) -> bool:
     return attrs.get(A.SPAN_KIND) == "lm" or attrs.get(A.GEN_AI_OPERATION) in A.LM_OPERATIONS
@@ -297,8 +305,8 @@ class BudgetSpanProcessor(SpanProcessor):
             if node is None or not node.calls:
                 return
             with self._lock:
-                values = (node.usd, node.econ, node.inp, node.out, node.calls, node.unknown)
-            span.set_attributes(_rollup_attributes(values))
+                attrs = node.rollup_attributes()
+            span.set_attributes(attrs)
         except Exception:
             self._internal_error("write_rollup")
 
@@ -319,22 +327,13 @@ class BudgetSpanProcessor(SpanProcessor):
             parent.out += node.out
             parent.calls += node.calls
             parent.unknown += node.unknown
-            values = (parent.usd, parent.econ, parent.inp, parent.out, parent.calls, parent.unknown)
+            attrs = parent.rollup_attributes()
         span = parent.span
         if span is None:
             return
         if not parent.deferred:
-            span.set_attributes(_rollup_attributes(values))
+            span.set_attributes(attrs)
         for budget_, kind in fired:
             span.add_event(f"dspy.budget.{kind}", {A.BUDGET_LABEL: budget_.label,
                                                    "dspy.budget.spent_usd": budget_.spent_usd,
                                                    "dspy.budget.limit_usd": budget_.limit_usd or 0.0})
-
-
-def _rollup_attributes(values: tuple[float, float, int, int, int, int]) -> dict[str, Any]:
-    usd, econ, inp, out, calls, unknown = values
-    attrs: dict[str, Any] = {A.TOTAL_USD: usd, A.TOTAL_ECONOMIC_USD: econ, A.TOTAL_INPUT_TOKENS: inp,
-                             A.TOTAL_OUTPUT_TOKENS: out, A.LM_CALLS: calls}
-    if unknown:
-        attrs[A.TOTAL_UNKNOWN_CALLS] = unknown
-    return attrs
