@@ -5,10 +5,12 @@
     with otel_dspy_cost.budget(limit_usd=5.0, label="compile") as b:
         optimizer.compile(program, trainset=train)
 
-Data flow: DSPy call points (wrappers, `_dspy_patches`; optimizer trials, `_optimizers`) -> spans
-with GenAI usage and cost (`_lm_span`, `pricing`) -> `BudgetSpanProcessor` (reservations in a ledger,
-`_ledger` / `_shared_ledgers`; roll-ups; spend report; metrics, `_metrics`) -> the tracer provider's
-exporters (and `artifacts.record_run`'s cost log). See docs/architecture.md.
+Data flow: DSPy call points (wrappers, `_dspy_patches`; threads, `_threads`; optimizer trials,
+`_optimizers`) -> one `LMCall` per provider call (`_lm_span`) -> the accounting station (`_accounting`:
+worst case priced by `_costing`/`pricing`, reserved in each budget's ledger, `_ledger` /
+`_shared_ledgers`, then settled; spend report, metrics `_metrics`, `record_run`'s cost log) -> the span
+(`BudgetSpanProcessor`: roll-up tree, and the budget gate for other instrumentations' LM spans) -> the
+tracer provider's exporters. See docs/architecture.md.
 """
 
 import os as _os
@@ -21,6 +23,7 @@ from .artifacts import record_run  # noqa: E402
 from .budget import (  # noqa: E402
     Budget,
     BudgetExceededError,
+    ForkedBudgetError,
     LedgerUnavailableError,
     ScopeExhaustedError,
     UnpricedModelError,
@@ -40,6 +43,7 @@ __all__ = [
     "CompileResult",
     "DSPyCostInstrumentor",
     "Estimate",
+    "ForkedBudgetError",
     "LedgerUnavailableError",
     "NothingUsableError",
     "ScopeExhaustedError",

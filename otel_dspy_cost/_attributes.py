@@ -43,6 +43,7 @@ GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+GEN_AI_REQUEST_CHOICE_COUNT = "gen_ai.request.choice.count"
 GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
@@ -57,6 +58,7 @@ ERROR_TYPE = "error.type"
 CACHE_HIT = "dspy.cache_hit"
 USAGE_MISSING = "dspy.usage.missing"
 INPUT_TOKENS_BOUND = "dspy.request.input_tokens_bound"  # worst-case prompt tokens, set at span start
+LM_OUTCOME = "dspy.lm.outcome"  # ok|unknown|rejected|refused
 
 # --- cost on LM spans -------------------------------------------------------------------------
 COST_USD = "dspy.cost.usd"
@@ -67,9 +69,11 @@ COST_OUTPUT_USD = "dspy.cost.output_usd"
 COST_REASONING_USD = "dspy.cost.reasoning_usd"
 COST_ESTIMATED = "dspy.cost.estimated"
 COST_UNKNOWN = "dspy.cost.unknown"
+COST_ESTIMATE_REASON = "dspy.cost.estimate_reason"  # usage missing | timeout | cancelled | connection | error: <type>
 PRICING_SOURCE = "dspy.pricing.source"
 PRICING_VERSION = "dspy.pricing.version"
 PRICING_TIER = "dspy.pricing.tier"
+PRICING_TIER_MISSING = "dspy.pricing.tier_missing"  # the tier asked for, absent for this model: standard rates used
 OPENINFERENCE_COST_TOTAL = "llm.cost.total"
 
 # --- roll-up on every ancestor span ------------------------------------------------------------

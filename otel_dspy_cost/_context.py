@@ -1,15 +1,15 @@
-"""Run state that follows the code path: active budgets, phase, optimizer trial.
+"""Run state that follows the code path, in one place: every ContextVar this package uses lives here.
 
-One ContextVar holds an immutable snapshot, so async tasks inherit it for free and DSPy's worker
-threads inherit it through the ParallelExecutor patch (which carries this and the OTel context).
+Why one module: threads started by the user, DSPy's worker pool and our own hand-offs carry run state
+as one `contextvars.copy_context()` (see `_threads`), so nothing can be forgotten in a list of
+variables to copy. Async tasks inherit the context for free.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RunContext:
+    """Budgets in force, phase and optimizer trial of the code running now (immutable: replace, don't edit)."""
+
     budgets: tuple[Budget, ...] = ()
     phase: str = "infer"
     optimizer: str | None = None
@@ -28,21 +30,45 @@ class RunContext:
 # RunContext is frozen, so a shared default instance is safe.
 _RUN: contextvars.ContextVar[RunContext] = contextvars.ContextVar(
     "otel_dspy_cost_run", default=RunContext())  # noqa: B039
+# (module instance, module path) of the innermost DSPy module being called: the parent for paths.
+CURRENT_MODULE: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+    "otel_dspy_cost_module", default=None)
+# The LM call in progress (an `_accounting.LMCall`): DSPy's finalisation hooks fill in its usage.
+CURRENT_CALL: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_lm_call", default=None)
+# Inside an adapter format/parse span: a nested twin (a subclass calling super()) makes no second span.
+IN_ADAPTER_OP: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_dspy_cost_adapter_op", default=False)
+# ids of the optimizers whose compile is running here: super().compile() makes no second span.
+IN_COMPILE: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("otel_dspy_cost_compile", default=())
+# Per Evaluate call: [examples whose program call raised] (Evaluate scores them as failures and goes on).
+EVAL_ERRORS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("otel_dspy_cost_eval_errors",
+                                                                              default=None)
+# The optimizer run (`_optimizers.CompileRun`) and the trial span open here.
+COMPILE_RUN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_compile_run", default=None)
+TRIAL_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_trial_span", default=None)
 
 
 def current() -> RunContext:
     return _RUN.get()
 
 
-@contextmanager
-def pushed(**changes: Any) -> Iterator[RunContext]:
-    state = dataclasses.replace(_RUN.get(), **changes)
-    token = _RUN.set(state)
-    try:
-        yield state
-    finally:
-        _RUN.reset(token)
-
-
 def var() -> contextvars.ContextVar[RunContext]:
     return _RUN
+
+
+# -- fork ------------------------------------------------------------------------------------------------
+# Bumped in every child right after os.fork(): an in-process budget remembers the generation it was made
+# in, so a forked child can tell that its copy of the ledger is not the one the parent counts in.
+_fork_generation = 0
+
+
+def fork_generation() -> int:
+    return _fork_generation
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,12 +10,13 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from ._catalog_edit import add_entry
 from ._cost import UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd
 from .budget import UnpricedModelError
-from .pricing import PriceEntry, PricingResolver, UnknownModelError, user_catalog_path
+from .pricing import PriceEntry, PricingResolver, Rates, UnknownModelError, split_model, user_catalog_path
 
 logger = logging.getLogger("otel_dspy_cost.pricing")
 
@@ -31,14 +32,25 @@ def default_policy() -> str:
 
 
 class CostEngine:
+    """Prices calls for one instrumentation: policy for unknown models, the tier in use, warnings said once.
+
+    `unknown_model_price` ({"input": R, "output": R, ...} USD per 1M tokens) is an explicit fallback price
+    for models with no known price; without it an unpriced model has no worst case, and a USD budget
+    refuses the call (see `_accounting`).
+    """
+
     def __init__(self, resolver: PricingResolver, *, unknown_model: str | None = None, tier: str | None = None,
-                 user_catalog: str | os.PathLike[str] | None = None):
+                 user_catalog: str | os.PathLike[str] | None = None,
+                 unknown_model_price: Mapping[str, float] | None = None):
         policy = unknown_model or default_policy()
         if policy not in POLICIES:
             raise ValueError(f"unknown_model must be one of {POLICIES}, not {policy!r}")
         self.resolver = resolver
         self.policy = policy
         self.tier = tier
+        self.fallback_rates = _fallback_rates(unknown_model_price)
+        # Models whose entry lacks the requested tier: priced at their standard rates (said once, and on spans).
+        self.tier_missing: set[str] = set()
         self.user_catalog = Path(user_catalog) if user_catalog else user_catalog_path()
         self._lock = threading.Lock()
         self._said: set[tuple[str, str]] = set()
@@ -65,11 +77,25 @@ class CostEngine:
             entry: PriceEntry | None = self.resolver.lookup(model, tier=self.tier)
         except UnknownModelError as exc:
             entry = self._unknown(model, exc)
+        except KeyError:  # the entry has no such tier: its standard rates, said once and marked on spans
+            entry = self.resolver.lookup(model)
+            with self._lock:
+                self.tier_missing.add(model)
+            self._once("tier", model, "%s has no %r tier price; its standard rates are used "
+                       "(dspy.pricing.tier_missing on its spans).", model, self.tier)
         with self._lock:
             self._entries[model] = entry
         return entry
 
+    def tier_for(self, model: str) -> str | None:
+        """The tier a call to `model` is priced at: the configured one, unless the model lacks it."""
+        return None if model in self.tier_missing else self.tier
+
     def _unknown(self, model: str, exc: UnknownModelError) -> PriceEntry | None:
+        if self.fallback_rates is not None:
+            self._once("fallback", model, "%s It is priced at the unknown_model_price fallback "
+                       "(dspy.pricing.source=fallback).", exc)
+            return _fallback_entry(model, self.fallback_rates)
         policy = self.policy
         if policy == "prompt":
             if sys.stdin is not None and sys.stdin.isatty() and not os.environ.get("CI"):
@@ -104,16 +130,18 @@ class CostEngine:
             return UNKNOWN_COST
         if entry is None:
             return UNKNOWN_COST
-        return compute_cost(usage, entry, tier=self.tier, cache_hit=cache_hit)
+        return compute_cost(usage, entry, tier=self.tier_for(model), cache_hit=cache_hit)
 
-    def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None) -> tuple[float, str | None]:
-        """(USD to reserve, the term that dominates it) for a call about to be made."""
+    def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None, n: int = 1
+                   ) -> tuple[float | None, str | None]:
+        """(USD to reserve, the term that dominates it) for a call about to be made; (None, None) when no
+        price is known. `n` completions are `n` times the output part."""
         entry = self.entry_for(model)
         if entry is None:
-            return 0.0, None
+            return None, None
         unset = max_tokens is None
         out = max_tokens if max_tokens is not None else (entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
-        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out, self.tier)
+        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out * max(1, n), self.tier_for(model))
         if unset and out_part >= in_part:
             term = "max_tokens_unset"
         else:
@@ -123,6 +151,26 @@ class CostEngine:
     def warn_estimated(self, model: str) -> None:
         self._once("estimated", model, "Provider reported no token usage for %s: tokens were estimated from the text "
                    "(dspy.cost.estimated=true).", model)
+
+
+def _fallback_rates(price: Mapping[str, float] | None) -> Rates | None:
+    if price is None:
+        return None
+    unknown = set(price) - {"input", "cached_input", "cache_write", "output", "reasoning"}
+    if unknown or "input" not in price or "output" not in price:
+        raise ValueError("unknown_model_price needs 'input' and 'output' (USD per 1M tokens) and may add "
+                         f"'cached_input', 'cache_write', 'reasoning'; got {sorted(price)}")
+    return Rates(**{k: float(v) for k, v in price.items()})
+
+
+def _fallback_entry(model: str, rates: Rates) -> PriceEntry:
+    import datetime as dt
+
+    provider, name = split_model(model)
+    return PriceEntry(provider=provider or "unknown", model=name, variant="default", price_version=0,
+                      effective_at=dt.datetime(1970, 1, 1, tzinfo=dt.UTC), expires_at=None, currency="USD",
+                      rates=rates, tiers={}, long_context_threshold=None, long_context_rates=None,
+                      max_output_tokens=None, source="fallback", catalog_version="fallback")
 
 
 def _load_user(path: Path):

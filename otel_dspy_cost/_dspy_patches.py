@@ -19,19 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 import wrapt
-from opentelemetry import context as otel_context
 
 from . import _attributes as A
-from . import _context, _lm_span, _optimizers, _runtime
-from ._spans import CURRENT_MODULE, finish, internal_error, start
+from . import _context, _lm_span, _optimizers, _redact, _runtime, _threads
+from ._context import CURRENT_MODULE
+from ._context import EVAL_ERRORS as _EVAL_ERRORS
+from ._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
+from ._context import IN_COMPILE as _IN_COMPILE
+from ._spans import finish, internal_error, record_error, start
+from .processor import take_over_current
 
 logger = logging.getLogger("otel_dspy_cost")
-
-_IN_ADAPTER_OP: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_dspy_cost_adapter_op", default=False)
-_IN_COMPILE: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("otel_dspy_cost_compile", default=())
-# Per Evaluate call: [examples whose program call raised] (Evaluate scores them as failures and goes on).
-_EVAL_ERRORS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("otel_dspy_cost_eval_errors",
-                                                                               default=None)
 
 
 class _OurWrapper(wrapt.FunctionWrapper):
@@ -218,37 +216,75 @@ def _module_end(state, result, exc):
 
 
 def _lm_begin(instance, args, kwargs):
+    """Admission: the call is priced and its worst case reserved before DSPy sends anything.
+
+    The span is made first (so a refused call is still visible), but the money path does not depend on
+    it: a sampled-out, no-op or foreign span changes nothing here."""
     rt = _runtime.active()
-    current = _lm_span.CURRENT_CALL.get()
-    if rt is None or (current is not None and current.lm is instance):  # a subclass calling super(): one span
+    current = _context.CURRENT_CALL.get()
+    if rt is None or (current is not None and current.lm is instance):  # a subclass calling super(): one call
         return None
     try:
         prompt = kwargs.get("prompt", args[0] if args else None)
         messages = kwargs.get("messages")
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
-        attrs = _lm_span.start_attributes(rt, instance, prompt, messages, call_kwargs)
-        model = attrs[A.GEN_AI_REQUEST_MODEL]
+        call, merged = _lm_span.new_call(instance, prompt, messages, call_kwargs)
+        take_over_current()  # a foreign LM span around this call gives its reservation back: this one counts
+        attrs = _lm_span.start_attributes(rt, call, merged, prompt, messages)
+        span, token = start(rt.tracer, f"{call.operation} {call.model}", attrs)
     except Exception:
         internal_error("LM span start")
         return None
-    # The budget processor may refuse here, before any request: that stop propagates on purpose.
-    span, token = start(rt.tracer, f"{attrs[A.GEN_AI_OPERATION]} {model}", attrs)
-    rec = _lm_span.LMCallRecord(instance)
-    return rt, span, token, rec, _lm_span.CURRENT_CALL.set(rec), model, prompt, messages
+    try:
+        ctx = span.get_span_context()
+        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+        rt.accountant.admit(call)  # the deliberate stops (budget, unpriced model) propagate from here
+    except BaseException as stop:
+        _refused(span, token, stop)
+        raise
+    try:
+        if call.budgets and span.is_recording():
+            span.set_attributes(_lm_span.admitted_attributes(call))
+    except Exception:
+        internal_error("LM span start")
+    return rt, span, token, call, _context.CURRENT_CALL.set(call), prompt, messages
+
+
+def _refused(span, token, stop: BaseException) -> None:
+    """The call will not be made: end its span marked refused (a bug of ours here is logged, not raised)."""
+    try:
+        if span.is_recording():
+            span.set_attributes({A.BUDGET_REFUSED: True, A.LM_OUTCOME: "refused"})
+        record_error(span, stop)
+    except Exception:
+        internal_error("LM span refusal")
+    finish(span, token, None)
 
 
 def _lm_end(state, result, exc):
-    rt, span, token, rec, rec_token, model, prompt, messages = state
-    _lm_span.CURRENT_CALL.reset(rec_token)
+    rt, span, token, call, call_token, prompt, messages = state
+    _context.CURRENT_CALL.reset(call_token)
     try:
-        if exc is not None and not rec.captured:
-            # The provider call failed before usage was known: nothing billed that we can see.
-            span.set_attributes({A.USAGE_MISSING: True, A.CACHE_HIT: False, A.COST_USD: 0.0,
-                                 A.COST_ECONOMIC_USD: 0.0, A.GEN_AI_INPUT_TOKENS: 0, A.GEN_AI_OUTPUT_TOKENS: 0})
+        if exc is not None and not call.captured:
+            _redact.remember_lm(call.lm)  # a provider may echo the key in its error: scrub it everywhere
+            _lm_span.price_failure(rt.engine, call, exc)
         else:
-            figures = _lm_span.end_attributes(rt, span, rec, model, prompt, messages, result)
+            _lm_span.price(rt, call, prompt, messages, result)
+    except Exception:
+        internal_error("LM call pricing")
+    try:
+        rt.accountant.settle(call)
+    except Exception:
+        internal_error("LM call settlement")
+    try:
+        if span.is_recording():
+            span.set_attributes(_lm_span.end_attributes(rt, call, result))
+            for budget_, kind in call.fired:
+                span.add_event(f"dspy.budget.{kind}", {A.BUDGET_LABEL: budget_.label,
+                                                       "dspy.budget.spent_usd": budget_.spent_usd,
+                                                       "dspy.budget.limit_usd": budget_.limit_usd or 0.0})
             if rt.processor is not None:
-                rt.processor.note_call_cost(span, figures)
+                rt.processor.note_call(span, call)
     except Exception:
         internal_error("LM span end")
     finish(span, token, exc)
@@ -414,27 +450,13 @@ _COMPILE_SPAN = _around(_compile_begin, _compile_end)
 
 
 def _parallel_execute(wrapped, instance, args, kwargs):
-    """Carry the OTel context and our context vars into each task: DSPy's pool does not copy them."""
+    """Carry the OTel context and our run state into each task: DSPy's pool does not copy contextvars."""
     if _runtime.active() is None:
         return wrapped(*args, **kwargs)
     try:
         function = kwargs.pop("function") if "function" in kwargs else args[0]
         rest = args[1:] if args and args[0] is function else args
-        otel_ctx = otel_context.get_current()
-        carried = [(var, var.get()) for var in (_context.var(), CURRENT_MODULE, _IN_COMPILE, _EVAL_ERRORS,
-                                                _optimizers.COMPILE_RUN, _optimizers.TRIAL_SPAN)]
-
-        def in_context(item):
-            token = otel_context.attach(otel_ctx)
-            tokens = [(var, var.set(value)) for var, value in carried]
-            try:
-                return function(item)
-            finally:
-                for var, t in reversed(tokens):
-                    var.reset(t)
-                otel_context.detach(token)
-
-        in_context.__name__ = getattr(function, "__name__", "in_context")
+        in_context = _threads.carried(function)
     except Exception:
         internal_error("parallel context")
         return wrapped(*args, **kwargs)
@@ -546,6 +568,7 @@ def apply(*, adapter_spans: bool = True) -> None:
     if isinstance(embeddings, type):
         _patches.wrap(embeddings, "__call__", retrieve_span)
     _patches.wrap(ParallelExecutor, "execute", _parallel_execute)
+    _threads.apply(_patches.wrap)
 
     # Usage capture on DSPy 3.4: private, so feature-detected and optional.
     try:

@@ -1,44 +1,34 @@
-"""The LM call span: GenAI request attributes at start, usage and cost at the end.
+"""One LM call as an `LMCall`: its request bounds before the call, its usage and cost after, its span attributes.
 
 Usage comes from DSPy's own finalisation step (3.4: `execution.finalize`; 3.3:
-`BaseLM._process_lm_response` / `_finalize_lm_response`), captured into a per-call record held in
+`BaseLM._process_lm_response` / `_finalize_lm_response`), captured into the call in progress held in
 a ContextVar, because `on_lm_end` carries no usage and `lm.history[-1]` is racy across threads.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
 from typing import Any
 
 from . import _attributes as A
 from . import _context, _optimizers, _redact
-from ._cost import CallCost, Usage, estimate_tokens, usage_from_openai
+from ._accounting import OK, REJECTED, LMCall, classify_failure
+from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, usage_from_openai
 from ._runtime import Runtime
-from ._spans import CURRENT_MODULE
+
+# Tokens an image may cost at most, per image part of a prompt (OpenAI's high-detail tiling of a
+# 2048 px image and Anthropic's 1.15 MP cap both stay well below this; base64 bytes are counted too).
+IMAGE_TOKENS_BOUND = 6_000
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+# Request kwargs the provider turns into prompt tokens besides the messages.
+_SCHEMA_KWARGS = ("tools", "functions", "tool_choice", "response_format")
 
 _PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
               "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "groq": "groq", "mistral": "mistral_ai",
               "deepseek": "deepseek", "xai": "x_ai", "cohere": "cohere", "perplexity": "perplexity",
               "databricks": "databricks", "ollama": "ollama", "ollama_chat": "ollama"}
 _OPERATIONS = {"chat": "chat", "text": "text_completion", "responses": "chat"}
-
-
-@dataclasses.dataclass
-class LMCallRecord:
-    lm: Any
-    usage: Usage | None = None
-    original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
-    original_cost: float | None = None  # of a DSPy cache hit whose usage DSPy cleared: the cached cost
-    cache_hit: bool = False
-    response_model: str | None = None
-    finish_reasons: tuple[str, ...] = ()
-    captured: bool = False
-
-
-CURRENT_CALL: contextvars.ContextVar[LMCallRecord | None] = contextvars.ContextVar(
-    "otel_dspy_cost_lm_call", default=None)
 
 
 def _text_len(value: Any) -> int:
@@ -53,15 +43,41 @@ def _text_len(value: Any) -> int:
     return len(str(value).encode("utf-8", "ignore"))
 
 
-def input_tokens_bound(prompt: Any, messages: Any) -> int:
-    """An upper bound on prompt tokens: every token is at least one UTF-8 byte, plus chat overhead.
+def _images(value: Any) -> int:
+    if isinstance(value, dict):
+        own = 1 if value.get("type") in _IMAGE_PARTS else 0
+        return own + sum(_images(v) for v in value.values() if isinstance(v, (list, dict)))
+    if isinstance(value, (list, tuple)):
+        return sum(_images(v) for v in value)
+    return 0
+
+
+def input_tokens_bound(prompt: Any, messages: Any, request: dict[str, Any] | None = None) -> int:
+    """An upper bound on prompt tokens: every token is at least one UTF-8 byte, plus chat overhead, plus
+    tool/function and response-format schemas, plus `IMAGE_TOKENS_BOUND` per image.
 
     A tokenizer count would be tighter but is model-specific (and tiktoken fetches its tables online);
     a bound is what keeps the no-overshoot guarantee true for every provider.
     """
     msgs = messages if messages is not None else [prompt]
     count = len(msgs) if isinstance(msgs, list) else 1
-    return _text_len(msgs) + 8 * count + 16
+    bound = _text_len(msgs) + 8 * count + 16
+    if isinstance(msgs, list) and msgs and not isinstance(msgs[0], str):
+        bound += IMAGE_TOKENS_BOUND * _images(msgs)
+    if request:
+        for key in _SCHEMA_KWARGS:
+            value = request.get(key)
+            if value:  # schemas count their keys too: json text, as the provider receives it
+                bound += len(json.dumps(value, default=str).encode("utf-8", "ignore")) + 16
+    return bound
+
+
+def _completions(request: dict[str, Any]) -> int:
+    for key in ("n", "num_generations", "candidate_count"):
+        value = request.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return 1
 
 
 def provider_of(model: str) -> str:
@@ -70,33 +86,46 @@ def provider_of(model: str) -> str:
     return "openai"
 
 
-def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tuple[LMCall, dict[str, Any]]:
+    """The call about to be made, with everything admission needs; also the merged request kwargs."""
     model = str(getattr(lm, "model", "") or type(lm).__name__)
     lm_kwargs = getattr(lm, "kwargs", None) or {}
-    merged = {**lm_kwargs, **kwargs}
+    merged = {**lm_kwargs, **kwargs} if kwargs else lm_kwargs
     max_tokens = merged.get("max_tokens") or merged.get("max_completion_tokens") or merged.get("max_output_tokens")
     state = _context.current()
+    module = _context.CURRENT_MODULE.get()
+    call = LMCall(
+        model=model, provider=provider_of(model),
+        operation=_OPERATIONS.get(getattr(lm, "model_type", "chat"), "chat"),
+        input_tokens_bound=input_tokens_bound(prompt, messages, merged),
+        max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
+        n=_completions(merged), module=module[1] if module is not None else "", phase=state.phase,
+        optimizer=state.optimizer or "", trial=state.trial, role=_optimizers.role_for(lm) or state.lm_role,
+        budgets=state.budgets, lm=lm)
+    return call, merged
+
+
+def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: Any, messages: Any
+                     ) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        A.SPAN_KIND: "lm",
-        A.GEN_AI_OPERATION: _OPERATIONS.get(getattr(lm, "model_type", "chat"), "chat"),
-        A.GEN_AI_PROVIDER: provider_of(model), A.GEN_AI_REQUEST_MODEL: model,
-        A.INPUT_TOKENS_BOUND: input_tokens_bound(prompt, messages), A.PHASE: state.phase,
+        A.SPAN_KIND: "lm", A.GEN_AI_OPERATION: call.operation, A.GEN_AI_PROVIDER: call.provider,
+        A.GEN_AI_REQUEST_MODEL: call.model, A.INPUT_TOKENS_BOUND: call.input_tokens_bound, A.PHASE: call.phase,
     }
-    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
-        attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+    if call.max_tokens is not None:
+        attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = call.max_tokens
+    if call.n > 1:
+        attrs[A.GEN_AI_REQUEST_CHOICE_COUNT] = call.n
     temperature = merged.get("temperature")
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
         attrs[A.GEN_AI_REQUEST_TEMPERATURE] = float(temperature)
-    module = CURRENT_MODULE.get()
-    if module is not None:
-        attrs[A.MODULE_PATH] = module[1]
-    if state.trial is not None:
-        attrs[A.OPTIMIZER_TRIAL] = state.trial
-    if state.optimizer:
-        attrs[A.OPTIMIZER_NAME] = state.optimizer
-    role = _optimizers.role_for(lm) or state.lm_role
-    if role:
-        attrs[A.LM_ROLE] = role
+    if call.module:
+        attrs[A.MODULE_PATH] = call.module
+    if call.trial is not None:
+        attrs[A.OPTIMIZER_TRIAL] = call.trial
+    if call.optimizer:
+        attrs[A.OPTIMIZER_NAME] = call.optimizer
+    if call.role:
+        attrs[A.LM_ROLE] = call.role
     server = _redact.server_address(merged.get("api_base") or merged.get("base_url"))
     if server:
         attrs["server.address"] = server[0]
@@ -109,33 +138,72 @@ def start_attributes(rt: Runtime, lm: Any, prompt: Any, messages: Any, kwargs: d
     return attrs
 
 
-def end_attributes(rt: Runtime, span: Any, rec: LMCallRecord, model: str, prompt: Any, messages: Any,
-                   outputs: Any) -> tuple[CallCost, Usage, bool, bool]:
-    """Usage, cost and response attributes; estimates tokens when the provider reported none.
+def admitted_attributes(call: LMCall) -> dict[str, Any]:
+    if not call.budgets:
+        return {}
+    return {A.BUDGET_RESERVED_USD: call.reserved_usd, A.BUDGET_LABEL: ",".join(call.budget_labels)}
 
-    Returns (cost, billed usage, cache hit, estimated): the figures the attributes say, for the processor."""
-    attrs: dict[str, Any] = {A.CACHE_HIT: rec.cache_hit}
-    usage = rec.usage
-    estimated = False
-    missing = usage is None and not rec.cache_hit
+
+def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -> None:
+    """Usage and cost of a call the provider answered; tokens estimated when it reported none."""
+    usage = call.usage
+    missing = usage is None and not call.cache_hit
     if missing:
-        estimated = True
+        call.estimated = True
+        call.estimate_reason = "usage missing"
         usage = Usage(input_tokens=estimate_tokens(_text_len(messages if messages is not None else prompt)),
                       output_tokens=estimate_tokens(_text_len(outputs)))
-        rt.engine.warn_estimated(model)
-    attrs[A.USAGE_MISSING] = missing
-    billed = usage if not rec.cache_hit else Usage()
-    attrs.update({A.GEN_AI_INPUT_TOKENS: billed.input_tokens, A.GEN_AI_OUTPUT_TOKENS: billed.output_tokens,
-                  A.GEN_AI_CACHE_READ_TOKENS: billed.cache_read_tokens,
-                  A.GEN_AI_CACHE_CREATION_TOKENS: billed.cache_creation_tokens,
-                  A.GEN_AI_REASONING_TOKENS: billed.reasoning_tokens})
-    priced = usage if not rec.cache_hit else (rec.original_usage or Usage())
-    cost: CallCost = rt.engine.cost(model, priced, cache_hit=rec.cache_hit)
-    if rec.cache_hit and rec.original_usage is None and rec.original_cost and not cost.unknown:
+        rt.engine.warn_estimated(call.model)
+    call.usage_missing = missing
+    call.billed = usage if not call.cache_hit else Usage()
+    priced = usage if not call.cache_hit else (call.original_usage or Usage())
+    cost: CallCost = rt.engine.cost(call.model, priced, cache_hit=call.cache_hit)
+    if call.cache_hit and call.original_usage is None and call.original_cost and not cost.unknown:
         # DSPy 3.3 clears usage on a cache hit but keeps the first call's cost: that is the economic cost.
-        cost = dataclasses.replace(cost, economic_usd=float(rec.original_cost))
-    attrs[A.COST_ESTIMATED] = estimated
-    if cost.unknown:
+        cost = dataclasses.replace(cost, economic_usd=float(call.original_cost))
+    call.cost = cost
+    call.outcome = OK
+
+
+def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
+    """A call that raised: a provider's client error costs nothing; any other outcome is unknown, so the
+    call is settled at the worst case reserved for it (marked estimated, with the reason)."""
+    outcome, reason = classify_failure(exc)
+    call.outcome = outcome
+    call.error_type = type(exc).__qualname__
+    call.usage_missing = True
+    if outcome == REJECTED:
+        call.cost = dataclasses.replace(UNKNOWN_COST, unknown=False, source="none", version=0)
+        return
+    call.estimated = True
+    call.estimate_reason = reason
+    amount = call.reserved_usd
+    if not call.budgets:  # nothing was reserved: the same worst case, priced now
+        try:
+            worst, _ = engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+        except BaseException:  # noqa: BLE001 - an unknown price after the fact is an unknown cost, never a stop
+            worst = None
+        if worst is None:
+            call.cost = UNKNOWN_COST
+            return
+        amount = worst
+    call.cost = CallCost(amount, amount, 0.0, 0.0, 0.0, 0.0, "worst_case", 0, None)
+
+
+def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
+    """Usage, cost, outcome and response attributes of a settled call."""
+    billed = call.billed
+    attrs: dict[str, Any] = {
+        A.CACHE_HIT: call.cache_hit, A.USAGE_MISSING: call.usage_missing, A.COST_ESTIMATED: call.estimated,
+        A.LM_OUTCOME: call.outcome,
+        A.GEN_AI_INPUT_TOKENS: billed.input_tokens, A.GEN_AI_OUTPUT_TOKENS: billed.output_tokens,
+        A.GEN_AI_CACHE_READ_TOKENS: billed.cache_read_tokens,
+        A.GEN_AI_CACHE_CREATION_TOKENS: billed.cache_creation_tokens,
+        A.GEN_AI_REASONING_TOKENS: billed.reasoning_tokens}
+    if call.estimate_reason:
+        attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
+    cost = call.cost
+    if cost is None or cost.unknown:
         attrs[A.COST_UNKNOWN] = True
         attrs[A.PRICING_SOURCE] = "unknown"
     else:
@@ -145,15 +213,16 @@ def end_attributes(rt: Runtime, span: Any, rec: LMCallRecord, model: str, prompt
                       A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: cost.usd})
         if cost.tier:
             attrs[A.PRICING_TIER] = cost.tier
-    if rec.response_model:
-        attrs[A.GEN_AI_RESPONSE_MODEL] = rec.response_model
-    if rec.finish_reasons:
-        attrs[A.GEN_AI_FINISH_REASONS] = list(rec.finish_reasons)
+    if rt.engine.tier and call.model in rt.engine.tier_missing:
+        attrs[A.PRICING_TIER_MISSING] = rt.engine.tier
+    if call.response_model:
+        attrs[A.GEN_AI_RESPONSE_MODEL] = call.response_model
+    if call.finish_reasons:
+        attrs[A.GEN_AI_FINISH_REASONS] = list(call.finish_reasons)
     if rt.capture_content and outputs is not None:
-        secrets = _redact.secrets_of(getattr(rec.lm, "kwargs", None) or {})
+        secrets = _redact.secrets_of(getattr(call.lm, "kwargs", None) or {})
         attrs[A.GEN_AI_OUTPUT_MESSAGES] = _redact.scrub(json.dumps(outputs, default=str), secrets)
-    span.set_attributes(attrs)
-    return cost, billed, rec.cache_hit, estimated
+    return attrs
 
 
 # -- usage capture from DSPy's finalisation (version specific, feature-detected) ---------------------
@@ -162,16 +231,16 @@ def _finish_reason_list(values: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in values if v)
 
 
-def _claim(lm: Any) -> LMCallRecord | None:
-    """The record of the LM call in progress on `lm`, the first time a usage hook reports it."""
-    rec = CURRENT_CALL.get()
+def _claim(lm: Any) -> LMCall | None:
+    """The LM call in progress on `lm`, the first time a usage hook reports it."""
+    rec = _context.CURRENT_CALL.get()
     if rec is None or rec.captured or rec.lm is not lm:
         return None
     rec.captured = True
     return rec
 
 
-def _store(rec: LMCallRecord, usage: Usage | None, cache_hit: bool, cached_cost: Any) -> None:
+def _store(rec: LMCall, usage: Usage | None, cache_hit: bool, cached_cost: Any) -> None:
     """Billed usage, or for a DSPy cache hit the first call's usage (or cost, where DSPy cleared usage)."""
     rec.cache_hit = cache_hit
     if cache_hit:

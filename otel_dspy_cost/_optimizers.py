@@ -17,7 +17,6 @@ threads) numbers the trials and remembers the best candidate evaluated so far, w
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import threading
 from typing import Any
@@ -53,9 +52,8 @@ class CompileRun:
                 self.best_score, self.best_program, self.best_trial = score, program, trial
 
 
-COMPILE_RUN: contextvars.ContextVar[CompileRun | None] = contextvars.ContextVar("otel_dspy_cost_compile_run",
-                                                                                default=None)
-TRIAL_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_trial_span", default=None)
+COMPILE_RUN = _context.COMPILE_RUN  # the CompileRun of the compile running here
+TRIAL_SPAN = _context.TRIAL_SPAN
 # Runs that ended, numbered, newest last (the last few only), so guarded_compile can find the one it started.
 _finished: list[tuple[int, CompileRun]] = []
 _ended = 0

@@ -1,18 +1,38 @@
-"""Keeps credentials out of telemetry: LM kwargs are never copied wholesale, and captured content is
-scrubbed of the LM's own secrets and of common key shapes."""
+"""Keeps credentials out of everything that leaves the process: span attributes, events, status and
+exception messages and stack traces, logs, artifacts.
+
+LM kwargs are never copied wholesale. What is scrubbed: the credential values of every LM our wrapper
+has seen (api keys, header values), the password of URL userinfo, and the shapes of common provider
+keys and bearer tokens (a provider may echo a key in an error body we never saw as a kwarg).
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
+import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|credential)", re.I)
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|credential|cookie|signature)", re.I)
 _SECRET_SHAPES = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9_\-\.=]{8,}|AKIA[0-9A-Z]{16}|xox[abp]-[A-Za-z0-9\-]{8,})")
+    r"(sk-[A-Za-z0-9_\-]{8,}"  # OpenAI, Anthropic (sk-ant-), DeepSeek, OpenRouter (sk-or-)
+    r"|(?:Bearer|Basic)\s+[A-Za-z0-9_\-\.=+/]{8,}"
+    r"|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}"  # AWS access key ids
+    r"|AIza[0-9A-Za-z_\-]{20,}"  # Google API keys (Gemini)
+    r"|gsk_[A-Za-z0-9]{16,}|xai-[A-Za-z0-9]{16,}|hf_[A-Za-z0-9]{16,}|r8_[A-Za-z0-9]{16,}"  # Groq, xAI, HF, Replicate
+    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|xox[abpr]-[A-Za-z0-9\-]{8,}"
+    r"|(?:api[_-]?key|x-api-key|x-goog-api-key|access_token|password)[\"']?\s*[:=]\s*[\"']?[^\s\"',;&]{6,})",
+    re.I)
+_USERINFO = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
 REDACTED = "[REDACTED]"
+
+_known: set[str] = set()
+_known_lock = threading.Lock()
 
 
 def secrets_of(kwargs: Mapping[str, Any]) -> list[str]:
@@ -21,20 +41,77 @@ def secrets_of(kwargs: Mapping[str, Any]) -> list[str]:
     for key, value in kwargs.items():
         if isinstance(value, Mapping):
             found.extend(secrets_of(value))
-        elif isinstance(value, str) and _SECRET_KEY.search(key) and len(value) >= 4:
+        elif isinstance(value, str) and _SECRET_KEY.search(str(key)) and len(value) >= 4:
             found.append(value)
+            if " " in value:  # "Bearer <token>": the token alone may be echoed too
+                found.append(value.split(" ", 1)[1])
         elif key in ("api_base", "base_url") and isinstance(value, str):
-            userinfo = urlsplit(value).password
+            try:
+                userinfo = urlsplit(value).password
+            except ValueError:
+                userinfo = None
             if userinfo:
                 found.append(userinfo)
     return found
 
 
+def remember(secrets: Iterable[str]) -> None:
+    """Secrets to scrub from every later message (the LM's configured keys), process-wide."""
+    new = [s for s in secrets if s and len(s) >= 4 and s not in _known]
+    if new:
+        with _known_lock:
+            _known.update(new)
+
+
+def remember_lm(lm: Any) -> None:
+    try:
+        remember(secrets_of(getattr(lm, "kwargs", None) or {}))
+    except Exception:  # noqa: BLE001 - scrubbing still applies the key shapes
+        pass
+
+
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    for secret in secrets:
-        if secret:
+    for secret in (*secrets, *_known):
+        if secret and secret in text:
             text = text.replace(secret, REDACTED)
+    text = _USERINFO.sub(REDACTED + "@", text)
     return _SECRET_SHAPES.sub(REDACTED, text)
+
+
+def exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The span event attributes `record_exception` would write, scrubbed."""
+    try:
+        stack = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:  # noqa: BLE001
+        stack = ""
+    return {"exception.type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "exception.message": scrub(str(exc)), "exception.stacktrace": scrub(stack),
+            "exception.escaped": "False"}
+
+
+class ScrubbingFilter(logging.Filter):
+    """On our loggers: a record's message and traceback text are scrubbed before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            clean = scrub(message)
+            if clean != message or record.args:
+                record.msg, record.args = clean, ()
+            if record.exc_info and record.exc_info[1] is not None:
+                record.exc_text = scrub("".join(traceback.format_exception(*record.exc_info)))
+                record.exc_info = None
+        except Exception:  # noqa: BLE001 - a log line is never lost to the filter
+            pass
+        return True
+
+
+def install_log_filter() -> None:
+    """Every `otel_dspy_cost*` logger gets the filter (loggers propagate records, not filters)."""
+    for name in ("otel_dspy_cost", "otel_dspy_cost.processor", "otel_dspy_cost.budget", "otel_dspy_cost.pricing"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, ScrubbingFilter) for f in log.filters):
+            log.addFilter(ScrubbingFilter())
 
 
 def server_address(api_base: Any) -> tuple[str, int | None] | None:

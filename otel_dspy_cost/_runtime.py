@@ -1,4 +1,4 @@
-"""The one active instrumentation: its tracer, cost engine, processor and options.
+"""The one active instrumentation: its tracer, accounting station, processor and options.
 
 Wrappers read `active()` on every call, so `uninstrument()` takes effect at once even for wrapper
 objects other code still holds.
@@ -15,6 +15,7 @@ from .report import SpendAggregator
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
+    from ._accounting import Accountant
     from ._costing import CostEngine
     from .budget import Budget
     from .processor import BudgetSpanProcessor
@@ -28,7 +29,14 @@ class Runtime:
     engine: CostEngine
     processor: BudgetSpanProcessor | None
     capture_content: bool
-    metrics: Any = None  # _metrics.CostMetrics when a meter provider is available
+    accountant: Accountant
+    tracer_provider: Any = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # what instrument() was called with
+    implicit: bool = False  # set up by budget() without instrument(): accounting only, no spans exported
+
+    @property
+    def metrics(self) -> Any:
+        return self.accountant.metrics
 
 
 _active: Runtime | None = None
@@ -45,13 +53,13 @@ def set_active(runtime: Runtime | None) -> None:
 
 
 def aggregator() -> SpendAggregator:
-    if _active is not None and _active.processor is not None:
-        return _active.processor.aggregator
+    if _active is not None:
+        return _active.accountant.aggregator
     return _fallback_aggregator
 
 
 def budget_event(budget: Budget, kind: str) -> None:
-    """A warn/exceeded crossing: a metric point for alert rules (span events come from the processor)."""
+    """A warn/exceeded crossing: a metric point for alert rules (span events come from the LM wrapper)."""
     rt = _active
     if rt is None or rt.metrics is None:
         return
@@ -73,8 +81,8 @@ def watch_budget(budget: Budget) -> None:
 
 
 def wait_for_calls(timeout_s: float = 10.0) -> bool:
-    """Wait for LM calls already sent (e.g. from DSPy's worker threads when a budget stop unwound the
+    """Wait for LM calls already admitted (e.g. in DSPy's worker threads when a budget stop unwound the
     caller): they cost money and belong in the run's accounting. True when none is left in flight."""
-    if _active is None or _active.processor is None:
+    if _active is None:
         return True
-    return _active.processor.wait_for_calls(timeout_s)
+    return _active.accountant.wait_idle(timeout_s)

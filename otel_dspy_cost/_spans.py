@@ -1,4 +1,4 @@
-"""Span helpers shared by every DSPy wrapper: start a span as current, close it with error info.
+"""Span helpers shared by every DSPy wrapper: start a span as current, close it with scrubbed error info.
 
 Why wrappers and not DSPy callbacks: a single global no-op `BaseCallback` made a one-Predict call
 go from ~245 us to ~433 us here (DSPy runs `inspect.getcallargs` and makes a uuid for every hook),
@@ -8,7 +8,6 @@ fraction of that, survive `dspy.configure`, and follow deep-copied and re-loaded
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from typing import Any
 
@@ -17,13 +16,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import _attributes as A
-from . import _runtime
+from . import _redact, _runtime
 
 logger = logging.getLogger("otel_dspy_cost")
-
-# (module instance, module path) of the innermost DSPy module being called: the parent for paths.
-CURRENT_MODULE: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
-    "otel_dspy_cost_module", default=None)
 
 _said: set[str] = set()
 
@@ -43,12 +38,19 @@ def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any]) -> tuple[
     return span, token
 
 
+def record_error(span: Span, exc: BaseException) -> None:
+    """error.type, a scrubbed exception event and status: a provider may echo a key in its error text."""
+    if not span.is_recording():
+        return
+    span.set_attribute(A.ERROR_TYPE, type(exc).__qualname__)
+    span.add_event("exception", _redact.exception_attributes(exc))
+    span.set_status(Status(StatusCode.ERROR, _redact.scrub(f"{type(exc).__name__}: {exc}")[:500]))
+
+
 def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
     try:
         if exc is not None:
-            span.set_attribute(A.ERROR_TYPE, type(exc).__qualname__)
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+            record_error(span, exc)
     except Exception:
         internal_error("span error status")
     try:

@@ -1,14 +1,14 @@
-"""Run artifacts: `costs.jsonl` (one line per LM call, written by a span exporter) and `summary.json`.
+"""Run artifacts: `costs.jsonl` (one line per LM call, fed by the accounting station) and `summary.json`.
 
     with otel_dspy_cost.record_run("runs/nightly", estimate=est) as run:
         compiled = optimizer.compile(program, trainset=train)
         run.score = evaluate(compiled).score
     # runs/nightly/costs.jsonl, runs/nightly/summary.json; `otel-dspy-cost report runs/nightly`
 
-The log is written by an OpenTelemetry exporter behind a BatchSpanProcessor: the SDK's bounded queue
-keeps memory flat, lines are appended (never rewritten) and flushed per batch and at exit, and the
-file rotates at `max_bytes` keeping `backups` old files, so a long run cannot fill the disk.
-The summary is computed from the log itself, so the two always agree.
+The log is fed by the accounting station as each call settles (so sampled-out calls are in it too):
+lines are appended in batches (never rewritten) and the file rotates at `max_bytes` keeping `backups`
+old files, so a long run cannot fill the disk. The summary is computed from the log itself, so the two
+always agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from . import _attributes as A
+from ._accounting import LMCall
 from .report import SpendAggregator, spend_report
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -36,67 +38,72 @@ SUMMARY_VERSION = 1
 _MODULE_KINDS = ("module", "predictor")
 
 
-def _line(span: ReadableSpan) -> dict[str, Any]:
-    a = span.attributes or {}
+def _round(value: float | None) -> float | None:
+    """USD to 12 decimals: exact to a nano-dollar's thousandth, without float noise in the log."""
+    return None if value is None else round(value, 12)
+
+
+def _line(call: LMCall) -> dict[str, Any]:
+    cost, usage = call.cost, call.billed
+    unknown = cost is None or cost.unknown
     return {
-        "ts": _dt.datetime.fromtimestamp((span.start_time or 0) / 1e9, _dt.UTC).isoformat(),
-        "trace_id": f"{span.context.trace_id:032x}", "span_id": f"{span.context.span_id:016x}",
-        "module": a.get(A.MODULE_PATH, ""), "phase": a.get(A.PHASE, "infer"),
-        "optimizer": a.get(A.OPTIMIZER_NAME), "trial": a.get(A.OPTIMIZER_TRIAL), "role": a.get(A.LM_ROLE),
-        "model": a.get(A.GEN_AI_REQUEST_MODEL, ""), "tier": a.get(A.PRICING_TIER),
-        "input_tokens": int(a.get(A.GEN_AI_INPUT_TOKENS, 0)),
-        "cached_input_tokens": int(a.get(A.GEN_AI_CACHE_READ_TOKENS, 0)),
-        "output_tokens": int(a.get(A.GEN_AI_OUTPUT_TOKENS, 0)),
-        "reasoning_tokens": int(a.get(A.GEN_AI_REASONING_TOKENS, 0)),
-        "usd": a.get(A.COST_USD), "economic_usd": a.get(A.COST_ECONOMIC_USD),
-        "cache_hit": bool(a.get(A.CACHE_HIT, False)), "estimated": bool(a.get(A.COST_ESTIMATED, False)),
-        "unknown_cost": bool(a.get(A.COST_UNKNOWN, False)),
-        "latency_s": round(((span.end_time or 0) - (span.start_time or 0)) / 1e9, 6),
-        "pricing_source": a.get(A.PRICING_SOURCE), "pricing_version": a.get(A.PRICING_VERSION),
-        "budget": a.get(A.BUDGET_LABEL), "error": a.get(A.ERROR_TYPE),
+        "ts": _dt.datetime.fromtimestamp(call.ts or time.time(), _dt.UTC).isoformat(),
+        "trace_id": f"{call.trace_id:032x}", "span_id": f"{call.span_id:016x}",
+        "module": call.module, "phase": call.phase, "optimizer": call.optimizer or None, "trial": call.trial,
+        "role": call.role, "model": call.model, "tier": cost.tier if cost is not None else None,
+        "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
+        "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+        "usd": None if unknown else _round(cost.usd), "economic_usd": None if unknown else _round(cost.economic_usd),
+        "cache_hit": call.cache_hit, "estimated": call.estimated, "estimate_reason": call.estimate_reason,
+        "unknown_cost": unknown, "outcome": call.outcome,
+        "latency_s": round(call.duration_s or 0.0, 6),
+        "pricing_source": None if unknown else cost.source, "pricing_version": None if unknown else cost.version,
+        "budget": ",".join(call.budget_labels) or None, "error": call.error_type,
     }
 
 
-class CostLogExporter(SpanExporter):
-    """Appends one JSON line per LM call of ours (refused calls, never sent, are not calls) to `path`."""
+class CostLog:
+    """Appends one JSON line per settled LM call to `path`; fed by the accounting station, so every call
+    is logged whether or not its span was recorded (sampled out, SDK disabled, a foreign provider).
 
-    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 50 * 2**20, backups: int = 3):
+    Lines are buffered and written in batches (at `flush_lines` lines, or a second after the last write,
+    and at the end of the run): a write per call would be a syscall on the LM call's path. The file
+    rotates at `max_bytes`, keeping `backups` old files, so a long run cannot fill the disk."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 50 * 2**20, backups: int = 3,
+                 flush_lines: int = 64, flush_interval_s: float = 1.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.backups = max_bytes, backups
+        self.flush_lines, self.flush_interval_s = flush_lines, flush_interval_s
         self._lock = threading.Lock()
-        self.program_runs = 0  # top-level module calls in the infer phase (for cost per program run)
-        self.trials: dict[tuple[str, int], dict[str, Any]] = {}
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = []
-        for span in spans:
-            scope = span.instrumentation_scope
-            if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
-                continue
-            a = span.attributes or {}
-            kind = a.get(A.SPAN_KIND)
-            if kind == "lm" and not a.get(A.BUDGET_REFUSED):
-                lines.append(json.dumps(_line(span), separators=(",", ":")))
-            elif kind in _MODULE_KINDS and a.get(A.PHASE) == "infer" and "." not in str(a.get(A.MODULE_PATH, ".")):
-                self.program_runs += 1
-            if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
-                key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
-                self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
-                                    "usd": a.get(A.TOTAL_USD, 0.0), "calls": a.get(A.LM_CALLS, 0),
-                                    "eval": a.get(A.OPTIMIZER_EVAL), "trace_id": f"{span.context.trace_id:032x}"}
-        if not lines:
-            return SpanExportResult.SUCCESS
-        data = ("\n".join(lines) + "\n").encode()
-        try:
-            with self._lock:
+    def __call__(self, call: LMCall) -> None:
+        line = json.dumps(_line(call), separators=(",", ":"))
+        with self._lock:
+            self._pending.append(line)
+            due = (len(self._pending) >= self.flush_lines
+                   or time.monotonic() - self._last_flush >= self.flush_interval_s)
+        if due:
+            self.flush()
+
+    def flush(self) -> bool:
+        with self._lock:
+            lines, self._pending = self._pending, []
+            self._last_flush = time.monotonic()
+            if not lines:
+                return True
+            data = ("\n".join(lines) + "\n").encode()
+            try:
                 self._rotate_if_needed(len(data))
                 with open(self.path, "ab") as fh:  # append-only: concurrent writers interleave whole lines
                     fh.write(data)
-        except OSError:
-            logger.exception("otel-dspy-cost: could not write %s", self.path)
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+            except OSError:
+                logger.exception("otel-dspy-cost: could not write %s", self.path)
+                return False
+        return True
 
     def _rotate_if_needed(self, incoming: int) -> None:
         try:
@@ -110,6 +117,30 @@ class CostLogExporter(SpanExporter):
             newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
             if newer.exists():
                 os.replace(newer, older)
+
+
+class RunSpanExporter(SpanExporter):
+    """What only spans say about a run: program runs (top-level inference module calls) and trial scores."""
+
+    def __init__(self) -> None:
+        self.program_runs = 0
+        self.trials: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            scope = span.instrumentation_scope
+            if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
+                continue
+            a = span.attributes or {}
+            kind = a.get(A.SPAN_KIND)
+            if kind in _MODULE_KINDS and a.get(A.PHASE) == "infer" and "." not in str(a.get(A.MODULE_PATH, ".")):
+                self.program_runs += 1
+            if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
+                key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
+                self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
+                                    "usd": a.get(A.TOTAL_USD, 0.0), "calls": a.get(A.LM_CALLS, 0),
+                                    "eval": a.get(A.OPTIMIZER_EVAL), "trace_id": f"{span.context.trace_id:032x}"}
+        return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         return None
@@ -179,11 +210,12 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, tri
         "score": score,
     }
     if budget is not None:
-        if cancelled_reason is None and budget.action == "stop" and budget.status == "exceeded":
+        status = budget.status
+        if cancelled_reason is None and budget.action == "stop" and status in ("exceeded", "stopped"):
             cancelled_reason = "budget_exceeded"  # stopped, and the caller caught the stop inside the run
         summary["budget"] = {"label": budget.label, "limit_usd": budget.limit_usd, "spent_usd": budget.spent_usd,
-                             "status": budget.status, "within_budget": budget.status != "exceeded",
-                             "exceeded_threshold": budget.status in ("warned", "exceeded"),
+                             "status": status, "within_budget": status not in ("exceeded", "stopped"),
+                             "exceeded_threshold": status in ("warned", "exceeded", "stopped"),
                              "cancelled_reason": cancelled_reason}
         bounds = budget.window_bounds() if hasattr(budget, "window_bounds") else None
         if bounds is not None:
@@ -211,7 +243,8 @@ class Run:
     """The run being recorded: set `score` (e.g. the final Evaluate score) to put it next to cost."""
 
     directory: Path
-    exporter: CostLogExporter
+    cost_log: CostLog
+    spans: RunSpanExporter
     budget: Any = None
     estimate: Any = None
     score: float | None = None
@@ -222,16 +255,28 @@ class Run:
 def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate: Any = None,
                tracer_provider: Any = None, max_bytes: int = 50 * 2**20,
                drain_timeout_s: float = 10.0) -> Iterator[Run]:
-    """Write `costs.jsonl` during the block and `summary.json` at its end (also when a budget stops it)."""
-    provider = tracer_provider or trace.get_tracer_provider()
+    """Write `costs.jsonl` during the block and `summary.json` at its end (also when a budget stops it).
+
+    Every LM call settled during the block is logged, sampled or not. Program runs and trial scores come
+    from spans, read on the instrumented tracer provider (or `tracer_provider`) when it is the SDK's."""
+    from . import _runtime
+    from .instrumentor import ensure_accounting
+
+    ensure_accounting()
+    rt = _runtime.active()
+    provider = tracer_provider or (rt.tracer_provider if rt is not None else None) or trace.get_tracer_provider()
     directory = Path(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    exporter = CostLogExporter(directory / "costs.jsonl", max_bytes=max_bytes)
-    processor = BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000)
-    if not hasattr(provider, "add_span_processor"):
-        raise TypeError("record_run() needs an OpenTelemetry SDK TracerProvider (instrument() sets one up)")
-    provider.add_span_processor(processor)
-    run = Run(directory, exporter, budget, estimate)
+    cost_log = CostLog(directory / "costs.jsonl", max_bytes=max_bytes)
+    span_exporter = RunSpanExporter()
+    processor = None
+    if hasattr(provider, "add_span_processor"):
+        processor = BatchSpanProcessor(span_exporter, max_queue_size=8192, schedule_delay_millis=1000)
+        provider.add_span_processor(processor)
+    accountant = rt.accountant if rt is not None else None
+    if accountant is not None:
+        accountant.add_sink(cost_log)
+    run = Run(directory, cost_log, span_exporter, budget, estimate)
     started = _dt.datetime.now(_dt.UTC).isoformat()
     cancelled = None
     try:
@@ -242,14 +287,16 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
         cancelled = "budget_exceeded" if isinstance(exc, BudgetExceededError) else type(exc).__name__
         raise
     finally:
-        from . import _runtime
-
         _runtime.wait_for_calls(drain_timeout_s)  # so calls still in flight are in the log and the summary
-        processor.force_flush()
-        _detach(provider, processor)
+        if accountant is not None:
+            accountant.remove_sink(cost_log)
+        cost_log.flush()
+        if processor is not None:
+            processor.force_flush()
+            _detach(provider, processor)
         try:
-            run.summary = build_summary(directory, program_runs=exporter.program_runs,
-                                        trials=list(exporter.trials.values()), budget=budget, estimate=estimate,
+            run.summary = build_summary(directory, program_runs=span_exporter.program_runs,
+                                        trials=list(span_exporter.trials.values()), budget=budget, estimate=estimate,
                                         score=run.score, cancelled_reason=cancelled, started_at=started)
             (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")
         except Exception:  # our bug must not mask the user's outcome

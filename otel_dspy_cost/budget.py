@@ -24,7 +24,9 @@ logger = logging.getLogger("otel_dspy_cost.budget")
 
 WITHIN_BUDGET = "within_budget"
 WARNED = "warned"
-EXCEEDED = "exceeded"
+EXCEEDED = "exceeded"  # spend (or calls) reached the limit, or passed it under action="warn"
+STOPPED = "stopped"  # a call was refused because its worst case did not fit in what was left
+DEFAULT_DRAIN_TIMEOUT_S = 5.0
 
 
 class BudgetExceededError(BaseException):
@@ -50,8 +52,13 @@ class LedgerUnavailableError(BudgetExceededError):
     """The shared ledger could not be reached and the policy is fail_closed: the call was not made."""
 
 
+class ForkedBudgetError(BudgetExceededError):
+    """An in-process budget was inherited through `os.fork`: the child cannot count against the parent's cap."""
+
+
 class UnpricedModelError(BaseException):
-    """The unknown-model policy is `error` and a call to an unpriced model was about to be made."""
+    """A call to a model with no known price was about to be made under a USD budget (or under the
+    unknown-model policy `error`): refused before it was sent."""
 
 
 _ids = itertools.count(1)
@@ -84,7 +91,7 @@ class Budget:
                  max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
                  on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
                  window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
-                 _scope_of: Budget | None = None):
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, _scope_of: Budget | None = None):
         if action not in ("stop", "warn"):
             raise ValueError("action must be 'stop' or 'warn'")
         if limit_usd is not None and limit_usd < 0:
@@ -125,16 +132,24 @@ class Budget:
         self.events: list[tuple[str, float]] = []  # (kind, spent_usd) for each warn/exceed fired
         self.max_reserved_usd = 0.0  # the largest worst case reserved for one call under this budget
         self._first_stop: str | None = None  # what the first refusal said; later (sticky) refusals repeat it
+        self._fork_generation = _context.fork_generation()
+        self.drain_timeout_s = drain_timeout_s
+        self._in_flight = 0  # calls admitted under this budget and not yet settled
+        self._idle = threading.Condition()
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
                                               window=self.window))
 
     # -- context manager ------------------------------------------------------------------------
     def __enter__(self) -> Budget:
+        from . import _runtime
+
+        if _runtime.active() is None:  # never a silent no-op: accounting is switched on for this budget
+            from .instrumentor import ensure_accounting
+
+            ensure_accounting()
         state = _context.current()
         self._tokens.setdefault(_where(), []).append(_context.var().set(
             _context.RunContext(state.budgets + (self,), state.phase, state.optimizer, state.trial, state.lm_role)))
-        from . import _runtime
-
         _runtime.watch_budget(self)
         return self
 
@@ -144,6 +159,12 @@ class Budget:
         _context.var().reset(stack.pop())
         if not stack:
             del self._tokens[key]
+        if isinstance(exc, BudgetExceededError) and self._in_flight:
+            # Calls admitted before the stop may still be running in threads the stop did not unwind
+            # (DSPy's pool keeps going): wait for them, so the spend is final when the user sees the stop.
+            if not self.wait_idle(self.drain_timeout_s):
+                logger.warning("budget %r: %d call(s) admitted before the stop were still running after %.1f s",
+                               self.label, self._in_flight, self.drain_timeout_s)
         if self.is_scope and isinstance(exc, ScopeExhaustedError) and exc.label == self.label:
             logger.warning("scope %r exhausted (%s); leaving the scope, the enclosing run continues", self.label,
                            exc.reason)
@@ -192,14 +213,32 @@ class Budget:
         return dt.datetime.fromtimestamp(start, dt.UTC), dt.datetime.fromtimestamp(end, dt.UTC)
 
     @property
+    def caps_usd(self) -> bool:
+        """True when the budget limits dollars (a call with no known price cannot be admitted under it)."""
+        return self.limit_usd is not None or bool(self.phase_limits)
+
+    @property
     def status(self) -> str:
-        if self._exceeded or self.ledger.state(self.account).tripped:
+        """within_budget | warned | exceeded (spend or calls reached the limit) | stopped (a call was refused
+        because its worst case did not fit in what was left, before spend reached the limit)."""
+        state = self.ledger.state(self.account)
+        if self._exceeded and self.action == "warn":
             return EXCEEDED
+        if self.limit_usd is not None and state.spent_usd >= self.limit_usd and self.limit_usd > 0:
+            return EXCEEDED
+        if state.tripped:
+            return EXCEEDED if state.tripped == "max_calls" else STOPPED
         return WARNED if self._warned else WITHIN_BUDGET
 
     @property
     def exhausted(self) -> bool:
-        return self.status == EXCEEDED
+        return self.status in (EXCEEDED, STOPPED)
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no call admitted under this budget is still running; False if some were at the timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0,
+                                       timeout=self.drain_timeout_s if timeout_s is None else timeout_s)
 
     def spent_by_phase(self) -> dict[str, float]:
         return dict(self.ledger.state(self.account).phase_spent)
@@ -208,7 +247,19 @@ class Budget:
         return (f"Budget(label={self.label!r}, spent_usd={self.spent_usd:.6f}, limit_usd={self.limit_usd}, "
                 f"calls={self.call_count}, status={self.status!r})")
 
-    # -- called by the processor ---------------------------------------------------------------
+    # -- called by the accounting station -------------------------------------------------------
+    def _call_started(self, reserved_usd: float) -> None:
+        with self._idle:
+            self._in_flight += 1
+        if reserved_usd > self.max_reserved_usd:
+            self.max_reserved_usd = reserved_usd  # a plain max: a lost race only under-reports a hint
+
+    def _call_finished(self) -> None:
+        with self._idle:
+            self._in_flight = max(0, self._in_flight - 1)
+            if not self._in_flight:
+                self._idle.notify_all()
+
     def _scope(self, name: str, **kwargs: Any) -> Budget:
         with self._scopes_lock:
             existing = self._scopes.get(name)
@@ -227,9 +278,11 @@ class Budget:
                 requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
+        left = max(0.0, refusal.limit - refusal.spent_usd - refusal.reserved_usd)
         what = {
-            "limit_usd": f"${refusal.spent_usd:.6f} spent + ${refusal.reserved_usd:.6f} reserved + "
-                         f"${requested_usd:.6f} for this call would pass the ${refusal.limit:.6f} limit",
+            "limit_usd": f"its worst case ${requested_usd:.6f} does not fit in the ${left:.6f} left "
+                         f"(${refusal.spent_usd:.6f} spent + ${refusal.reserved_usd:.6f} reserved of the "
+                         f"${refusal.limit:.6f} limit)",
             "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
                          f"max_calls={int(refusal.limit)}",
             "tripped": f"the budget already stopped this run; no further provider calls are made. First stop: "
@@ -280,8 +333,13 @@ class Budget:
                 self._exceeded = True
             spent = self.spent_usd
             self.events.append((kind, spent))
-        logger.warning("budget %r %s: $%.6f spent of $%s limit", self.label,
-                       "passed its warn threshold" if kind == "warn" else "exceeded", spent, self.limit_usd)
+        if kind == "warn":
+            what = "passed its warn threshold"
+        elif self.limit_usd is not None and spent < self.limit_usd and self.action == "stop":
+            what = "stopped a call whose worst case did not fit in what was left"
+        else:
+            what = "exceeded"
+        logger.warning("budget %r %s: $%.6f spent of $%s limit", self.label, what, spent, self.limit_usd)
         callback = self.on_warn if kind == "warn" else self.on_exceed
         if callback is not None:
             try:
@@ -297,7 +355,8 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
            label: str | None = None, max_calls: int | None = None, max_train_usd: float | None = None,
            max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
            on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
-           window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed") -> Budget:
+           window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
+           drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> Budget:
     """A budget to use as `with budget(limit_usd=25.0, label="compile-v1") as b: ...`.
 
     `action="stop"` refuses the first provider call whose worst case no longer fits and raises
@@ -309,10 +368,16 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
     `"day" | "month"` (calendar, in `tz`) counts only recent spend. `on_unavailable` says what happens
     when a shared ledger cannot be reached: "fail_closed" (refuse calls) or "fail_open" (account locally,
     replay later).
+
+    Under a USD limit a call to a model with no known price is refused (`UnpricedModelError`) before it is
+    sent. When a stop leaves the `with` block, it first waits up to `drain_timeout_s` for calls admitted
+    before the stop (e.g. in DSPy's worker threads) to finish, so the spend is final when you read it.
+    Entered before `instrument()`, it switches cost accounting on by itself (with a warning).
     """
     return Budget(limit_usd, warn_at=warn_at, action=action, label=label, max_calls=max_calls,
                   max_train_usd=max_train_usd, max_infer_usd=max_infer_usd, on_warn=on_warn, on_exceed=on_exceed,
-                  ledger=ledger, window=window, tz=tz, on_unavailable=on_unavailable)
+                  ledger=ledger, window=window, tz=tz, on_unavailable=on_unavailable,
+                  drain_timeout_s=drain_timeout_s)
 
 
 def scope(name: str, *, limit_usd: float | None = None, max_calls: int | None = None,

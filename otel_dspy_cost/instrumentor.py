@@ -18,10 +18,11 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from . import _attributes as A
-from . import _dspy_patches, _runtime
+from . import _dspy_patches, _redact, _runtime
+from ._accounting import Accountant
 from ._costing import CostEngine
 from ._provider import meter_provider_from_env, provider_from_env
-from .pricing import CatalogError, PricingResolver, set_default_resolver
+from .pricing import PricingResolver, set_default_resolver
 from .processor import BudgetSpanProcessor
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -86,7 +87,9 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     path or a dict), ``unknown_model`` ("error" | "warn" | "prompt"; default "error" when ``CI`` is
     set, else "warn"), ``local_models`` ({"model": {"input": rate, "output": rate}} for economic cost
     of self-hosted models), ``tier`` (e.g. "batch", "flex"), ``use_litellm_prices`` (default True),
-    ``metrics_module_depth`` (module-path levels kept as a metric label; default 2), ``adapter_spans``
+    ``unknown_model_price`` ({"input": R, "output": R} USD per 1M tokens: an explicit fallback price for
+    unpriced models; without it a USD budget refuses calls to them), ``metrics_module_depth`` (module-path
+    levels kept as a metric label; default 2), ``adapter_spans``
     (default True; False drops the adapter format/parse spans, half the spans of a Predict call, for
     the lowest overhead in production).
     """
@@ -95,10 +98,15 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         return ("dspy >= 3.3, < 3.5",)
 
     def _instrument(self, **kwargs: Any) -> None:
+        _redact.install_log_filter()
         resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
                                    use_litellm=kwargs.get("use_litellm_prices", True))
-        engine = CostEngine(resolver, unknown_model=kwargs.get("unknown_model"), tier=kwargs.get("tier"))
+        engine = CostEngine(resolver, unknown_model=kwargs.get("unknown_model"), tier=kwargs.get("tier"),
+                            unknown_model_price=kwargs.get("unknown_model_price"))
         provider = _resolve_provider(kwargs.get("tracer_provider"))
+        previous = kwargs.get("_previous")
+        aggregator = previous.accountant.aggregator if previous is not None else None
+        accountant = Accountant(engine, aggregator)
         processor = None
         if isinstance(provider, TracerProvider):
             processor = _processors.get(provider) or _installed_processor(provider)
@@ -106,27 +114,26 @@ class DSPyCostInstrumentor(BaseInstrumentor):
                 processor = BudgetSpanProcessor(engine)
                 provider.add_span_processor(processor)
                 _processors[provider] = processor
-            processor.engine = engine
+            processor.accountant = accountant
             processor.enabled = True
-        else:
-            logger.warning("otel-dspy-cost: the tracer provider is not the OpenTelemetry SDK's; spans are made but "
-                           "budgets, roll-ups and spend_report() need an SDK TracerProvider")
+        elif not kwargs.get("_implicit"):
+            logger.warning("otel-dspy-cost: the tracer provider is not the OpenTelemetry SDK's: cost, budgets and "
+                           "spend_report() work, but spans carry no roll-ups (they need an SDK TracerProvider)")
         capture = kwargs.get("capture_content")
         if capture is None:
             capture = os.environ.get(_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes")
         tracer = trace.get_tracer(A.SCOPE_NAME, _version(), tracer_provider=provider)
-        metrics = None
         try:
             from ._metrics import CostMetrics
 
-            metrics = CostMetrics.create(_resolve_meter_provider(kwargs.get("meter_provider")),
-                                         module_depth=kwargs.get("metrics_module_depth", 2))
+            accountant.metrics = CostMetrics.create(_resolve_meter_provider(kwargs.get("meter_provider")),
+                                                    module_depth=kwargs.get("metrics_module_depth", 2))
         except Exception:  # noqa: BLE001 - metrics are optional; spans and budgets still work
             logger.debug("otel-dspy-cost: metrics unavailable", exc_info=True)
-        if processor is not None:
-            processor.metrics = metrics
         set_default_resolver(resolver)
-        _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), metrics))
+        options = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+        _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), accountant, provider, options,
+                                             implicit=bool(kwargs.get("_implicit"))))
         try:
             _dspy_patches.apply(adapter_spans=kwargs.get("adapter_spans", True))
         except Exception:
@@ -143,18 +150,45 @@ class DSPyCostInstrumentor(BaseInstrumentor):
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:
-    """Instrument DSPy once, at start-up. Safe to call twice; `uninstrument()` reverses it.
+    """Instrument DSPy once, at start-up; `uninstrument()` reverses it.
 
-    Raises `CatalogError` for a malformed pricing override (bad input is reported, not ignored).
+    Calling it again with the same options does nothing. Called again with other options (say
+    `opentelemetry-instrument` already instrumented, and the app now passes its own provider or
+    `pricing_overrides`), the new options are applied: DSPy is re-instrumented with them (logged), and the
+    spend report carries on. Raises `CatalogError` for a malformed pricing override and `ValueError` for a
+    bad option (bad input is reported, not ignored).
     """
     instrumentor = DSPyCostInstrumentor()
+    wanted = {"tracer_provider": tracer_provider, "meter_provider": meter_provider, **options}
     if instrumentor.is_instrumented_by_opentelemetry:
+        current = _runtime.active()
+        if current is not None and not current.implicit and _same_options(current.options, wanted):
+            return instrumentor
+        if current is not None and not current.implicit:
+            changed = sorted(k for k in set(current.options) | set(wanted)
+                             if current.options.get(k) is not wanted.get(k) and current.options.get(k) != wanted.get(k))
+            logger.info("otel-dspy-cost: instrument() called again with other options (%s): applying them",
+                        ", ".join(changed))
+        instrumentor.uninstrument()
+        instrumentor.instrument(_previous=current, **wanted)
         return instrumentor
-    try:
-        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider, **options)
-    except CatalogError:
-        raise
+    instrumentor.instrument(**wanted)
     return instrumentor
+
+
+def _same_options(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    keys = set(old) | set(new)
+    return all(old.get(k) is new.get(k) or old.get(k) == new.get(k) for k in keys)
+
+
+def ensure_accounting() -> None:
+    """`budget()` entered without `instrument()`: turn the accounting station on (no spans are exported),
+    so the budget is enforced rather than silently ignored. A later `instrument()` replaces this set-up."""
+    if _runtime.active() is not None:
+        return
+    logger.warning("otel-dspy-cost: a budget was entered before instrument(): enabling cost accounting so it is "
+                   "enforced (no spans are exported; call otel_dspy_cost.instrument() at start-up for traces)")
+    DSPyCostInstrumentor().instrument(tracer_provider=trace.NoOpTracerProvider(), _implicit=True)
 
 
 def uninstrument() -> None:
@@ -162,4 +196,3 @@ def uninstrument() -> None:
     instrumentor = DSPyCostInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
-

@@ -14,7 +14,7 @@ import pytest
 from conftest import MODEL, ResearchAgent
 
 import otel_dspy_cost
-from otel_dspy_cost.artifacts import CostLogExporter, read_costs, read_summary, totals
+from otel_dspy_cost.artifacts import CostLog, read_costs, read_summary, totals
 from otel_dspy_cost.estimate import estimate
 
 
@@ -75,7 +75,7 @@ def test_summary_splits_phases_budget_status_and_cost_per_million_runs(otel, lm,
     assert summary["train_completion_tokens"] == phases["train"]["output_tokens"]
     assert summary["inference_economic_cost_usd"] == pytest.approx(phases["infer"]["economic_usd"])
     assert summary["budget"] == {"label": "artifact-run", "limit_usd": 0.006, "spent_usd": pytest.approx(
-        guard.spent_usd), "status": "exceeded", "within_budget": False, "exceeded_threshold": True,
+        guard.spent_usd), "status": "stopped", "within_budget": False, "exceeded_threshold": True,
         "cancelled_reason": "budget_exceeded"}
     assert summary["program_runs"] > 0 and summary["program_cost_per_million_runs"] == pytest.approx(
         summary["infer_cost_usd"] / summary["program_runs"] * 1e6)
@@ -88,14 +88,14 @@ def test_summary_splits_phases_budget_status_and_cost_per_million_runs(otel, lm,
 
 
 def test_cost_log_rotates_and_keeps_every_line(otel, lm, tmp_path):
-    _, provider = otel
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from otel_dspy_cost import _runtime
 
-    exporter = CostLogExporter(tmp_path / "costs.jsonl", max_bytes=3000, backups=50)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    log = CostLog(tmp_path / "costs.jsonl", max_bytes=3000, backups=50, flush_lines=1)
+    _runtime.active().accountant.add_sink(log)
     with dspy.context(lm=lm):
         for i in range(12):
             dspy.Predict("question -> answer")(question=f"rotate {i}")
+    _runtime.active().accountant.remove_sink(log)
     assert len(list(tmp_path.glob("costs.jsonl.*"))) >= 2
     assert all(p.stat().st_size <= 3000 for p in tmp_path.glob("costs.jsonl*"))
     lines = read_costs(tmp_path)

@@ -1,0 +1,283 @@
+"""The accounting station: every LM call is priced, reserved against its budgets, and settled here.
+
+Why a station of its own, apart from span processing: the OpenTelemetry SDK runs span processors
+only for *recording* spans. A sampler that drops a trace, `OTEL_SDK_DISABLED=true`, a no-op or
+foreign tracer provider, or a `ConcurrentMultiSpanProcessor` (hooks on a pool thread, without our
+ContextVars) would each turn budgets off if enforcement lived in a processor. Our LM wrapper calls
+`admit` before the provider call and `settle` (or `release`) after it, whatever the span does; the
+spend report, metrics and the run's cost log are fed from `settle`, so they count every call,
+sampled or not. `BudgetSpanProcessor` uses the same station for LM spans of other instrumentations.
+
+One call is one `LMCall`: made by the wrapper, filled by DSPy's finalisation hooks, settled here,
+then written onto the span and read by the roll-up tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _context
+from ._cost import CallCost, Usage
+from .report import SpendAggregator
+
+if TYPE_CHECKING:
+    from ._costing import CostEngine
+    from .budget import Budget
+
+logger = logging.getLogger("otel_dspy_cost")
+
+# Outcomes of a call, as `LMCall.outcome` and the `dspy.lm.outcome` span attribute.
+OK = "ok"  # the provider answered; usage as reported (or estimated from the text when it sent none)
+UNKNOWN = "unknown"  # the request may have left and no answer came back: settled at the reserved worst case
+REJECTED = "rejected"  # the provider answered with a client error (4xx): nothing billed
+REFUSED = "refused"  # a budget refused the call before it was sent: nothing spent
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class LMCall:
+    """One provider call, from our wrapper's first look at it to its settled cost."""
+
+    model: str
+    provider: str = ""
+    operation: str = "chat"
+    input_tokens_bound: int = 0
+    max_tokens: int | None = None
+    n: int = 1  # completions asked for: the output part of the worst case is reserved n times
+    module: str = ""
+    phase: str = "infer"
+    optimizer: str = ""
+    trial: int | None = None
+    role: str | None = None
+    budgets: tuple[Budget, ...] = ()
+    lm: Any = None
+    # -- what DSPy's finalisation reported (the usage hooks fill these in) --
+    captured: bool = False
+    usage: Usage | None = None
+    original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
+    original_cost: float | None = None  # of a DSPy cache hit whose usage DSPy cleared: the cached cost
+    cache_hit: bool = False
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    # -- admission --
+    reserved_usd: float = 0.0
+    term: str | None = None
+    holds: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    started: float = 0.0
+    # -- settlement --
+    outcome: str = ""
+    cost: CallCost | None = None
+    billed: Usage = dataclasses.field(default_factory=Usage)  # usage as billed: zero on a DSPy cache hit
+    estimated: bool = False
+    estimate_reason: str | None = None
+    usage_missing: bool = False
+    error_type: str | None = None
+    duration_s: float | None = None
+    fired: list[tuple[Budget, str]] = dataclasses.field(default_factory=list)
+    trace_id: int = 0
+    span_id: int = 0
+    ts: float = 0.0  # wall-clock start, for the cost log
+
+    @property
+    def trial_key(self) -> str | None:
+        return None if self.trial is None else f"{self.optimizer or 'optimizer'}#{self.trial}"
+
+    @property
+    def budget_labels(self) -> list[str]:
+        return [b.label for b in self.budgets]
+
+
+class Accountant:
+    """Admission, settlement and the per-process tallies (spend report, metrics, cost-log sinks)."""
+
+    def __init__(self, engine: CostEngine, aggregator: SpendAggregator | None = None):
+        self.engine = engine
+        self.aggregator = aggregator or SpendAggregator()
+        self.metrics: Any = None  # _metrics.CostMetrics when a meter provider is available
+        self._sinks: tuple[Callable[[LMCall], None], ...] = ()
+        self._sinks_lock = threading.Lock()
+        self._in_flight = 0  # admitted, not yet settled or released
+        self._idle = threading.Condition()
+
+    def _started(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def _finished(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self._in_flight = 0
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted call is still running; False if some were at the timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    # -- sinks (record_run's cost log) ---------------------------------------------------------------
+    def add_sink(self, sink: Callable[[LMCall], None]) -> None:
+        with self._sinks_lock:
+            self._sinks = (*self._sinks, sink)
+
+    def remove_sink(self, sink: Callable[[LMCall], None]) -> None:
+        with self._sinks_lock:
+            self._sinks = tuple(s for s in self._sinks if s is not sink)
+
+    # -- before the provider call ---------------------------------------------------------------------
+    def admit(self, call: LMCall) -> None:
+        """Reserve the call's worst case against every active budget, all or nothing, or refuse.
+
+        Raises `BudgetExceededError` (or a subclass) or `UnpricedModelError`: both are deliberate stops,
+        raised before any request is made. Our own bugs past that point are logged, never raised.
+        """
+        from .budget import UnpricedModelError
+
+        call.started = time.perf_counter()
+        call.ts = time.time()
+        budgets = call.budgets
+        if not budgets:
+            if self.engine.policy != "warn":
+                self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
+            self._started()
+            return
+        _refuse_forked(budgets, call.model)
+        amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+        if amount is None:  # no price known: a USD cap cannot be kept for this call
+            capped = [b for b in budgets if b.caps_usd]
+            if capped:
+                raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
+            amount = 0.0
+        by_ledger: dict[int, list[Budget]] = {}
+        for b in budgets:
+            by_ledger.setdefault(id(b.ledger), []).append(b)
+        held: list[tuple[Any, Any]] = []
+        for group in by_ledger.values():
+            outcome = group[0].ledger.reserve([b.account for b in group], amount, call.phase)
+            if not getattr(outcome, "reason", None):  # a Reservation (a Refusal always has a reason)
+                held.append((group[0].ledger, outcome))
+                continue
+            for ledger, reservation in held:
+                ledger.release(reservation)
+            culprit = next(b for b in group if b.account == outcome.account)
+            call.outcome = REFUSED
+            raise culprit._refused(outcome, requested_usd=amount, term=term, model=call.model)
+        call.holds = held
+        call.reserved_usd = amount
+        call.term = term
+        for b in budgets:
+            b._call_started(amount)
+        self._started()
+
+    # -- after it ---------------------------------------------------------------------------------------
+    def release(self, call: LMCall) -> None:
+        """The call was admitted but never sent: give its reservations back, count nothing."""
+        for ledger, reservation in call.holds:
+            try:
+                ledger.release(reservation)
+            except Exception:
+                logger.debug("otel-dspy-cost: release failed", exc_info=True)
+        call.holds = []
+        for b in call.budgets:
+            b._call_finished()
+        self._finished()
+
+    def settle(self, call: LMCall) -> None:
+        """Count a call that was sent: ledgers, warn/exceed crossings, spend report, metrics, cost log."""
+        cost = call.cost
+        if cost is None:
+            self.release(call)
+            return
+        if call.started:
+            call.duration_s = time.perf_counter() - call.started
+        try:
+            for ledger, reservation in call.holds:
+                ledger.settle(reservation, cost.usd, cost.economic_usd)
+            call.holds = []
+            for b in call.budgets:
+                call.fired.extend((b, kind) for kind in b._after_settle())
+        finally:
+            for b in call.budgets:
+                b._call_finished()
+            self._finished()
+        usage = call.billed
+        self.aggregator.record(
+            module=call.module or "(no module)", model=call.model or "(unknown model)", phase=call.phase,
+            budgets=call.budget_labels, trial=call.trial_key,
+            values={"calls": 1, "usd": cost.usd, "economic_usd": cost.economic_usd,
+                    "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
+                    "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+                    "unknown_cost_calls": int(cost.unknown), "estimated_calls": int(call.estimated),
+                    "cache_hits": int(call.cache_hit)})
+        metrics = self.metrics
+        if metrics is not None:
+            try:
+                runs = [b for b in call.budgets if not b.is_scope]
+                metrics.record_call(
+                    module=call.module, model=call.model, provider=call.provider, operation=call.operation,
+                    phase=call.phase, budget_label=runs[-1].label if runs else "", optimizer=call.optimizer,
+                    usd=cost.usd, economic_usd=cost.economic_usd, input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens, cache_hit=call.cache_hit, unknown=cost.unknown,
+                    duration_s=call.duration_s)
+            except Exception:  # telemetry must never break the run
+                logger.debug("otel-dspy-cost: metrics failed", exc_info=True)
+        for sink in self._sinks:
+            try:
+                sink(call)
+            except Exception:
+                logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+def _refuse_forked(budgets: tuple[Budget, ...], model: str) -> None:
+    """A forked child must not silently get a fresh copy of an in-process budget: each child would spend
+    the whole cap while the parent's ledger counts nothing."""
+    generation = _context.fork_generation()
+    for b in budgets:
+        if b._fork_generation != generation and not getattr(b.ledger, "shared", False):
+            from .budget import ForkedBudgetError
+
+            raise ForkedBudgetError(
+                f"Budget {b.label!r} refused a call to {model}: this process was forked from the one that entered "
+                f"the budget, and an in-process budget cannot count a child's spend (each child would spend the "
+                f"whole cap again). Use a shared ledger, e.g. budget(..., ledger='sqlite:///budgets.db'), or "
+                f"enter a budget of its own in the child.",
+                label=b.label, spent_usd=0.0, limit=b.limit_usd or 0.0, reason="forked")
+
+
+def _unpriced_message(model: str, b: Budget) -> str:
+    return (f"Budget {b.label!r} refused a call to {model}: no price is known for {model!r}, so a USD cap cannot be "
+            f"kept (an unpriced call is never reserved or counted as $0). Add its price with "
+            f"`otel-dspy-cost pricing add {model} --input R --output R` (USD per 1M tokens) or "
+            f"instrument(pricing_overrides={{...}}), or opt into a fallback price with "
+            f"instrument(unknown_model_price={{'input': R, 'output': R}}).")
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """(outcome, reason) of a call that raised. A provider's client error (4xx but 408) was answered and
+    not billed; anything else (timeout, cancellation, dropped connection, 5xx, an unknown error) may have
+    been billed after the request left, so it settles at the worst case."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(err, "status_code", None)
+        if status is None:
+            status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and status != 408:
+            return REJECTED, f"provider answered {status}"
+        err = err.__cause__ or err.__context__
+    name = type(exc).__name__
+    lowered = name.lower()
+    if "cancel" in lowered:
+        reason = "cancelled"
+    elif "timeout" in lowered:
+        reason = "timeout"
+    elif "connection" in lowered:
+        reason = "connection"
+    else:
+        reason = f"error: {name}"
+    return UNKNOWN, reason
