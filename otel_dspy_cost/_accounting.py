@@ -256,6 +256,21 @@ def _unpriced_message(model: str, b: Budget) -> str:
             f"instrument(unknown_model_price={{'input': R, 'output': R}}).")
 
 
+# DSPy 3.4's typed errors for answers the provider gave without billing (its 3.3 and LiteLLM errors carry a
+# `status_code` instead).
+_REJECTED_ERRORS = frozenset({"LMAuthError", "LMBillingError", "LMRateLimitError", "LMInvalidRequestError",
+                              "ContextWindowExceededError", "LMUnsupportedModelError", "AuthenticationError",
+                              "RateLimitError", "BadRequestError", "PermissionDeniedError", "NotFoundError"})
+
+
+def _status(err: BaseException) -> int | None:
+    for value in (getattr(err, "status_code", None), getattr(err, "status", None),
+                  getattr(getattr(err, "response", None), "status_code", None)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def classify_failure(exc: BaseException) -> tuple[str, str]:
     """(outcome, reason) of a call that raised. A provider's client error (4xx but 408) was answered and
     not billed; anything else (timeout, cancellation, dropped connection, 5xx, an unknown error) may have
@@ -264,19 +279,19 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     err: BaseException | None = exc
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        status = getattr(err, "status_code", None)
-        if status is None:
-            status = getattr(getattr(err, "response", None), "status_code", None)
-        if isinstance(status, int) and 400 <= status < 500 and status != 408:
+        status = _status(err)
+        if status is not None and 400 <= status < 500 and status != 408:
             return REJECTED, f"provider answered {status}"
+        if status is None and type(err).__name__ in _REJECTED_ERRORS:
+            return REJECTED, f"provider answered: {type(err).__name__}"
         err = err.__cause__ or err.__context__
     name = type(exc).__name__
-    lowered = name.lower()
+    lowered = f"{name} {str(exc)[:300]}".lower()
     if "cancel" in lowered:
         reason = "cancelled"
-    elif "timeout" in lowered:
+    elif "timeout" in lowered or "timed out" in lowered:
         reason = "timeout"
-    elif "connection" in lowered:
+    elif "connection" in lowered or "transport" in lowered:
         reason = "connection"
     else:
         reason = f"error: {name}"

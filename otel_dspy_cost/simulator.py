@@ -46,6 +46,10 @@ class SimulatedLM:
     min_cache_tokens: int = 1024
     latency_s: float = 0.0
     answers: dict[str, str] = field(default_factory=dict)  # substring of the prompt -> answer text
+    # Answer every request with this HTTP error status instead (e.g. 401, 429, 500); with `echo_credentials`
+    # the error body repeats the request's Authorization header, as some providers do.
+    error_status: int | None = None
+    echo_credentials: bool = False
     _seen_prefixes: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,7 +66,11 @@ class SimulatedLM:
             if system and key in self._seen_prefixes and prefix_tokens >= self.min_cache_tokens:
                 cached = (prefix_tokens // 128) * 128 if self.min_cache_tokens >= 128 else prefix_tokens
             self._seen_prefixes.add(key)
-        completion = _tokens(text) + self.reasoning_tokens
+        tools = body.get("tools") or body.get("functions")
+        if tools:  # providers bill tool schemas as prompt tokens
+            prompt_tokens += _tokens(json.dumps(tools))
+        n = max(1, int(body.get("n") or 1))
+        completion = (_tokens(text) + self.reasoning_tokens) * n  # n completions are n times the output
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                  "total_tokens": prompt_tokens + completion,
                  "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
@@ -152,15 +160,23 @@ class _Handler(BaseHTTPRequestHandler):
         sim = self.server.sim
         if sim.latency_s:
             time.sleep(sim.latency_s)
+        if sim.error_status:
+            message = f"simulated error {sim.error_status}"
+            if sim.echo_credentials:
+                message += f": invalid credentials {self.headers.get('Authorization', '')}"
+            self._json(sim.error_status, {"error": {"message": message, "type": "invalid_request_error",
+                                                    "code": sim.error_status}})
+            return
         text, usage = sim.complete(body)
         model = body.get("model", "sim")
         rid = f"chatcmpl-{self.server.count:08d}"
         if body.get("stream"):
             self._stream(rid, model, text, usage, body)
             return
+        n = max(1, int(body.get("n") or 1))
         payload = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                   "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": text}}]}
+                   "choices": [{"index": i, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text}} for i in range(n)]}
         if sim.include_usage:
             payload["usage"] = usage
         self._json(200, payload)
@@ -219,6 +235,13 @@ class SimulatorServer(ThreadingHTTPServer):
     def record(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
         with self._req_lock:
             self.requests.append((path, body, headers))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (its timeout, a cancelled task) is expected here: no traceback on stderr."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
     def start(self) -> SimulatorServer:
         self._thread = threading.Thread(target=self.serve_forever, name="dspy-simulator", daemon=True)
