@@ -135,13 +135,17 @@ class CostEngine:
     def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None, n: int = 1
                    ) -> tuple[float | None, str | None]:
         """(USD to reserve, the term that dominates it) for a call about to be made; (None, None) when no
-        price is known. `n` completions are `n` times the output part."""
+        price is known. `n` completions are `n` times the call."""
         entry = self.entry_for(model)
         if entry is None:
             return None, None
         unset = max_tokens is None
         out = max_tokens if max_tokens is not None else (entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
-        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out * max(1, n), self.tier_for(model))
+        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out, self.tier_for(model))
+        # n completions: DSPy 3.4's native engine sends n requests (each billed for the prompt), LiteLLM one
+        # request with n choices (prompt billed once). The bound covers both: the whole call, n times.
+        copies = max(1, n)
+        total, in_part, out_part = total * copies, in_part * copies, out_part * copies
         if unset and out_part >= in_part:
             term = "max_tokens_unset"
         else:

@@ -55,6 +55,8 @@ class Reservation:
     settled: bool = False
     reservation_id: str = ""  # shared ledgers: the call's id, so settling is idempotent
     local: bool = False  # counted in a fail-open local ledger while the shared one was down
+    # shared ledgers: per account, (spend + reservations + this one, calls likewise) as read while reserving
+    seen: dict[str, tuple[float, int]] | None = None
 
 
 class Ledger(Protocol):

@@ -77,6 +77,8 @@ class CostMetrics:
                                                description="LM call duration (GenAI semantic conventions)")
         self.budget_events = meter.create_counter("dspy.budget.events", unit="{event}",
                                                   description="Budget warn/exceeded crossings")
+        self.ledger_outages = meter.create_counter("dspy.budget.ledger_outages", unit="{event}",
+                                                   description="A shared budget ledger became unreachable")
         self._budgets: OrderedDict[str, Any] = OrderedDict()
         self._budgets_lock = threading.Lock()
         self._max_budgets = max_label_values
@@ -152,6 +154,9 @@ class CostMetrics:
             self._budgets.move_to_end(label)
             while len(self._budgets) > self._max_budgets:
                 self._budgets.popitem(last=False)
+
+    def ledger_outage(self, policy: str) -> None:
+        self.ledger_outages.add(1, {"dspy.budget.on_unavailable": policy})
 
     def budget_event(self, budget: Any, kind: str) -> None:
         self.budget_events.add(1, {A.BUDGET_LABEL: self._label(budget.label), "dspy.budget.event": kind})

@@ -80,6 +80,23 @@ def watch_budget(budget: Budget) -> None:
         logger.debug("otel-dspy-cost: budget gauge failed", exc_info=True)
 
 
+def ledger_outage(url: str, policy: str, detail: str) -> None:
+    """A shared ledger went away: a span event on the call that found out, and a metric point for alerts."""
+    try:
+        from opentelemetry import trace
+
+        from . import _redact
+
+        trace.get_current_span().add_event("dspy.budget.ledger_unavailable", {
+            "dspy.budget.ledger": _redact.scrub(url), "dspy.budget.on_unavailable": policy,
+            "exception.message": _redact.scrub(detail)[:500]})
+        rt = _active
+        if rt is not None and rt.metrics is not None:
+            rt.metrics.ledger_outage(policy)
+    except Exception:  # never let telemetry break the run
+        logger.debug("otel-dspy-cost: ledger outage telemetry failed", exc_info=True)
+
+
 def wait_for_calls(timeout_s: float = 10.0) -> bool:
     """Wait for LM calls already admitted (e.g. in DSPy's worker threads when a budget stop unwound the
     caller): they cost money and belong in the run's accounting. True when none is left in flight."""

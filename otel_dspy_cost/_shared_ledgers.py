@@ -152,23 +152,28 @@ class SqliteLedger(_SharedAccounts):
         # a file gets a connection per thread and SQLite's own locking.
         memory = path == ":memory:"
         self._serial: Any = threading.Lock() if memory else contextlib.nullcontext()
+        # Nothing touches the file here: a corrupt, read-only or unreachable database shows up on the first
+        # reservation, as an unavailable ledger, where `on_unavailable` decides (never a raw sqlite3 error).
         self._shared_conn = self._connect() if memory else None
-        with self._serial:  # executescript commits by itself: not inside _tx()
-            self._db().executescript("""
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+        try:
+            if self.path != ":memory:":
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript("""
                 CREATE TABLE IF NOT EXISTS spend (call_id TEXT, account TEXT, ts REAL, nano INTEGER,
                     econ_nano INTEGER, phase TEXT, PRIMARY KEY (call_id, account));
                 CREATE INDEX IF NOT EXISTS spend_account_ts ON spend (account, ts);
                 CREATE TABLE IF NOT EXISTS reservations (id TEXT, account TEXT, nano INTEGER, phase TEXT,
                     expires REAL, owner TEXT, PRIMARY KEY (id, account));
             """)
-
-    def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _db(self) -> sqlite3.Connection:
@@ -212,6 +217,7 @@ class SqliteLedger(_SharedAccounts):
         amount = to_nano(amount_usd)
         now = self.clock()
         rid = uuid.uuid4().hex
+        seen: dict[str, tuple[float, int]] = {}
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE expires<=?", (now,))
             for name in accounts:
@@ -221,6 +227,7 @@ class SqliteLedger(_SharedAccounts):
                 if name in self._tripped:
                     return Refusal(name, "tripped", 0.0, 0.0, lim.limit_usd or 0.0)
                 t = self._totals(db, name, now)
+                seen[name] = ((t["spent"] + t["reserved"] + amount) / NANO, t["calls"] + t["rcalls"] + 1)
                 if lim.max_calls is not None and t["calls"] + t["rcalls"] + 1 > lim.max_calls:
                     return Refusal(name, "max_calls", t["calls"], t["rcalls"], lim.max_calls)
                 if lim.limit_usd is not None and t["spent"] + t["reserved"] + amount > to_nano(lim.limit_usd):
@@ -232,7 +239,7 @@ class SqliteLedger(_SharedAccounts):
                                    t["rphases"].get(phase, 0) / NANO, cap)
             db.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?)",
                            [(rid, name, amount, phase, now + self.timeout, str(os.getpid())) for name in accounts])
-        return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid)
+        return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
 
     @_sqlite_errors_as_unavailable
     def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
@@ -288,12 +295,14 @@ class SqliteLedger(_SharedAccounts):
 _RESERVE = """
 local now, amount, phase, rid, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local n = #KEYS
+local seen = {}  -- per account: spend + reservations + this call (committed at most), calls likewise
 for i = 1, n do
   local p = KEYS[i]
   local base = 5 + (i - 1) * 5
   local enforce, limit, maxcalls, cap, start = ARGV[base+1], tonumber(ARGV[base+2]), tonumber(ARGV[base+3]),
     tonumber(ARGV[base+4]), tonumber(ARGV[base+5])
   local reserved, rcalls, rphase = 0, 0, 0
+  local spent, calls = -1, -1
   local res = redis.call('HGETALL', p .. ':res')
   for j = 1, #res, 2 do
     local nano, ph, exp = string.match(res[j+1], '(%d+)|([^|]*)|([%d%.]+)')
@@ -304,7 +313,8 @@ for i = 1, n do
   end
   if enforce == '1' then
     local ids = redis.call('ZRANGEBYSCORE', p .. ':ts', start, '+inf')
-    local spent, calls, pspent = 0, #ids, 0
+    local pspent = 0
+    spent, calls = 0, #ids
     for s = 1, #ids, 1000 do  -- in chunks: unpack() has a stack limit of a few thousand values
       local chunk = {}
       for k = s, math.min(s + 999, #ids) do chunk[#chunk + 1] = ids[k] end
@@ -318,12 +328,17 @@ for i = 1, n do
     if maxcalls >= 0 and calls + rcalls + 1 > maxcalls then return {i, 'max_calls', calls, rcalls} end
     if limit >= 0 and spent + reserved + amount > limit then return {i, 'limit_usd', spent, reserved} end
     if cap >= 0 and pspent + rphase + amount > cap then return {i, 'max_' .. phase .. '_usd', pspent, rphase} end
+    seen[#seen + 1] = tostring(spent + reserved + amount)
+    seen[#seen + 1] = tostring(calls + rcalls + 1)
+  else
+    seen[#seen + 1] = '-1'
+    seen[#seen + 1] = '-1'
   end
 end
 for i = 1, n do
   redis.call('HSET', KEYS[i] .. ':res', rid, ARGV[2] .. '|' .. phase .. '|' .. expires)
 end
-return {0}
+return {0, unpack(seen)}
 """
 
 # Settle: drop the reservation, count the call once (HSETNX on the amounts hash is the idempotency).
@@ -378,7 +393,9 @@ class RedisLedger(_SharedAccounts):
                      self._window_start(name, now)]
         out = self._call(lambda: self._reserve(keys=list(accounts), args=args))
         if int(out[0]) == 0:
-            return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid)
+            seen = {name: (int(out[1 + 2 * i]) / NANO, int(out[2 + 2 * i])) for i, name in enumerate(accounts)
+                    if len(out) > 2 + 2 * i and int(out[1 + 2 * i]) >= 0}
+            return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
         name = accounts[int(out[0]) - 1]
         reason = out[1].decode() if isinstance(out[1], bytes) else out[1]
         lim = self._limits[name]
@@ -486,8 +503,12 @@ class GuardedLedger:
                 phases = {k: max(0.0, v - seen.phase_spent.get(k, 0.0)) for k, v in lim.phase_limits.items()}
                 self.local.open(account, dataclasses.replace(lim, limit_usd=left, max_calls=calls,
                                                              phase_limits=phases))
-            logger.error("otel-dspy-cost: shared budget ledger %s is unreachable (%s); policy %s", self.url, exc,
-                         self.policy)
+            logger.error("otel-dspy-cost: shared budget ledger %s is unreachable (%s); policy %s%s", self.url, exc,
+                         self.policy, ": counting locally against what was left at the last ledger read"
+                         if self.policy == "fail_open" else ": refusing calls")
+            from . import _runtime
+
+            _runtime.ledger_outage(self.url, self.policy, str(exc))
 
     def _replay(self) -> None:
         with self._lock:
@@ -512,6 +533,13 @@ class GuardedLedger:
             if self._down:
                 self._down = False
                 logger.warning("otel-dspy-cost: shared budget ledger %s is back", self.url)
+            for account, (committed, calls) in (getattr(out, "seen", None) or {}).items():
+                # What this reservation read, plus everything held (ours included): the most that can be spent
+                # as of now. An outage then starts from it, not from a stale read (or a full budget).
+                prev = self._last_seen.get(account)
+                phases = dict(prev.phase_spent) if prev is not None else {}
+                phases[phase] = phases.get(phase, 0.0) + amount_usd
+                self._last_seen[account] = AccountState(committed, 0.0, 0.0, calls, phase_spent=phases)
             return out
         except LedgerUnavailable as exc:
             self._outage(exc)
@@ -564,7 +592,11 @@ class GuardedLedger:
                 local.economic_usd += seen.economic_usd
                 local.calls += seen.calls
             return local
-        self._last_seen[account] = dataclasses.replace(shared, phase_spent=dict(shared.phase_spent))
+        seen = self._last_seen.get(account)
+        if seen is None or shared.spent_usd + shared.reserved_usd >= seen.spent_usd:
+            self._last_seen[account] = AccountState(shared.spent_usd + shared.reserved_usd, shared.economic_usd, 0.0,
+                                                    shared.calls + shared.reserved_calls,
+                                                    phase_spent=dict(shared.phase_spent))
         with self._lock:
             pending = [p for p in self._pending if account in p[1]]
         if pending:
