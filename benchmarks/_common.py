@@ -50,8 +50,8 @@ class NullExporter(SpanExporter):
         return None
 
 
-def batch_provider() -> TracerProvider:
-    provider = TracerProvider()
+def batch_provider(**options) -> TracerProvider:
+    provider = TracerProvider(**options)
     provider.add_span_processor(BatchSpanProcessor(NullExporter(), max_queue_size=65536))
     return provider
 

@@ -7,6 +7,9 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   otel-dspy-cost instrument(): spans + cost + budget (an active budget) + metrics, BatchSpanProcessor
   ours, lean     the same with instrument(adapter_spans=False): 2 spans per Predict call instead of 4
   ours, no metrics  the same without a MeterProvider (the metrics API stays a no-op)
+  ours, sampled out the provider's sampler is ALWAYS_OFF, a budget is active, metrics on: no span records,
+                 so this is the accounting station alone (pricing, reservation, settlement, spend report,
+                 metrics) plus the SDK's non-recording spans; "sampled, no metrics" without the MeterProvider
   openinference  openinference-instrumentation-dspy (if installed)
   genai-dspy     the official opentelemetry-instrumentation-genai-dspy (if installed; LM/tool/agent spans, no cost)
   SDK floor, 4/2 bare spans: nothing but empty spans where ours go (module or predictor, format, LM, parse; or
@@ -27,18 +30,21 @@ import wrapt  # noqa: E402
 from _common import FourModules, InProcessLM, Variant, batch_provider, dspy, interleaved, one_predict  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF  # noqa: E402
 
 import otel_dspy_cost  # noqa: E402
 
 
-def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, **options):
+def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, sampled=True, **options):
     """instrument() with an SDK MeterProvider (metrics) and an active budget (budget); processor=False
-    switches the BudgetSpanProcessor off, only to measure its share (benchmarks/breakdown.py)."""
+    switches the BudgetSpanProcessor off, only to measure its share (benchmarks/breakdown.py);
+    sampled=False puts an ALWAYS_OFF sampler on the provider: what the accounting station alone costs."""
     state = {}
 
     def on():
         meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if metrics else None
-        otel_dspy_cost.instrument(tracer_provider=batch_provider(), meter_provider=meter_provider,
+        provider = batch_provider() if sampled else batch_provider(sampler=ALWAYS_OFF)
+        otel_dspy_cost.instrument(tracer_provider=provider, meter_provider=meter_provider,
                                   unknown_model="warn", **options)
         if not processor:
             from otel_dspy_cost import _runtime
@@ -97,6 +103,7 @@ def _sdk_floor(name: str, with_adapter: bool) -> Variant:
 def variants() -> list[Variant]:
     out = [Variant("baseline", lambda: None, lambda: None), _ours(),
            _ours("ours, lean", adapter_spans=False), _ours("ours, no metrics", metrics=False),
+           _ours("ours, sampled out", sampled=False), _ours("sampled, no metrics", sampled=False, metrics=False),
            _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False)]
     try:
         from openinference.instrumentation.dspy import DSPyInstrumentor as OpenInference
@@ -137,6 +144,8 @@ def main() -> None:
         if added.get("openinference", 0) > 0:
             for ours in ("otel-dspy-cost", "ours, lean"):
                 print(f"  {ours} added overhead = {added[ours] / added['openinference']:.0%} of openinference's")
+        print(f"  accounting alone (sampled out, budget active): {added['ours, sampled out'] * 1e6:,.0f} us with "
+              f"metrics, {added['sampled, no metrics'] * 1e6:,.0f} us without")
         for ours, floor in (("otel-dspy-cost", "SDK floor, 4 spans"), ("ours, lean", "SDK floor, 2 spans")):
             print(f"  {ours}: {added[floor] * 1e6:,.0f} us of its {added[ours] * 1e6:,.0f} us are the SDK's own "
                   f"spans ({floor}); {(added[ours] - added[floor]) * 1e6:,.0f} us are ours")
