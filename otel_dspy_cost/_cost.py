@@ -16,7 +16,9 @@ from .pricing import PriceEntry, Rates
 _M = 1_000_000.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, a measurable
+# share of the per-call cost (several of these are made per LM call). Treat instances as values.
+@dataclasses.dataclass(slots=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
@@ -29,7 +31,7 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class CallCost:
     usd: float
     economic_usd: float
@@ -49,6 +51,8 @@ UNKNOWN_COST = CallCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "unknown", -1, None, unkno
 def _get(obj: Any, name: str) -> Any:
     if obj is None:
         return None
+    if type(obj) is dict:  # the common case, without the (slower) ABC check below
+        return obj.get(name)
     if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)

@@ -26,7 +26,7 @@ from ._context import CURRENT_MODULE
 from ._context import EVAL_ERRORS as _EVAL_ERRORS
 from ._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from ._context import IN_COMPILE as _IN_COMPILE
-from ._spans import finish, internal_error, record_error, start
+from ._spans import finish, internal_error, record_error, skipped, start, unsampled
 from .processor import take_over_current
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -194,11 +194,14 @@ def _module_begin(instance, args, kwargs):
     if rt is None:
         return None
     try:
-        path = _module_path(instance)
-        kind = "predictor" if _is_predictor(instance) else "module"
-        attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
-                 A.PHASE: _context.current().phase}
-        span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
+        path = _module_path(instance)  # also when unsampled: the path labels the LM call's cost
+        if unsampled(rt):
+            span, token = skipped()
+        else:
+            kind = "predictor" if _is_predictor(instance) else "module"
+            attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
+                     A.PHASE: _context.current().phase}
+            span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
         return span, token, CURRENT_MODULE.set((instance, path)), "." not in path
     except Exception:
         internal_error("module span start")
@@ -230,8 +233,11 @@ def _lm_begin(instance, args, kwargs):
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
         call, merged = _lm_span.new_call(instance, prompt, messages, call_kwargs)
         take_over_current()  # a foreign LM span around this call gives its reservation back: this one counts
-        attrs = _lm_span.start_attributes(rt, call, merged, prompt, messages)
-        span, token = start(rt.tracer, f"{call.operation} {call.model}", attrs)
+        if unsampled(rt):
+            span, token = skipped()
+        else:
+            attrs = _lm_span.start_attributes(rt, call, merged, prompt, messages)
+            span, token = start(rt.tracer, f"{call.operation} {call.model}", attrs)
     except Exception:
         internal_error("LM span start")
         return None
@@ -300,7 +306,7 @@ def _simple_span(kind: str, name_fn: Callable[[Any, tuple, dict], str],
 
     def begin(instance, args, kwargs):
         rt = _runtime.active()
-        if rt is None or (guard is not None and guard.get()):
+        if rt is None or (guard is not None and guard.get()) or unsampled(rt):
             return None
         try:
             attrs = {A.SPAN_KIND: kind}

@@ -62,8 +62,8 @@ def input_tokens_bound(prompt: Any, messages: Any, request: dict[str, Any] | Non
     msgs = messages if messages is not None else [prompt]
     count = len(msgs) if isinstance(msgs, list) else 1
     bound = _text_len(msgs) + 8 * count + 16
-    if isinstance(msgs, list) and msgs and not isinstance(msgs[0], str):
-        bound += IMAGE_TOKENS_BOUND * _images(msgs)
+    if isinstance(msgs, list) and any(isinstance(m, dict) and not isinstance(m.get("content", ""), str) for m in msgs):
+        bound += IMAGE_TOKENS_BOUND * _images(msgs)  # multimodal content parts: only then is it worth a walk
     if request:
         for key in _SCHEMA_KWARGS:
             value = request.get(key)

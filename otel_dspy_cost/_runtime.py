@@ -33,6 +33,7 @@ class Runtime:
     tracer_provider: Any = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # what instrument() was called with
     implicit: bool = False  # set up by budget() without instrument(): accounting only, no spans exported
+    records: bool = True  # False when the tracer is a no-op one (no-op provider, OTEL_SDK_DISABLED)
 
     @property
     def metrics(self) -> Any:

@@ -32,10 +32,27 @@ def internal_error(where: str) -> None:
         logger.debug("otel-dspy-cost: internal error in %s", where, exc_info=True)
 
 
+def unsampled(rt: Any) -> bool:
+    """No span of ours would record here: the tracer is a no-op one, or we are inside a trace the sampler
+    dropped (the SDK's default `ParentBased` samplers, ALWAYS_OFF and `TraceIdRatioBased` decide the same for
+    every span of a trace). Then wrappers make no span at all and build no attributes: the accounting
+    station still prices, reserves and settles every LM call (measured: `benchmarks/overhead.py`,
+    "ours, sampled out")."""
+    if not rt.records:
+        return True
+    ctx = trace.get_current_span().get_span_context()
+    return ctx.is_valid and not ctx.trace_flags.sampled
+
+
 def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any]) -> tuple[Span, object]:
     span = tracer.start_span(name, attributes=attributes)
     token = otel_context.attach(trace.set_span_in_context(span))
     return span, token
+
+
+def skipped() -> tuple[Span, object]:
+    """(span, token) of a span not made (see `unsampled`): `finish` leaves it alone."""
+    return trace.INVALID_SPAN, None
 
 
 def record_error(span: Span, exc: BaseException) -> None:
@@ -48,6 +65,8 @@ def record_error(span: Span, exc: BaseException) -> None:
 
 
 def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
+    if token is None:  # a span we did not make (unsampled)
+        return
     try:
         if exc is not None:
             record_error(span, exc)

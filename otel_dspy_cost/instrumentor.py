@@ -133,7 +133,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         set_default_resolver(resolver)
         options = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), accountant, provider, options,
-                                             implicit=bool(kwargs.get("_implicit"))))
+                                             implicit=bool(kwargs.get("_implicit")),
+                                             records=not isinstance(tracer, trace.NoOpTracer)))
         try:
             _dspy_patches.apply(adapter_spans=kwargs.get("adapter_spans", True))
         except Exception:

@@ -84,12 +84,19 @@ def _usage_from_attrs(attrs: Any) -> Usage | None:
 
 
 _gates: weakref.WeakSet[BudgetSpanProcessor] = weakref.WeakSet()
+_foreign_open = [0]  # foreign LM calls admitted by any gate and not yet ended: nothing to take over at 0
+_foreign_lock = threading.Lock()
+
+
+def _foreign_count(delta: int) -> None:
+    with _foreign_lock:
+        _foreign_open[0] = max(0, _foreign_open[0] + delta)
 
 
 def take_over_current() -> None:
     """Our LM wrapper is about to admit a call: if the current span is a foreign LM span some gate admitted
     (another instrumentation wraps DSPy outside ours), that gate gives its reservation back."""
-    if not _gates:
+    if not _foreign_open[0]:
         return
     try:
         span_id = trace.get_current_span().get_span_context().span_id
@@ -150,6 +157,7 @@ class BudgetSpanProcessor(SpanProcessor):
             self._internal_error("on_start")
             return
         node.call = call
+        _foreign_count(1)
 
     def on_end(self, span: ReadableSpan) -> None:
         if not self.enabled:
@@ -158,6 +166,8 @@ class BudgetSpanProcessor(SpanProcessor):
             node = self._live.pop(span.context.span_id, None)
             if node is None:
                 return
+            if node.is_lm and not node.ours and node.call is not None and not node.taken_over:
+                _foreign_count(-1)
             if node.is_lm and not node.taken_over:
                 self._end_lm(span, node)
             elif node.calls:
@@ -184,6 +194,7 @@ class BudgetSpanProcessor(SpanProcessor):
             node.taken_over = True
             self.accountant.release(node.call)
             node.call = None
+            _foreign_count(-1)
 
     def note_call(self, span: Span, call: LMCall) -> None:
         """Our LM wrapper hands over the settled call before the span ends (no attributes parsed back)."""

@@ -26,26 +26,38 @@ class SpendAggregator:
         self.max_keys = max_keys
         self._by: dict[str, dict[str, dict[str, float]]] = {d: {} for d in DIMENSIONS}
         self._total = _blank()
+        # (module, model, phase, budgets, trial) -> the rows that call adds to: looked up once per distinct
+        # key, so a call is one dict lookup and the additions (this runs once per LM call).
+        self._rows: dict[tuple[Any, ...], list[dict[str, float]]] = {}
+
+    def _rows_for(self, key: tuple[Any, ...]) -> list[dict[str, float]]:
+        module, model, phase, budgets, trial = key
+        names = {"module": (module,), "model": (model,), "phase": (phase,), "budget": budgets,
+                 "trial": (trial,) if trial is not None else ()}
+        rows = [self._total]
+        for dim, keys in names.items():
+            table = self._by[dim]
+            for name in keys:
+                row = table.get(name)
+                if row is None:
+                    if len(table) >= self.max_keys:
+                        row = table.setdefault("(other)", _blank())
+                    else:
+                        row = table[name] = _blank()
+                rows.append(row)
+        if len(self._rows) < 4 * self.max_keys:
+            self._rows[key] = rows
+        return rows
 
     def record(self, *, module: str, model: str, phase: str, budgets: Iterable[str], trial: str | None,
                values: dict[str, float]) -> None:
-        keys = {"module": [module], "model": [model], "phase": [phase], "budget": list(budgets),
-                "trial": [trial] if trial is not None else []}
+        key = (module, model, phase, tuple(budgets), trial)
         with self._lock:
-            for dim, names in keys.items():
-                table = self._by[dim]
-                for name in names:
-                    row = table.get(name)
-                    if row is None:
-                        if len(table) >= self.max_keys:
-                            name = "(other)"
-                            row = table.setdefault(name, _blank())
-                        else:
-                            row = table[name] = _blank()
-                    for f, v in values.items():
-                        row[f] += v
+            rows = self._rows.get(key) or self._rows_for(key)
             for f, v in values.items():
-                self._total[f] += v
+                if v:
+                    for row in rows:
+                        row[f] += v
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -60,6 +72,7 @@ class SpendAggregator:
         with self._lock:
             self._by = {d: {} for d in DIMENSIONS}
             self._total = _blank()
+            self._rows = {}
 
 
 def collapse_module(path: str, depth: int | None) -> str:
