@@ -1,6 +1,6 @@
-"""`BudgetSpanProcessor`: the roll-up tree of recorded spans, and the budget gate for other instrumentations.
+"""`BudgetSpanProcessor`: wires the roll-up tree (`_rollup`) and the budget gate for other instrumentations.
 
-Two jobs, wired together here:
+Two jobs:
 
 - **Roll-up tree.** Every recorded span gets the totals of the LM calls below it
   (`dspy.cost.total_usd`, tokens, `dspy.lm.calls`). Our LM wrapper hands each settled call over
@@ -34,44 +34,11 @@ from . import _context
 from ._accounting import Accountant, LMCall
 from ._cost import UNKNOWN_COST, CallCost, Usage
 from ._costing import CostEngine
+from ._rollup import Node, RollupTree
 from .budget import BudgetExceededError, UnpricedModelError
 from .report import SpendAggregator
 
 logger = logging.getLogger("otel_dspy_cost.processor")
-
-
-class _Node:
-    """Book-keeping for one open span. The span reference is dropped when the span ends."""
-
-    __slots__ = ("span", "parent", "is_lm", "ours", "lm_ancestor", "usd", "econ", "inp", "out", "calls", "unknown",
-                 "call", "taken_over", "deferred", "module")
-
-    def __init__(self, span: Span | None, parent: _Node | None, is_lm: bool, ours: bool):
-        self.span = span
-        self.parent = parent
-        self.is_lm = is_lm
-        self.ours = ours
-        self.lm_ancestor: _Node | None = None
-        self.usd = self.econ = 0.0
-        self.inp = self.out = self.calls = self.unknown = 0
-        self.call: LMCall | None = None  # ours: handed over by the wrapper; foreign: admitted at on_start
-        self.taken_over = False  # a foreign LM span around one of our LM calls: ours counts
-        # Our own spans get their roll-up written once, by our wrapper just before they end
-        # (`write_rollup`); other spans are updated after every LM call below them.
-        self.deferred = ours and not is_lm
-        self.module = ""
-
-    def rollup_attributes(self) -> dict[str, Any]:
-        """The subtree's totals as span attributes (read under the processor's lock)."""
-        attrs: dict[str, Any] = {A.TOTAL_USD: self.usd, A.TOTAL_ECONOMIC_USD: self.econ, A.TOTAL_INPUT_TOKENS: self.inp,
-                                 A.TOTAL_OUTPUT_TOKENS: self.out, A.LM_CALLS: self.calls}
-        if self.unknown:
-            attrs[A.TOTAL_UNKNOWN_CALLS] = self.unknown
-        return attrs
-
-
-def _is_lm(attrs: Any) -> bool:
-    return attrs.get(A.SPAN_KIND) == "lm" or attrs.get(A.GEN_AI_OPERATION) in A.LM_OPERATIONS
 
 
 def _usage_from_attrs(attrs: Any) -> Usage | None:
@@ -117,10 +84,7 @@ class BudgetSpanProcessor(SpanProcessor):
 
             cost_engine = CostEngine(default_resolver())
         self.accountant = Accountant(cost_engine, aggregator)
-        # Open spans by span id. Only single get/set/pop operations touch it, each atomic on a dict, so
-        # they take no lock (two lock round-trips per span were measurable); `_lock` guards the roll-up sums.
-        self._live: dict[int, _Node] = {}
-        self._lock = threading.Lock()
+        self.tree = RollupTree()
         self._failed_once = False
         self.enabled = True
         _gates.add(self)
@@ -138,7 +102,7 @@ class BudgetSpanProcessor(SpanProcessor):
         if not self.enabled:
             return
         try:
-            node = self._track(span)
+            node = self.tree.track(span)
             if node.ours or not node.is_lm or node.lm_ancestor is not None:
                 return
             if _context.CURRENT_CALL.get() is not None:  # inside one of our LM calls, which counts it
@@ -163,7 +127,7 @@ class BudgetSpanProcessor(SpanProcessor):
         if not self.enabled:
             return
         try:
-            node = self._live.pop(span.context.span_id, None)
+            node = self.tree.pop(span.context.span_id)
             if node is None:
                 return
             if node.is_lm and not node.ours and node.call is not None and not node.taken_over:
@@ -171,13 +135,13 @@ class BudgetSpanProcessor(SpanProcessor):
             if node.is_lm and not node.taken_over:
                 self._end_lm(span, node)
             elif node.calls:
-                self._add_to_parent(node)
+                self.tree.add_to_parent(node)
             node.span = None
         except Exception:
             self._internal_error("on_end")
 
     def shutdown(self) -> None:
-        self._live.clear()
+        self.tree.clear()
 
     def wait_for_calls(self, timeout_s: float = 10.0) -> bool:
         """Wait until no admitted LM call is still running; False if some were at the timeout."""
@@ -189,7 +153,7 @@ class BudgetSpanProcessor(SpanProcessor):
     # -- from our LM wrapper ------------------------------------------------------------------------
     def _take_over(self, span_id: int) -> None:
         """One of our LM calls starts inside this foreign LM span: give its reservation back (ours counts)."""
-        node = self._live.get(span_id)
+        node = self.tree.get(span_id)
         if node is not None and node.is_lm and not node.ours and node.call is not None and not node.taken_over:
             node.taken_over = True
             self.accountant.release(node.call)
@@ -198,7 +162,7 @@ class BudgetSpanProcessor(SpanProcessor):
 
     def note_call(self, span: Span, call: LMCall) -> None:
         """Our LM wrapper hands over the settled call before the span ends (no attributes parsed back)."""
-        node = self._live.get(span.get_span_context().span_id)
+        node = self.tree.get(span.get_span_context().span_id)
         if node is not None:
             node.call = call
 
@@ -207,12 +171,7 @@ class BudgetSpanProcessor(SpanProcessor):
         once instead of after every LM call below it (an optimizer's LM call sits under five or six of
         our spans, and each rewrite is five attributes the SDK validates and copies)."""
         try:
-            node = self._live.get(span.get_span_context().span_id)
-            if node is None or not node.calls:
-                return
-            with self._lock:
-                attrs = node.rollup_attributes()
-            span.set_attributes(attrs)
+            self.tree.write(span)
         except Exception:
             self._internal_error("write_rollup")
 
@@ -225,20 +184,7 @@ class BudgetSpanProcessor(SpanProcessor):
         else:
             logger.debug("otel-dspy-cost: internal error in BudgetSpanProcessor.%s", where, exc_info=True)
 
-    def _track(self, span: Span) -> _Node:
-        attrs = span.attributes or {}
-        parent_ctx = span.parent
-        parent = self._live.get(parent_ctx.span_id) if parent_ctx is not None else None
-        ours = getattr(span.instrumentation_scope, "name", None) == A.SCOPE_NAME
-        node = _Node(span, parent, _is_lm(attrs), ours)
-        if parent is not None:
-            node.lm_ancestor = parent if parent.is_lm else parent.lm_ancestor
-            node.module = parent.module
-        node.module = attrs.get(A.MODULE_PATH, node.module)
-        self._live[span.context.span_id] = node
-        return node
-
-    def _foreign_call(self, span: Span, node: _Node) -> LMCall:
+    def _foreign_call(self, span: Span, node: Node) -> LMCall:
         """An LM call seen only as another instrumentation's span: what its attributes and our run state say."""
         attrs = span.attributes or {}
         state = _context.current()
@@ -261,7 +207,7 @@ class BudgetSpanProcessor(SpanProcessor):
         try:
             from ._spans import record_error
 
-            self._live.pop(span.context.span_id, None)
+            self.tree.pop(span.context.span_id)
             span.set_attribute(A.BUDGET_REFUSED, True)
             record_error(span, stop)
             span.end()
@@ -287,7 +233,7 @@ class BudgetSpanProcessor(SpanProcessor):
         else:
             call.cost = self.engine.cost(call.model, usage, cache_hit=call.cache_hit)
 
-    def _end_lm(self, span: ReadableSpan, node: _Node) -> None:
+    def _end_lm(self, span: ReadableSpan, node: Node) -> None:
         call = node.call
         if not node.ours:
             if node.lm_ancestor is not None:
@@ -298,27 +244,5 @@ class BudgetSpanProcessor(SpanProcessor):
                 self.accountant._started()
             self._foreign_cost(span, call)
             self.accountant.settle(call)
-        if call is None or call.cost is None:
-            return
-        cost, usage = call.cost, call.billed
-        node.usd, node.econ = cost.usd, cost.economic_usd
-        node.inp, node.out, node.calls, node.unknown = usage.input_tokens, usage.output_tokens, 1, int(cost.unknown)
-        self._add_to_parent(node)
-
-    def _add_to_parent(self, node: _Node) -> None:
-        parent = node.parent
-        while parent is not None and parent.span is None:  # ended early (e.g. a straggler thread): skip up
-            parent = parent.parent
-        if parent is None:
-            return
-        with self._lock:
-            parent.usd += node.usd
-            parent.econ += node.econ
-            parent.inp += node.inp
-            parent.out += node.out
-            parent.calls += node.calls
-            parent.unknown += node.unknown
-            attrs = parent.rollup_attributes()
-        span = parent.span
-        if span is not None and not parent.deferred:
-            span.set_attributes(attrs)
+        if call is not None:
+            self.tree.count(node, call)

@@ -297,7 +297,8 @@ def test_foreign_lm_spans_are_budgeted_while_they_record(server):
     made = 0
     try:
         with pytest.raises(BudgetExceededError):
-            with otel_dspy_cost.budget(limit_usd=0.001, label="foreign") as b:
+            with otel_dspy_cost.budget(limit_usd=0.001, label="foreign") as b, \
+                    tracer.start_as_current_span("user request"):
                 for _ in range(100):
                     with tracer.start_as_current_span("chat gpt-4o-mini", attributes={
                             A.GEN_AI_OPERATION: "chat", A.GEN_AI_REQUEST_MODEL: MODEL,
@@ -305,5 +306,9 @@ def test_foreign_lm_spans_are_budgeted_while_they_record(server):
                         made += 1
                         span.set_attributes({A.GEN_AI_INPUT_TOKENS: 100, A.GEN_AI_OUTPUT_TOKENS: 200})
         assert 0 < b.call_count == made and b.spent_usd <= 0.001
+        # the roll-up tree put the settled calls on the user's span around them
+        (request,) = [s for s in exporter.get_finished_spans() if s.name == "user request"]
+        assert request.attributes[A.LM_CALLS] == made
+        assert request.attributes[A.TOTAL_USD] == pytest.approx(b.spent_usd)
     finally:
         otel_dspy_cost.uninstrument()

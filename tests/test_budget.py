@@ -243,7 +243,7 @@ def test_processor_bug_is_logged_program_continues(otel, lm, monkeypatch, caplog
     def broken(self, *a, **k):
         raise RuntimeError("planted processor bug")
 
-    monkeypatch.setattr("otel_dspy_cost.processor.BudgetSpanProcessor._track", broken)
+    monkeypatch.setattr("otel_dspy_cost._rollup.RollupTree.track", broken)
     caplog.set_level(logging.WARNING)
     with otel_dspy_cost.budget(limit_usd=1.0), dspy.context(lm=lm):
         assert ResearchAgent()(question="bug?").answer
