@@ -28,7 +28,7 @@ _SECRET_SHAPES = re.compile(
     r"|xox[abpr]-[A-Za-z0-9\-]{8,}"
     r"|(?:api[_-]?key|x-api-key|x-goog-api-key|access_token|password)[\"']?\s*[:=]\s*[\"']?[^\s\"',;&]{6,})",
     re.I)
-_USERINFO = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
+_USERINFO = re.compile(r"(?<=://)[^/\s:@]*:[^/\s@]+@")
 REDACTED = "[REDACTED]"
 
 _known: set[str] = set()

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from otel_dspy_cost._redact import scrub
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
@@ -79,7 +81,7 @@ def _pricing(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(entry), indent=1, default=str))
         return 0
     except (CatalogError, UnknownModelError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -149,7 +151,7 @@ def _estimate(args: argparse.Namespace) -> int:
                        max_tokens=args.max_tokens, input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate,
                        budget_usd=args.budget)
     except UnknownModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
     if args.json:
         from dataclasses import asdict
@@ -184,13 +186,13 @@ def _budget(args: argparse.Namespace) -> int:
         ledger.open(account, Limits(args.limit, None, {}, False, window))
         if args.action == "reset":
             ledger.reset(account)
-            print(f"{args.ledger_url} {args.label!r}: reset (spend and reservations removed)")
+            print(f"{scrub(args.ledger_url)} {args.label!r}: reset (spend and reservations removed)")
             return 0
         state = ledger.inner.state(account)
     except (LedgerUnavailable, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
-    data = {"ledger": args.ledger_url, "label": args.label, "spent_usd": state.spent_usd,
+    data = {"ledger": scrub(args.ledger_url), "label": args.label, "spent_usd": state.spent_usd,
             "economic_usd": state.economic_usd, "calls": state.calls, "reserved_usd": state.reserved_usd,
             "reserved_calls": state.reserved_calls, "by_phase": state.phase_spent}
     if window is not None:

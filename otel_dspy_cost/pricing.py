@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from importlib import resources
@@ -469,13 +470,9 @@ def litellm_rates(info: Mapping[str, Any], suffix: str = "") -> dict[str, float]
 
 def _litellm_entry(model: str) -> PriceEntry | None:
     """LiteLLM's bundled price map, read locally (never the online refresh)."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    try:
-        import litellm
-    except Exception:  # noqa: BLE001 - a broken LiteLLM must not break pricing
-        return None
+    cost_map = _litellm_cost_map()
     provider, name = split_model(model)
-    info = litellm.model_cost.get(model) or litellm.model_cost.get(name)
+    info = cost_map.get(model) or cost_map.get(name)
     if not info or info.get("input_cost_per_token") is None or info.get("output_cost_per_token") is None:
         return None
     return PriceEntry(
@@ -484,8 +481,44 @@ def _litellm_entry(model: str) -> PriceEntry | None:
         rates=Rates(**litellm_rates(info)),
         tiers={}, long_context_threshold=None, long_context_rates=None,
         max_output_tokens=info.get("max_output_tokens"), source="litellm",
-        catalog_version=f"litellm-{getattr(litellm, 'version', None) or _litellm_version()}",
+        catalog_version=f"litellm-{_litellm_version()}",
     )
+
+
+_cost_map: dict[str, Any] | None = None
+
+
+def _litellm_cost_map() -> dict[str, Any]:
+    """LiteLLM's bundled price map. Read as the JSON file the package ships, without importing LiteLLM:
+    the import alone took about 3 s here, paid by the first lookup of a model our catalog lacks."""
+    global _cost_map
+    live = sys.modules.get("litellm")
+    if live is not None and isinstance(getattr(live, "model_cost", None), dict):
+        return live.model_cost  # already imported (DSPy 3.3 does): its live map, with register_model() entries
+    if _cost_map is not None:
+        return _cost_map
+    found: dict[str, Any] = {}
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("litellm")
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            path = Path(folder) / "model_prices_and_context_window_backup.json"
+            if path.is_file():
+                found = json.loads(path.read_text())
+                break
+    except Exception:  # noqa: BLE001 - fall back to the package itself below
+        found = {}
+    if not found:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        try:
+            import litellm
+
+            found = dict(litellm.model_cost)
+        except Exception:  # noqa: BLE001 - a broken LiteLLM must not break pricing
+            found = {}
+    _cost_map = found
+    return found
 
 
 def _litellm_version() -> str:

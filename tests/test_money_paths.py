@@ -312,6 +312,17 @@ def test_scrubber_covers_provider_key_shapes():
         "xai-abcdefghijklmnopqrstu", "hf_abcdefghijklmnopqrstu", "AKIAABCDEFGHIJKLMNOP", "ghp_abcdefghijklmnopqrstuv")]
     cases += [("Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl"),
               ("failed to connect to https://user:pa55word-x@host/v1", "pa55word-x"),
-              ('{"api_key": "abcdef123456"}', "abcdef123456"), ("x-api-key: abcdef123456", "abcdef123456")]
+              ('{"api_key": "abcdef123456"}', "abcdef123456"), ("x-api-key: abcdef123456", "abcdef123456"),
+              ("redis://:s3cret-pass@10.0.0.1:6379/0 unreachable", "s3cret-pass")]
     for text, secret in cases:
         assert secret not in scrub(text), (secret, text)
+
+
+def test_cli_errors_never_print_a_ledger_password(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "budget", "status",
+                          "redis://:s3cret-pass@127.0.0.1:1/0", "label"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "s3cret-pass" not in out.stdout + out.stderr
+    assert "[REDACTED]" in out.stderr
