@@ -156,21 +156,35 @@ class Accountant:
         for b in budgets:
             by_ledger.setdefault(id(b.ledger), []).append(b)
         held: list[tuple[Any, Any]] = []
-        for group in by_ledger.values():
-            outcome = group[0].ledger.reserve([b.account for b in group], amount, call.phase)
-            if not getattr(outcome, "reason", None):  # a Reservation (a Refusal always has a reason)
-                held.append((group[0].ledger, outcome))
-                continue
-            for ledger, reservation in held:
-                ledger.release(reservation)
-            culprit = next(b for b in group if b.account == outcome.account)
-            call.outcome = REFUSED
-            raise culprit._refused(outcome, requested_usd=amount, term=term, model=call.model)
+        try:
+            for group in by_ledger.values():
+                outcome = group[0].ledger.reserve([b.account for b in group], amount, call.phase)
+                if not getattr(outcome, "reason", None):  # a Reservation (a Refusal always has a reason)
+                    held.append((group[0].ledger, outcome))
+                    continue
+                call.outcome = REFUSED
+                raise _refusal(group, outcome, amount, term, call.model)
+        except BaseException:
+            for ledger, reservation in held:  # all or nothing: what this call already holds goes back
+                try:
+                    ledger.release(reservation)
+                except Exception:
+                    logger.debug("otel-dspy-cost: release failed", exc_info=True)
+            raise
         call.holds = held
         call.reserved_usd = amount
         call.term = term
         for b in budgets:
             b._call_started(amount)
+        self._started()
+
+    def admit_unbudgeted(self, call: LMCall) -> None:
+        """Our own admission failed (a bug, logged by the caller): the call goes ahead, and is still counted
+        in the spend report, metrics and cost log when it settles (not in a ledger: nothing was reserved)."""
+        call.holds = []
+        call.budgets = ()
+        if not call.started:
+            call.started = time.perf_counter()
         self._started()
 
     # -- after it ---------------------------------------------------------------------------------------
@@ -230,6 +244,21 @@ class Accountant:
                 sink(call)
             except Exception:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+def _refusal(group: list[Budget], outcome: Any, amount: float, term: str | None, model: str) -> BaseException:
+    """The stop a refusal raises. Built defensively: a bug while wording it must still stop the call."""
+    from .budget import BudgetExceededError
+
+    try:
+        culprit = next(b for b in group if b.account == outcome.account)
+        return culprit._refused(outcome, requested_usd=amount, term=term, model=model)
+    except Exception:  # noqa: BLE001
+        logger.exception("otel-dspy-cost: internal error while wording a budget refusal (the call is refused)")
+        label = group[0].label
+        return BudgetExceededError(f"Budget {label!r} refused a call to {model} ({outcome.reason})", label=label,
+                                   spent_usd=0.0, limit=float(getattr(outcome, "limit", 0.0) or 0.0),
+                                   reason=str(outcome.reason), requested_usd=amount, term=term)
 
 
 def _refuse_forked(budgets: tuple[Budget, ...], model: str) -> None:

@@ -2,7 +2,7 @@
 
 `docs/attributes.md` is the human table of the same names; a test keeps the two in step.
 GenAI names follow the OpenTelemetry GenAI semantic conventions so other backends and the
-budget processor can read LM spans from any instrumentation that follows them.
+budget gate (processor) can read LM spans from any instrumentation that follows them.
 """
 
 # Instrumentation scope of our tracer and meter: how our spans are told from other instrumentations'.

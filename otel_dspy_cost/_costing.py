@@ -1,7 +1,7 @@
 """Pricing policy around the resolver: what to do with unknown models, warnings said once per model.
 
-Shared by the LM span wrapper (our own spans) and the budget processor (spans from other
-instrumentations), so both price a call the same way.
+Used by the accounting station for every call, ours or another instrumentation's, so every call is
+priced the same way.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from ._context import EVAL_ERRORS as _EVAL_ERRORS
 from ._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from ._context import IN_COMPILE as _IN_COMPILE
 from ._spans import finish, internal_error, record_error, skipped, start, unsampled
+from .budget import BudgetExceededError, UnpricedModelError
 from .processor import take_over_current
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -245,8 +246,14 @@ def _lm_begin(instance, args, kwargs):
         ctx = span.get_span_context()
         call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
         rt.accountant.admit(call)  # the deliberate stops (budget, unpriced model) propagate from here
-    except BaseException as stop:
+    except (BudgetExceededError, UnpricedModelError) as stop:
         _refused(span, token, stop)
+        raise
+    except Exception:  # our bug: logged; the call goes ahead and is still counted in the report and log
+        internal_error("LM call admission")
+        rt.accountant.admit_unbudgeted(call)
+    except BaseException as exc:  # KeyboardInterrupt and the like, before any request: close the span
+        finish(span, token, exc)
         raise
     try:
         if call.budgets and span.is_recording():
@@ -276,8 +283,9 @@ def _lm_end(state, result, exc):
             _lm_span.price_failure(rt.engine, call, exc)
         else:
             _lm_span.price(rt, call, prompt, messages, result)
-    except Exception:
+    except Exception:  # our bug: the call was made, so it counts at its reserved worst case, never less
         internal_error("LM call pricing")
+        _lm_span.settle_at_worst_case(call, "internal error")
     try:
         rt.accountant.settle(call)
     except Exception:

@@ -175,8 +175,6 @@ def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
     if outcome == REJECTED:
         call.cost = dataclasses.replace(UNKNOWN_COST, unknown=False, source="none", version=0)
         return
-    call.estimated = True
-    call.estimate_reason = reason
     amount = call.reserved_usd
     if not call.budgets:  # nothing was reserved: the same worst case, priced now
         try:
@@ -184,9 +182,17 @@ def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
         except BaseException:  # noqa: BLE001 - an unknown price after the fact is an unknown cost, never a stop
             worst = None
         if worst is None:
-            call.cost = UNKNOWN_COST
+            call.estimated, call.estimate_reason, call.cost = True, reason, UNKNOWN_COST
             return
         amount = worst
+    settle_at_worst_case(call, reason, amount)
+
+
+def settle_at_worst_case(call: LMCall, reason: str, amount: float | None = None) -> None:
+    """The call's cost is not known: it counts as its worst case (reserved, or given), marked estimated."""
+    amount = call.reserved_usd if amount is None else amount
+    call.estimated = True
+    call.estimate_reason = reason
     call.cost = CallCost(amount, amount, 0.0, 0.0, 0.0, 0.0, "worst_case", 0, None)
 
 

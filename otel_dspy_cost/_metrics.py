@@ -2,8 +2,8 @@
 
 Why here and not a span-to-metric connector in the Collector: the contrib `sum` connector adds a
 value once per grouping label (three labels = triple cost), drops zero-valued labels and emits
-deltas Prometheus does not accumulate (see docs/architecture.md). Emitting from the processor
-counts each LM call exactly once, including LM spans of other instrumentations.
+deltas Prometheus does not accumulate (see docs/architecture.md). Emitting from the accounting station
+counts each LM call exactly once, sampled or not, including LM spans of other instrumentations.
 
 Label sets are bounded: every label that can grow (module path, model, budget label, optimizer)
 passes through `_Bounded`, which keeps the first `max_values` distinct values and maps the rest to
@@ -48,7 +48,7 @@ class _Bounded:
 
 
 class CostMetrics:
-    """The instruments; `record_call` is fed once per LM call by the budget processor."""
+    """The instruments; `record_call` is fed once per settled LM call by the accounting station."""
 
     def __init__(self, meter: metrics.Meter, *, module_depth: int = 2, max_label_values: int = 100,
                  via_global: bool = False):

@@ -11,12 +11,15 @@ asyncio does for tasks. Applied by `instrument()` with the DSPy patches and remo
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.thread
 import contextvars
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from . import _runtime
+
+_POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
 
 
 def carried(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,7 +36,9 @@ def carried(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _thread_start(wrapped: Any, instance: threading.Thread, args: tuple, kwargs: dict) -> Any:
-    if _runtime.active() is not None:
+    # An executor's worker thread is skipped: it outlives the submission that started it, and each task
+    # it runs already gets its submitter's context (below); a copied budget must not stick to the worker.
+    if _runtime.active() is not None and getattr(instance, "_target", None) is not _POOL_WORKER:
         run = instance.run  # bound, so a subclass's own run() is carried too
         captured = contextvars.copy_context()
         instance.run = lambda: captured.run(run)  # type: ignore[method-assign]

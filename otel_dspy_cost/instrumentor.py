@@ -187,8 +187,9 @@ def ensure_accounting() -> None:
     so the budget is enforced rather than silently ignored. A later `instrument()` replaces this set-up."""
     if _runtime.active() is not None:
         return
-    logger.warning("otel-dspy-cost: a budget was entered before instrument(): enabling cost accounting so it is "
-                   "enforced (no spans are exported; call otel_dspy_cost.instrument() at start-up for traces)")
+    logger.warning("otel-dspy-cost: budget() or record_run() was used before instrument(): enabling cost "
+                   "accounting so budgets are enforced (no spans are exported; call otel_dspy_cost.instrument() at "
+                   "start-up for traces)")
     DSPyCostInstrumentor().instrument(tracer_provider=trace.NoOpTracerProvider(), _implicit=True)
 
 

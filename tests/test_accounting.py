@@ -223,7 +223,7 @@ def test_budget_without_instrument_is_enforced(lm, server, caplog):
                 for i in range(20):
                     _one(lm, i)
         assert b.spent_usd <= 0.0004 and b.call_count == server.count < 20
-        assert "before instrument()" in caplog.text
+        assert "before instrument()" in caplog.text and "enforced" in caplog.text
         # a later explicit instrument() replaces the accounting-only set-up
         exporter, provider = InMemorySpanExporter(), TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -312,3 +312,33 @@ def test_foreign_lm_spans_are_budgeted_while_they_record(server):
         assert request.attributes[A.TOTAL_USD] == pytest.approx(b.spent_usd)
     finally:
         otel_dspy_cost.uninstrument()
+
+
+def test_our_bug_in_admission_never_breaks_the_call(otel, lm, server, monkeypatch, caplog):
+    from otel_dspy_cost._ledger import InProcessLedger
+
+    def broken(self, *a, **k):
+        raise RuntimeError("planted ledger bug")
+
+    monkeypatch.setattr(InProcessLedger, "reserve", broken)
+    caplog.set_level(logging.WARNING)
+    with otel_dspy_cost.budget(limit_usd=1.0, label="bug"):
+        assert _one(lm, 0).answer
+    assert "planted ledger bug" in caplog.text and "internal error" in caplog.text
+    assert server.count == 1 == otel_dspy_cost.spend_report()["total"]["calls"]  # still counted
+
+
+def test_our_bug_in_pricing_counts_the_call_at_its_worst_case(otel, lm, server, monkeypatch, caplog):
+    from otel_dspy_cost import _lm_span
+
+    def broken(*a, **k):
+        raise RuntimeError("planted pricing bug")
+
+    monkeypatch.setattr(_lm_span, "price", broken)
+    caplog.set_level(logging.WARNING)
+    with otel_dspy_cost.budget(limit_usd=1.0, label="pricing-bug") as b:
+        assert _one(lm, 0).answer
+    assert "planted pricing bug" in caplog.text
+    (span,) = [s for s in otel[0].get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"]
+    assert b.spent_usd == pytest.approx(span.attributes[A.BUDGET_RESERVED_USD]) and b.spent_usd > 0
+    assert span.attributes[A.COST_ESTIMATE_REASON] == "internal error"
