@@ -286,7 +286,7 @@ class Budget:
             "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
                          f"max_calls={int(refusal.limit)}",
             "tripped": f"the budget already stopped this run; no further provider calls are made. First stop: "
-                       f"{self._first_stop or first_reason}",
+                       f"{(self._first_stop or first_reason or '').rstrip('.')}",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
         hints = {

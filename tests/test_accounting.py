@@ -29,7 +29,7 @@ from otel_dspy_cost import _attributes as A
 from otel_dspy_cost.artifacts import read_costs
 
 LIMIT = 0.002  # a few dozen one-Predict calls at gpt-4o-mini prices with max_tokens=512
-VARIANTS = ("full", "always_off", "ratio_0.01", "sdk_disabled", "noop_provider", "concurrent_multi")
+VARIANTS = ("full", "always_off", "env_always_off", "ratio_0.01", "sdk_disabled", "noop_provider", "concurrent_multi")
 
 
 def _provider(variant, monkeypatch):
@@ -37,6 +37,9 @@ def _provider(variant, monkeypatch):
         return TracerProvider()
     if variant == "always_off":
         return TracerProvider(sampler=ALWAYS_OFF)
+    if variant == "env_always_off":
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+        return TracerProvider()
     if variant == "ratio_0.01":
         return TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01)))
     if variant == "sdk_disabled":
