@@ -148,6 +148,7 @@ class SqliteLedger(_SharedAccounts):
         self.namespace = namespace
         self.timeout = reservation_timeout_s
         self._local = threading.local()
+        self._pid = os.getpid()
         # An in-memory database is one connection shared by every thread, so its use is serialised;
         # a file gets a connection per thread and SQLite's own locking.
         memory = path == ":memory:"
@@ -179,6 +180,8 @@ class SqliteLedger(_SharedAccounts):
     def _db(self) -> sqlite3.Connection:
         if self._shared_conn is not None:
             return self._shared_conn
+        if self._pid != os.getpid():  # a forked child: SQLite connections must not cross fork, open new ones
+            self._local, self._pid = threading.local(), os.getpid()
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = self._connect()
