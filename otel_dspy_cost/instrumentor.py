@@ -157,7 +157,8 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
     `opentelemetry-instrument` already instrumented, and the app now passes its own provider or
     `pricing_overrides`), the new options are applied: DSPy is re-instrumented with them (logged), and the
     spend report carries on. Raises `CatalogError` for a malformed pricing override and `ValueError` for a
-    bad option (bad input is reported, not ignored).
+    bad option (bad input is reported, not ignored); a re-instrumentation that fails that way keeps the
+    previous set-up in force.
     """
     instrumentor = DSPyCostInstrumentor()
     wanted = {"tracer_provider": tracer_provider, "meter_provider": meter_provider, **options}
@@ -171,7 +172,12 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
             logger.info("otel-dspy-cost: instrument() called again with other options (%s): applying them",
                         ", ".join(changed))
         instrumentor.uninstrument()
-        instrumentor.instrument(_previous=current, **wanted)
+        try:
+            instrumentor.instrument(_previous=current, **wanted)
+        except BaseException:
+            if current is not None:  # bad new options: keep counting with the old ones, then report
+                instrumentor.instrument(_previous=current, _implicit=current.implicit, **current.options)
+            raise
         return instrumentor
     instrumentor.instrument(**wanted)
     return instrumentor

@@ -81,6 +81,11 @@ def test_an_explicit_fallback_price_for_unknown_models_is_enforced(server):
         assert 0 < b.spent_usd <= 0.05 and b.call_count == server.count == len(spans)
         with pytest.raises(ValueError, match="unknown_model_price"):
             otel_dspy_cost.instrument(tracer_provider=provider, unknown_model_price={"input": 1.0})
+        # the bad options were reported and the previous set-up is still counting
+        before = otel_dspy_cost.spend_report()["total"]["calls"]
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="still counted?")
+        assert otel_dspy_cost.spend_report()["total"]["calls"] == before + 1
     finally:
         otel_dspy_cost.uninstrument()
 
