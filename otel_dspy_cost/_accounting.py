@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _context
 from ._cost import CallCost, Usage
+from ._ledger import InFlight
 from .report import SpendAggregator
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class LMCall:
     operation: str = "chat"
     input_tokens_bound: int = 0
     max_tokens: int | None = None
-    n: int = 1  # completions asked for: the output part of the worst case is reserved n times
+    n: int = 1  # completions asked for: the whole worst case is reserved n times
     module: str = ""
     phase: str = "infer"
     optimizer: str = ""
@@ -100,24 +101,11 @@ class Accountant:
         self.metrics: Any = None  # _metrics.CostMetrics when a meter provider is available
         self._sinks: tuple[Callable[[LMCall], None], ...] = ()
         self._sinks_lock = threading.Lock()
-        self._in_flight = 0  # admitted, not yet settled or released
-        self._idle = threading.Condition()
-
-    def _started(self) -> None:
-        with self._idle:
-            self._in_flight += 1
-
-    def _finished(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            if self._in_flight <= 0:
-                self._in_flight = 0
-                self._idle.notify_all()
+        self._in_flight = InFlight()  # admitted, not yet settled or released
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no admitted call is still running; False if some were at the timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+        return self._in_flight.wait(timeout_s)
 
     # -- sinks (record_run's cost log) ---------------------------------------------------------------
     def add_sink(self, sink: Callable[[LMCall], None]) -> None:
@@ -133,7 +121,8 @@ class Accountant:
         """Reserve the call's worst case against every active budget, all or nothing, or refuse.
 
         Raises `BudgetExceededError` (or a subclass) or `UnpricedModelError`: both are deliberate stops,
-        raised before any request is made. Our own bugs past that point are logged, never raised.
+        raised before any request is made. Any other exception is our bug: nothing stays reserved, and the
+        caller logs it and goes on with `admit_unbudgeted`.
         """
         from .budget import UnpricedModelError
 
@@ -143,7 +132,7 @@ class Accountant:
         if not budgets:
             if self.engine.policy != "warn":
                 self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
-            self._started()
+            self._in_flight.add()
             return
         _refuse_forked(budgets, call.model)
         amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
@@ -165,18 +154,14 @@ class Accountant:
                 call.outcome = REFUSED
                 raise _refusal(group, outcome, amount, term, call.model)
         except BaseException:
-            for ledger, reservation in held:  # all or nothing: what this call already holds goes back
-                try:
-                    ledger.release(reservation)
-                except Exception:
-                    logger.debug("otel-dspy-cost: release failed", exc_info=True)
+            _give_back(held)  # all or nothing: what this call already holds goes back
             raise
         call.holds = held
         call.reserved_usd = amount
         call.term = term
         for b in budgets:
             b._call_started(amount)
-        self._started()
+        self._in_flight.add()
 
     def admit_unbudgeted(self, call: LMCall) -> None:
         """Our own admission failed (a bug, logged by the caller): the call goes ahead, and is still counted
@@ -185,20 +170,16 @@ class Accountant:
         call.budgets = ()
         if not call.started:
             call.started = time.perf_counter()
-        self._started()
+        self._in_flight.add()
 
     # -- after it ---------------------------------------------------------------------------------------
     def release(self, call: LMCall) -> None:
         """The call was admitted but never sent: give its reservations back, count nothing."""
-        for ledger, reservation in call.holds:
-            try:
-                ledger.release(reservation)
-            except Exception:
-                logger.debug("otel-dspy-cost: release failed", exc_info=True)
+        _give_back(call.holds)
         call.holds = []
         for b in call.budgets:
             b._call_finished()
-        self._finished()
+        self._in_flight.done()
 
     def settle(self, call: LMCall) -> None:
         """Count a call that was sent: ledgers, warn/exceed crossings, spend report, metrics, cost log."""
@@ -217,7 +198,7 @@ class Accountant:
         finally:
             for b in call.budgets:
                 b._call_finished()
-            self._finished()
+            self._in_flight.done()
         usage = call.billed
         self.aggregator.record(
             module=call.module or "(no module)", model=call.model or "(unknown model)", phase=call.phase,
@@ -244,6 +225,15 @@ class Accountant:
                 sink(call)
             except Exception:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+def _give_back(holds: list[tuple[Any, Any]]) -> None:
+    """Release reservations of a call that will not be made (a release that fails is left to expire)."""
+    for ledger, reservation in holds:
+        try:
+            ledger.release(reservation)
+        except Exception:
+            logger.debug("otel-dspy-cost: release failed", exc_info=True)
 
 
 def _refusal(group: list[Budget], outcome: Any, amount: float, term: str | None, model: str) -> BaseException:

@@ -26,7 +26,7 @@ from ._context import CURRENT_MODULE
 from ._context import EVAL_ERRORS as _EVAL_ERRORS
 from ._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from ._context import IN_COMPILE as _IN_COMPILE
-from ._spans import finish, internal_error, record_error, skipped, start, unsampled
+from ._spans import finish, internal_error, mark_refused, skipped, start, unsampled
 from .budget import BudgetExceededError, UnpricedModelError
 from .processor import take_over_current
 
@@ -266,9 +266,7 @@ def _lm_begin(instance, args, kwargs):
 def _refused(span, token, stop: BaseException) -> None:
     """The call will not be made: end its span marked refused (a bug of ours here is logged, not raised)."""
     try:
-        if span.is_recording():
-            span.set_attributes({A.BUDGET_REFUSED: True, A.LM_OUTCOME: "refused"})
-        record_error(span, stop)
+        mark_refused(span, stop)
     except Exception:
         internal_error("LM span refusal")
     finish(span, token, None)

@@ -59,6 +59,36 @@ class Reservation:
     seen: dict[str, tuple[float, int]] | None = None
 
 
+class InFlight:
+    """A count of calls admitted and not yet settled, that one can wait on reaching zero.
+
+    One implementation for the three places that need it: the accounting station (record_run waits for
+    calls still running), each budget (a stop drains its own calls) and the foreign-span gate."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._idle:
+            self._count = max(0, self._count - 1)
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once nothing is in flight; False if something still was at the timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
+
+
 class Ledger(Protocol):
     shared: bool  # True: accounts are keyed by budget label, one number for every process using the ledger
 

@@ -1,9 +1,10 @@
 """Keeps credentials out of everything that leaves the process: span attributes, events, status and
 exception messages and stack traces, logs, artifacts.
 
-LM kwargs are never copied wholesale. What is scrubbed: the credential values of every LM our wrapper
-has seen (api keys, header values), the password of URL userinfo, and the shapes of common provider
-keys and bearer tokens (a provider may echo a key in an error body we never saw as a kwarg).
+LM kwargs are never copied wholesale. What is scrubbed: the credential values (api keys, header values,
+URL userinfo) of the LM being captured, and of every LM whose call failed (its error may echo them; they
+are remembered process-wide from then on), any URL userinfo, and the shapes of common provider keys and
+bearer tokens (a provider may echo a key in an error body we never saw as a kwarg).
 """
 
 from __future__ import annotations

@@ -64,6 +64,13 @@ def record_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, _redact.scrub(f"{type(exc).__name__}: {exc}")[:500]))
 
 
+def mark_refused(span: Span, stop: BaseException) -> None:
+    """An LM span whose call a budget refused (never sent): marked, with the stop as its error."""
+    if span.is_recording():
+        span.set_attributes({A.BUDGET_REFUSED: True, A.LM_OUTCOME: "refused"})
+    record_error(span, stop)
+
+
 def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
     if token is None:  # a span we did not make (unsampled)
         return

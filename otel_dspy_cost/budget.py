@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _context
-from ._ledger import InProcessLedger, Ledger, Limits, Refusal
+from ._ledger import InFlight, InProcessLedger, Ledger, Limits, Refusal
 
 logger = logging.getLogger("otel_dspy_cost.budget")
 
@@ -134,8 +134,7 @@ class Budget:
         self._first_stop: str | None = None  # what the first refusal said; later (sticky) refusals repeat it
         self._fork_generation = _context.fork_generation()
         self.drain_timeout_s = drain_timeout_s
-        self._in_flight = 0  # calls admitted under this budget and not yet settled
-        self._idle = threading.Condition()
+        self._in_flight = InFlight()  # calls admitted under this budget and not yet settled
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
                                               window=self.window))
 
@@ -159,12 +158,12 @@ class Budget:
         _context.var().reset(stack.pop())
         if not stack:
             del self._tokens[key]
-        if isinstance(exc, BudgetExceededError) and self._in_flight:
+        if isinstance(exc, BudgetExceededError) and self._in_flight.count:
             # Calls admitted before the stop may still be running in threads the stop did not unwind
             # (DSPy's pool keeps going): wait for them, so the spend is final when the user sees the stop.
             if not self.wait_idle(self.drain_timeout_s):
                 logger.warning("budget %r: %d call(s) admitted before the stop were still running after %.1f s",
-                               self.label, self._in_flight, self.drain_timeout_s)
+                               self.label, self._in_flight.count, self.drain_timeout_s)
         if self.is_scope and isinstance(exc, ScopeExhaustedError) and exc.label == self.label:
             logger.warning("scope %r exhausted (%s); leaving the scope, the enclosing run continues", self.label,
                            exc.reason)
@@ -236,9 +235,7 @@ class Budget:
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
         """Wait until no call admitted under this budget is still running; False if some were at the timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0,
-                                       timeout=self.drain_timeout_s if timeout_s is None else timeout_s)
+        return self._in_flight.wait(self.drain_timeout_s if timeout_s is None else timeout_s)
 
     def spent_by_phase(self) -> dict[str, float]:
         return dict(self.ledger.state(self.account).phase_spent)
@@ -249,16 +246,12 @@ class Budget:
 
     # -- called by the accounting station -------------------------------------------------------
     def _call_started(self, reserved_usd: float) -> None:
-        with self._idle:
-            self._in_flight += 1
+        self._in_flight.add()
         if reserved_usd > self.max_reserved_usd:
             self.max_reserved_usd = reserved_usd  # a plain max: a lost race only under-reports a hint
 
     def _call_finished(self) -> None:
-        with self._idle:
-            self._in_flight = max(0, self._in_flight - 1)
-            if not self._in_flight:
-                self._idle.notify_all()
+        self._in_flight.done()
 
     def _scope(self, name: str, **kwargs: Any) -> Budget:
         with self._scopes_lock:

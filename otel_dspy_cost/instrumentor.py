@@ -164,11 +164,10 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
     wanted = {"tracer_provider": tracer_provider, "meter_provider": meter_provider, **options}
     if instrumentor.is_instrumented_by_opentelemetry:
         current = _runtime.active()
-        if current is not None and not current.implicit and _same_options(current.options, wanted):
+        changed = _changed_options(current.options, wanted) if current is not None else []
+        if current is not None and not current.implicit and not changed:
             return instrumentor
         if current is not None and not current.implicit:
-            changed = sorted(k for k in set(current.options) | set(wanted)
-                             if current.options.get(k) is not wanted.get(k) and current.options.get(k) != wanted.get(k))
             logger.info("otel-dspy-cost: instrument() called again with other options (%s): applying them",
                         ", ".join(changed))
         instrumentor.uninstrument()
@@ -183,9 +182,8 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
     return instrumentor
 
 
-def _same_options(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    keys = set(old) | set(new)
-    return all(old.get(k) is new.get(k) or old.get(k) == new.get(k) for k in keys)
+def _changed_options(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) is not new.get(k) and old.get(k) != new.get(k))
 
 
 def ensure_accounting() -> None:

@@ -521,6 +521,7 @@ def _litellm_cost_map() -> dict[str, Any]:
     return found
 
 
+@functools.lru_cache(maxsize=1)  # read from package metadata once, not once per LiteLLM-priced model
 def _litellm_version() -> str:
     try:
         from importlib.metadata import version

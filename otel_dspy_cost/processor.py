@@ -21,7 +21,6 @@ LM span, i.e. before its provider call.
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from typing import Any
 
@@ -34,7 +33,9 @@ from . import _context
 from ._accounting import Accountant, LMCall
 from ._cost import UNKNOWN_COST, CallCost, Usage
 from ._costing import CostEngine
+from ._ledger import InFlight
 from ._rollup import Node, RollupTree
+from ._spans import mark_refused
 from .budget import BudgetExceededError, UnpricedModelError
 from .report import SpendAggregator
 
@@ -51,19 +52,13 @@ def _usage_from_attrs(attrs: Any) -> Usage | None:
 
 
 _gates: weakref.WeakSet[BudgetSpanProcessor] = weakref.WeakSet()
-_foreign_open = [0]  # foreign LM calls admitted by any gate and not yet ended: nothing to take over at 0
-_foreign_lock = threading.Lock()
-
-
-def _foreign_count(delta: int) -> None:
-    with _foreign_lock:
-        _foreign_open[0] = max(0, _foreign_open[0] + delta)
+_foreign_open = InFlight()  # foreign LM calls admitted by any gate and not yet ended: nothing to take over at 0
 
 
 def take_over_current() -> None:
     """Our LM wrapper is about to admit a call: if the current span is a foreign LM span some gate admitted
     (another instrumentation wraps DSPy outside ours), that gate gives its reservation back."""
-    if not _foreign_open[0]:
+    if not _foreign_open.count:
         return
     try:
         span_id = trace.get_current_span().get_span_context().span_id
@@ -121,7 +116,7 @@ class BudgetSpanProcessor(SpanProcessor):
             self._internal_error("on_start")
             return
         node.call = call
-        _foreign_count(1)
+        _foreign_open.add()
 
     def on_end(self, span: ReadableSpan) -> None:
         if not self.enabled:
@@ -131,7 +126,7 @@ class BudgetSpanProcessor(SpanProcessor):
             if node is None:
                 return
             if node.is_lm and not node.ours and node.call is not None and not node.taken_over:
-                _foreign_count(-1)
+                _foreign_open.done()
             if node.is_lm and not node.taken_over:
                 self._end_lm(span, node)
             elif node.calls:
@@ -158,7 +153,7 @@ class BudgetSpanProcessor(SpanProcessor):
             node.taken_over = True
             self.accountant.release(node.call)
             node.call = None
-            _foreign_count(-1)
+            _foreign_open.done()
 
     def note_call(self, span: Span, call: LMCall) -> None:
         """Our LM wrapper hands over the settled call before the span ends (no attributes parsed back)."""
@@ -188,16 +183,17 @@ class BudgetSpanProcessor(SpanProcessor):
         """An LM call seen only as another instrumentation's span: what its attributes and our run state say."""
         attrs = span.attributes or {}
         state = _context.current()
+        model = str(attrs.get(A.GEN_AI_REQUEST_MODEL, "") or "")
         max_tokens = attrs.get(A.GEN_AI_REQUEST_MAX_TOKENS)
         ctx = span.context
         return LMCall(
-            model=str(attrs.get(A.GEN_AI_REQUEST_MODEL, "") or ""), provider=str(attrs.get(A.GEN_AI_PROVIDER, "")),
+            model=model, provider=str(attrs.get(A.GEN_AI_PROVIDER, "")),
             operation=str(attrs.get(A.GEN_AI_OPERATION, "chat")),
             input_tokens_bound=int(attrs.get(A.INPUT_TOKENS_BOUND, 0) or 0),
             max_tokens=int(max_tokens) if max_tokens else None,
             n=int(attrs.get(A.GEN_AI_REQUEST_CHOICE_COUNT, 1) or 1), module=node.module,
             phase=str(attrs.get(A.PHASE, state.phase)), optimizer=state.optimizer or "", trial=state.trial,
-            role=state.lm_role, budgets=state.budgets if str(attrs.get(A.GEN_AI_REQUEST_MODEL, "")) else (),
+            role=state.lm_role, budgets=state.budgets if model else (),
             trace_id=ctx.trace_id, span_id=ctx.span_id)
 
     def _refuse(self, span: Span, stop: BaseException) -> None:
@@ -205,11 +201,8 @@ class BudgetSpanProcessor(SpanProcessor):
 
         Its node is dropped first, so `on_end` accounts nothing for a call that was never sent."""
         try:
-            from ._spans import record_error
-
             self.tree.pop(span.context.span_id)
-            span.set_attribute(A.BUDGET_REFUSED, True)
-            record_error(span, stop)
+            mark_refused(span, stop)
             span.end()
         except Exception:
             self._internal_error("on_start")
@@ -240,8 +233,7 @@ class BudgetSpanProcessor(SpanProcessor):
                 return  # a second span for a call that an enclosing LM span counts
             if call is None:  # admitted nothing (e.g. the processor started after the span): count it now
                 call = self._foreign_call(span, node)  # type: ignore[arg-type]
-                call.budgets = ()
-                self.accountant._started()
+                self.accountant.admit_unbudgeted(call)
             self._foreign_cost(span, call)
             self.accountant.settle(call)
         if call is not None:
