@@ -99,6 +99,9 @@ def _budgeted_run(variant, mode, lm, server, monkeypatch, tmp_path):
                 "log": len(read_costs(run.directory)), "summary": run.summary["calls"], "spans": exporter}
     finally:
         otel_dspy_cost.uninstrument()
+        if isinstance(provider, TracerProvider):  # now, not at exit: a concurrent processor's pool is gone then
+            provider.shutdown()
+        meters.shutdown()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "threads"])
