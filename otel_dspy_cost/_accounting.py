@@ -60,7 +60,6 @@ class LMCall:
     captured: bool = False
     usage: Usage | None = None
     original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
-    original_cost: float | None = None  # of a DSPy cache hit whose usage DSPy cleared: the cached cost
     cache_hit: bool = False
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()

@@ -74,6 +74,13 @@ PRICING_SOURCE = "dspy.pricing.source"
 PRICING_VERSION = "dspy.pricing.version"
 PRICING_TIER = "dspy.pricing.tier"
 PRICING_TIER_MISSING = "dspy.pricing.tier_missing"  # the tier asked for, absent for this model: standard rates used
+# Why the price used is not simply the one in force: history_gap | before_history | no_history | fine_tune_at_base
+PRICING_FALLBACK = "dspy.pricing.fallback"
+# The 1-hour part of gen_ai.usage.cache_creation.input_tokens (Anthropic bills it at 2x input, 5-minute at 1.25x).
+CACHE_WRITE_1H_TOKENS = "dspy.usage.cache_write_1h_tokens"
+# Proposed GenAI cost attributes (semantic-conventions PR #443), experimental: names may change upstream.
+GEN_AI_COST_AMOUNT = "gen_ai.usage.cost.amount"
+GEN_AI_COST_CURRENCY = "gen_ai.usage.cost.currency"
 OPENINFERENCE_COST_TOTAL = "llm.cost.total"
 
 # --- roll-up on every ancestor span ------------------------------------------------------------

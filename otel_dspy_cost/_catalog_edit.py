@@ -14,15 +14,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .pricing import Catalog, CatalogError, litellm_rates, split_model
+from .pricing import Catalog, CatalogError, litellm_entry_fields, split_model
 
-_RATE_FIELDS = ("input", "cached_input", "cache_write", "output", "reasoning")
-# LiteLLM's suffixes for the tiers it records, and for long-context rates.
-_LITELLM_LONG_CONTEXT = ("_above_128k_tokens", "_above_200k_tokens", "_above_272k_tokens")
-_LITELLM_TIERS = {"batch": "_batches", "priority": "_priority", "flex": "_flex"}
+_BILLING_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "tiers",
+                   "long_context", "max_output_tokens")
 
 
-def _now() -> str:
+def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
@@ -30,7 +28,7 @@ def _empty(version: str) -> dict[str, Any]:
     return {"schema_version": 1, "catalog_version": version, "currency": "USD", "entries": []}
 
 
-def _write_validated(path: Path, data: Mapping[str, Any]) -> Catalog:
+def write_validated(path: Path, data: Mapping[str, Any]) -> Catalog:
     """Validate, then replace the file atomically (a crash mid-write leaves the old file intact)."""
     catalog = Catalog(data, origin=str(path), source="override")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +59,9 @@ def add_entry(path: Path, model: str, rates: Mapping[str, float | None], *, effe
         raise CatalogError(f"{model!r}: give the model as provider/model (e.g. openai/gpt-4o-mini)")
     data = _load_raw(path, "user")
     versions = [e["price_version"] for e in data["entries"] if e["model"] == name and e["provider"] == provider]
-    effective = effective_at or (_now() if versions else "1970-01-01T00:00:00Z")
+    effective = effective_at or (now_iso() if versions else "1970-01-01T00:00:00Z")
     entry: dict[str, Any] = {"provider": provider, "model": name, "price_version": max(versions, default=0) + 1,
-                             "effective_at": effective, "added_at": _now()}
+                             "effective_at": effective, "added_at": now_iso()}
     entry.update({k: float(v) for k, v in rates.items() if v is not None})
     if max_output_tokens:
         entry["max_output_tokens"] = int(max_output_tokens)
@@ -72,7 +70,7 @@ def add_entry(path: Path, model: str, rates: Mapping[str, float | None], *, effe
     if note:
         entry["note"] = note
     data["entries"].append(entry)
-    _write_validated(path, data)
+    write_validated(path, data)
     return entry
 
 
@@ -86,14 +84,14 @@ def import_litellm(path: Path, *, providers: Iterable[str] = (), models: Iterabl
     import litellm
 
     providers, models = set(providers), set(models)
-    data = _load_raw(path, f"litellm-import-{_now()[:10]}")
+    data = _load_raw(path, f"litellm-import-{now_iso()[:10]}")
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for e in data["entries"]:
         key = (e["provider"], e["model"])
         if key not in latest or e["price_version"] > latest[key]["price_version"]:
             latest[key] = e
     added = unchanged = 0
-    now = _now()
+    now = now_iso()
     for name, info in sorted(litellm.model_cost.items()):
         if not isinstance(info, Mapping) or info.get("mode") not in ("chat", "completion", "responses"):
             continue
@@ -101,30 +99,19 @@ def import_litellm(path: Path, *, providers: Iterable[str] = (), models: Iterabl
         model = name.split("/", 1)[1] if name.startswith(provider + "/") else name
         if (providers and provider not in providers) or (models and name not in models and model not in models):
             continue
-        rates = litellm_rates(info)
-        if "input" not in rates or "output" not in rates or "/" in model:
+        fields = litellm_entry_fields(info)
+        if "input" not in fields or "output" not in fields or "/" in model:
             continue  # not priced per token, or a routed name we cannot key by provider/model
-        tiers = {t: r for t, suffix in _LITELLM_TIERS.items() if (r := litellm_rates(info, suffix))}
         prev = latest.get((provider, model))
-        if prev is not None and all(prev.get(f) == rates.get(f) for f in _RATE_FIELDS) \
-                and prev.get("tiers", {}) == tiers:
+        if prev is not None and all(prev.get(f) == fields.get(f) for f in _BILLING_FIELDS):
             unchanged += 1
             continue
         entry: dict[str, Any] = {"provider": provider, "model": model,
                                  "price_version": prev["price_version"] + 1 if prev else 1,
-                                 "effective_at": now if prev else "1970-01-01T00:00:00Z", **rates,
+                                 "effective_at": now if prev else "1970-01-01T00:00:00Z", **fields,
                                  "added_at": now, "note": f"imported from LiteLLM's price map ({name})"}
-        if tiers:
-            entry["tiers"] = tiers
-        for suffix in _LITELLM_LONG_CONTEXT:
-            if long_rates := litellm_rates(info, suffix):
-                threshold = int(suffix.split("_")[2].rstrip("k")) * 1000
-                entry["long_context"] = {"threshold_input_tokens": threshold, "rates": long_rates}
-                break
-        if isinstance(info.get("max_output_tokens"), int) and info["max_output_tokens"] > 0:
-            entry["max_output_tokens"] = info["max_output_tokens"]
         data["entries"].append(entry)
         added += 1
     data["catalog_version"] = f"litellm-import-{now[:10]}"
-    _write_validated(path, data)
+    write_validated(path, data)
     return added, unchanged

@@ -1,7 +1,9 @@
 """Token usage -> USD for one LM call, and the worst case a budget must reserve before the call.
 
 Conventions (the OTel GenAI ones): `input_tokens` includes cache reads and writes, `output_tokens`
-includes reasoning tokens. Each part is billed once, at its own rate.
+includes reasoning tokens, `cache_write_1h_tokens` is the 1-hour part of `cache_creation_tokens`.
+Each part is billed once, at its own rate. Providers that count otherwise (Anthropic's disjoint cache
+counters, Gemini's thoughts outside the candidates) are brought to these conventions on the way in.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class Usage:
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens,
+                     self.cache_read_tokens + other.cache_read_tokens,
+                     self.cache_creation_tokens + other.cache_creation_tokens,
+                     self.reasoning_tokens + other.reasoning_tokens,
+                     self.cache_write_1h_tokens + other.cache_write_1h_tokens)
 
     @property
     def total_tokens(self) -> int:
@@ -43,6 +53,8 @@ class CallCost:
     version: int
     tier: str | None
     unknown: bool = False
+    fallback: str | None = None  # the kind of `PriceEntry.fallback` (history_gap, ...), when one was used
+    currency: str = "USD"
 
 
 UNKNOWN_COST = CallCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "unknown", -1, None, unknown=True)
@@ -79,13 +91,45 @@ def usage_from_openai(usage: Any) -> Usage | None:
         return None  # LiteLLM reports all-zero usage when the provider sent none: that is "missing"
     pdetails = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
     cdetails = _get(usage, "completion_tokens_details") or _get(usage, "output_tokens_details")
+    # LiteLLM: prompt_tokens_details.cache_creation_token_details; Anthropic's own: usage.cache_creation.
+    ttl = _get(pdetails, "cache_creation_token_details") or _get(usage, "cache_creation")
     return Usage(
         input_tokens=_int(prompt),
         output_tokens=_int(completion),
         cache_read_tokens=_int(_get(pdetails, "cached_tokens")),
-        cache_creation_tokens=_int(_get(pdetails, "cache_creation_tokens")),
+        cache_creation_tokens=_int(_get(pdetails, "cache_creation_tokens") or _get(pdetails, "cache_write_tokens")),
         reasoning_tokens=_int(_get(cdetails, "reasoning_tokens")),
+        cache_write_1h_tokens=_int(_get(ttl, "ephemeral_1h_input_tokens")),
     )
+
+
+# Providers whose own counters leave cache reads/writes out of input tokens, and thinking out of output
+# tokens (lm15, DSPy 3.4's native client, keeps them provider-verbatim; LiteLLM and DSPy's live usage
+# fold them in). Keyed by the model prefix DSPy users write.
+_DISJOINT_CACHE = frozenset({"anthropic", "bedrock", "vertex_ai-anthropic"})
+_THOUGHTS_APART = frozenset({"gemini", "vertex_ai", "vertex", "xai"})
+
+
+def usage_from_verbatim(counters: Any, provider_prefix: str, ttl_1h: int = 0) -> Usage | None:
+    """A provider-verbatim usage (lm15's `Usage`: input/output/cache_read/cache_write/reasoning tokens)
+    brought to our conventions, as DSPy does for a live call (`call_result.usage_dict`).
+
+    Hand-written because DSPy's function is private and keyed by lm15's provider ids; the live path and
+    this one are tested to price a call the same.
+    """
+    if counters is None:
+        return None
+    inputs, outputs = _get(counters, "input_tokens"), _get(counters, "output_tokens")
+    if inputs is None and outputs is None:
+        return None
+    read, write = _int(_get(counters, "cache_read_tokens")), _int(_get(counters, "cache_write_tokens"))
+    reasoning = _int(_get(counters, "reasoning_tokens"))
+    total_in, total_out = _int(inputs), _int(outputs)
+    if provider_prefix in _DISJOINT_CACHE:
+        total_in += read + write
+    if provider_prefix in _THOUGHTS_APART:
+        total_out += reasoning
+    return Usage(total_in, total_out, read, write, reasoning, min(ttl_1h, write))
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -100,10 +144,15 @@ def _rate(value: float | None, fallback: float | None) -> float:
 
 
 def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, cache_hit: bool = False) -> CallCost:
-    """Actual and economic (uncached) cost. DSPy cache hits and local models spend 0 actual dollars."""
+    """Actual and economic cost. DSPy cache hits and local models spend 0 actual dollars.
+
+    The economic cost is what the same usage costs without any cache: every input token at the input
+    rate (of the tier and prompt size), so a DSPy cache hit is worth what its first call would have
+    cost uncached."""
     rates = entry.rates_for(tier, usage.input_tokens)
     cached = min(usage.cache_read_tokens, usage.input_tokens)
     written = min(usage.cache_creation_tokens, usage.input_tokens - cached)
+    written_1h = min(usage.cache_write_1h_tokens, written)
     plain_in = usage.input_tokens - cached - written
     reasoning = min(usage.reasoning_tokens, usage.output_tokens)
     visible_out = usage.output_tokens - reasoning
@@ -111,7 +160,9 @@ def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, ca
     in_rate = _rate(rates.input, 0.0)
     out_rate = _rate(rates.output, 0.0)
     input_usd = plain_in * in_rate / _M
-    cached_input_usd = (cached * _rate(rates.cached_input, in_rate) + written * _rate(rates.cache_write, in_rate)) / _M
+    write_rate = _rate(rates.cache_write, in_rate)
+    cached_input_usd = (cached * _rate(rates.cached_input, in_rate) + (written - written_1h) * write_rate
+                        + written_1h * _rate(rates.cache_write_1h, write_rate)) / _M
     output_usd = visible_out * out_rate / _M
     reasoning_usd = reasoning * _rate(rates.reasoning, out_rate) / _M
     billed = input_usd + cached_input_usd + output_usd + reasoning_usd
@@ -128,7 +179,9 @@ def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, ca
         reasoning_usd=reasoning_usd,
         source=entry.source,
         version=entry.price_version,
-        tier=tier,
+        tier=tier if tier is not None else entry.tier,
+        fallback=entry.fallback.split(":", 1)[0] if entry.fallback else None,
+        currency=entry.currency,
     )
 
 
@@ -138,7 +191,7 @@ def worst_case_usd(entry: PriceEntry, input_tokens_bound: int, max_output_tokens
     if entry.local:
         return 0.0, 0.0, 0.0
     rates: Rates = entry.rates_for(tier, input_tokens_bound)
-    in_rate = max(_rate(rates.input, 0.0), _rate(rates.cache_write, 0.0))
+    in_rate = max(_rate(rates.input, 0.0), _rate(rates.cache_write, 0.0), _rate(rates.cache_write_1h, 0.0))
     out_rate = max(_rate(rates.output, 0.0), _rate(rates.reasoning, 0.0))
     input_part = input_tokens_bound * in_rate / _M
     output_part = max_output_tokens * out_rate / _M

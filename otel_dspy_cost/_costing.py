@@ -116,10 +116,7 @@ class CostEngine:
         except (EOFError, ValueError):
             raise UnpricedModelError(f"No price entered for {model!r}") from None
         add_entry(self.user_catalog, model, rates, note="entered at the unknown-model prompt")
-        catalogs = [c for c in self.resolver.catalogs if c.source != "user"]
-        catalogs.insert(len(catalogs) - 1, _load_user(self.user_catalog))  # just before the shipped catalog
-        self.resolver.catalogs = catalogs
-        self.resolver._cache.clear()
+        self.resolver.reload_user_catalog(self.user_catalog)
         return self.resolver.lookup(model, tier=self.tier)
 
     def cost(self, model: str, usage: Usage, *, cache_hit: bool = False) -> CallCost:
@@ -160,7 +157,7 @@ class CostEngine:
 def _fallback_rates(price: Mapping[str, float] | None) -> Rates | None:
     if price is None:
         return None
-    unknown = set(price) - {"input", "cached_input", "cache_write", "output", "reasoning"}
+    unknown = set(price) - {"input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning"}
     if unknown or "input" not in price or "output" not in price:
         raise ValueError("unknown_model_price needs 'input' and 'output' (USD per 1M tokens) and may add "
                          f"'cached_input', 'cache_write', 'reasoning'; got {sorted(price)}")
@@ -173,11 +170,6 @@ def _fallback_entry(model: str, rates: Rates) -> PriceEntry:
     provider, name = split_model(model)
     return PriceEntry(provider=provider or "unknown", model=name, variant="default", price_version=0,
                       effective_at=dt.datetime(1970, 1, 1, tzinfo=dt.UTC), expires_at=None, currency="USD",
-                      rates=rates, tiers={}, long_context_threshold=None, long_context_rates=None,
+                      standard_rates=rates, tiers={}, long_context_threshold=None, long_context_rates=None,
                       max_output_tokens=None, source="fallback", catalog_version="fallback")
 
-
-def _load_user(path: Path):
-    from .pricing import Catalog
-
-    return Catalog.from_path(path, source="user")

@@ -11,6 +11,7 @@ Private hooks, feature-detected per DSPy version, only read usage: `execution.fi
 from __future__ import annotations
 
 import contextvars
+import copy
 import importlib
 import inspect
 import logging
@@ -503,6 +504,24 @@ def _capture_finalize_lm_response(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
+def _keep_cached_usage(wrapped, instance, args, kwargs):
+    """DSPy's cache clears `usage` on a hit (LiteLLM responses; both versions). The first call's usage is
+    what a hit is worth (its economic cost), so a copy rides along on the returned response."""
+    response = args[0] if args else kwargs.get("response")
+    usage = None
+    try:
+        usage = copy.deepcopy(getattr(response, "usage", None)) if response is not None else None
+    except Exception:
+        internal_error("usage capture (cache hit)")
+    out = wrapped(*args, **kwargs)
+    if usage:
+        try:
+            object.__setattr__(out, _lm_span.CACHED_USAGE_ATTR, usage)
+        except Exception:  # noqa: BLE001 - an object that refuses attributes: the hit is estimated instead
+            pass
+    return out
+
+
 # -- apply / remove ----------------------------------------------------------------------------------------
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -582,6 +601,13 @@ def apply(*, adapter_spans: bool = True) -> None:
     _patches.wrap(ParallelExecutor, "execute", _parallel_execute)
     _threads.apply(_patches.wrap)
 
+    # The first call's usage on a DSPy cache hit: private on both versions, so feature-detected.
+    try:
+        cache_cls = importlib.import_module("dspy.clients.cache").Cache
+        if callable(getattr(cache_cls, "_prepare_cached_response", None)):
+            _patches.wrap(cache_cls, "_prepare_cached_response", _keep_cached_usage)
+    except (ImportError, AttributeError):
+        pass
     # Usage capture on DSPy 3.4: private, so feature-detected and optional.
     try:
         execution = importlib.import_module("dspy.clients.execution")

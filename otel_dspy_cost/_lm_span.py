@@ -14,7 +14,7 @@ from typing import Any
 from . import _attributes as A
 from . import _context, _optimizers, _redact
 from ._accounting import OK, REJECTED, LMCall, classify_failure
-from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, usage_from_openai
+from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, usage_from_openai, usage_from_verbatim
 from ._runtime import Runtime
 
 # Tokens an image may cost at most, per image part of a prompt (OpenAI's high-detail tiling of a
@@ -29,6 +29,8 @@ _PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anth
               "deepseek": "deepseek", "xai": "x_ai", "cohere": "cohere", "perplexity": "perplexity",
               "databricks": "databricks", "ollama": "ollama", "ollama_chat": "ollama"}
 _OPERATIONS = {"chat": "chat", "text": "text_completion", "responses": "chat"}
+# Where the first call's usage rides on a DSPy cache hit (set by the cache patch in `_dspy_patches`).
+CACHED_USAGE_ATTR = "_otel_dspy_cost_usage"
 
 
 def _text_len(value: Any) -> int:
@@ -145,23 +147,21 @@ def admitted_attributes(call: LMCall) -> dict[str, Any]:
 
 
 def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -> None:
-    """Usage and cost of a call the provider answered; tokens estimated when it reported none."""
-    usage = call.usage
-    missing = usage is None and not call.cache_hit
-    if missing:
+    """Usage and cost of a call the provider answered; tokens estimated when it reported none.
+
+    A DSPy cache hit bills nothing; its economic cost is its first call's usage priced uncached (or,
+    where that usage is gone, estimated from the text like a call without usage)."""
+    usage = call.original_usage if call.cache_hit else call.usage
+    if usage is None:
         call.estimated = True
-        call.estimate_reason = "usage missing"
+        call.estimate_reason = "cache hit without usage" if call.cache_hit else "usage missing"
         usage = Usage(input_tokens=estimate_tokens(_text_len(messages if messages is not None else prompt)),
                       output_tokens=estimate_tokens(_text_len(outputs)))
-        rt.engine.warn_estimated(call.model)
-    call.usage_missing = missing
+        if not call.cache_hit:
+            rt.engine.warn_estimated(call.model)
+    call.usage_missing = call.usage is None and not call.cache_hit
     call.billed = usage if not call.cache_hit else Usage()
-    priced = usage if not call.cache_hit else (call.original_usage or Usage())
-    cost: CallCost = rt.engine.cost(call.model, priced, cache_hit=call.cache_hit)
-    if call.cache_hit and call.original_usage is None and call.original_cost and not cost.unknown:
-        # DSPy 3.3 clears usage on a cache hit but keeps the first call's cost: that is the economic cost.
-        cost = dataclasses.replace(cost, economic_usd=float(call.original_cost))
-    call.cost = cost
+    call.cost = rt.engine.cost(call.model, usage, cache_hit=call.cache_hit)
     call.outcome = OK
 
 
@@ -216,9 +216,14 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
         attrs.update({A.COST_USD: cost.usd, A.COST_ECONOMIC_USD: cost.economic_usd, A.COST_INPUT_USD: cost.input_usd,
                       A.COST_CACHED_INPUT_USD: cost.cached_input_usd, A.COST_OUTPUT_USD: cost.output_usd,
                       A.COST_REASONING_USD: cost.reasoning_usd, A.PRICING_SOURCE: cost.source,
-                      A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: cost.usd})
+                      A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: cost.usd,
+                      A.GEN_AI_COST_AMOUNT: cost.usd, A.GEN_AI_COST_CURRENCY: cost.currency})
         if cost.tier:
             attrs[A.PRICING_TIER] = cost.tier
+        if cost.fallback:
+            attrs[A.PRICING_FALLBACK] = cost.fallback
+    if billed.cache_write_1h_tokens:
+        attrs[A.CACHE_WRITE_1H_TOKENS] = billed.cache_write_1h_tokens
     if rt.engine.tier and call.model in rt.engine.tier_missing:
         attrs[A.PRICING_TIER_MISSING] = rt.engine.tier
     if call.response_model:
@@ -246,14 +251,43 @@ def _claim(lm: Any) -> LMCall | None:
     return rec
 
 
-def _store(rec: LMCall, usage: Usage | None, cache_hit: bool, cached_cost: Any) -> None:
-    """Billed usage, or for a DSPy cache hit the first call's usage (or cost, where DSPy cleared usage)."""
+def _store(rec: LMCall, usage: Usage | None, cache_hit: bool) -> None:
+    """Billed usage, or for a DSPy cache hit the first call's usage (what the hit is worth)."""
     rec.cache_hit = cache_hit
     if cache_hit:
         rec.original_usage = usage
-        rec.original_cost = cached_cost
     else:
         rec.usage = usage
+
+
+def _prefix(model: str) -> str:
+    return model.split("/", 1)[0].lower() if "/" in model else "openai"
+
+
+def _ttl_1h(response: Any) -> int:
+    """Anthropic's 1-hour cache writes, from the provider's own usage that lm15 keeps in `provider_data`."""
+    data = getattr(response, "provider_data", None)
+    usage = data.get("usage") if isinstance(data, dict) else None
+    creation = usage.get("cache_creation") if isinstance(usage, dict) else None
+    return _int_or_0(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else 0
+
+
+def _int_or_0(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _native_usage(responses: Any, model: str) -> Usage | None:
+    """Usage of lm15 responses (DSPy 3.4's native engine; n completions are n responses), summed."""
+    total = None
+    for response in responses or ():
+        u = usage_from_verbatim(getattr(response, "usage", None), _prefix(model), _ttl_1h(response))
+        if u is not None:
+            total = u if total is None else total + u
+    return total
+
+
+def _stashed_usage(response: Any) -> Usage | None:
+    return usage_from_openai(getattr(response, CACHED_USAGE_ATTR, None)) if response is not None else None
 
 
 def capture_from_call_result(lm: Any, result: Any) -> None:
@@ -264,8 +298,13 @@ def capture_from_call_result(lm: Any, result: Any) -> None:
     cache_hit = bool(getattr(result, "cache_hit", False))
     responses = getattr(result, "responses", ()) or ()
     raw = getattr(result, "raw", None)
-    usage = _original_usage(responses, raw) if cache_hit else usage_from_openai(getattr(result, "usage", None))
-    _store(rec, usage, cache_hit, getattr(result, "cost", None))
+    if cache_hit:  # DSPy cleared the usage: the native responses keep theirs, LiteLLM's rode along
+        usage = _native_usage(responses, rec.model) if responses else _stashed_usage(raw)
+    else:
+        usage = usage_from_openai(getattr(result, "usage", None))
+        if usage is not None and responses:
+            usage.cache_write_1h_tokens = min(usage.cache_creation_tokens, sum(_ttl_1h(r) for r in responses))
+    _store(rec, usage, cache_hit)
     rec.response_model = getattr(result, "response_model", None)
     if responses:
         rec.finish_reasons = _finish_reason_list(getattr(r, "finish_reason", None) for r in responses)
@@ -274,28 +313,15 @@ def capture_from_call_result(lm: Any, result: Any) -> None:
                                                  for c in (getattr(raw, "choices", None) or ()))
 
 
-def _original_usage(responses: Any, raw: Any) -> Usage | None:
-    """A cache hit reports empty usage; the cached response still carries the first call's usage."""
-    for response in responses or ():
-        u = getattr(response, "usage", None)
-        if u is not None:
-            return Usage(int(getattr(u, "input_tokens", 0) or 0), int(getattr(u, "output_tokens", 0) or 0),
-                         int(getattr(u, "cache_read_tokens", 0) or 0), int(getattr(u, "cache_write_tokens", 0) or 0),
-                         int(getattr(u, "reasoning_tokens", 0) or 0))
-    if raw is not None:
-        return usage_from_openai(getattr(raw, "usage", None))
-    return None
-
-
 def capture_from_provider_response(lm: Any, response: Any) -> None:
     """DSPy 3.3 `BaseLM._process_lm_response`: an OpenAI-shaped (LiteLLM) response."""
     rec = _claim(lm)
     if rec is None:
         return
-    usage = usage_from_openai(response.get("usage") if isinstance(response, dict)
-                              else getattr(response, "usage", None))
-    _store(rec, usage, bool(getattr(response, "cache_hit", False)),
-           (getattr(response, "_hidden_params", None) or {}).get("response_cost"))
+    cache_hit = bool(getattr(response, "cache_hit", False))
+    usage = _stashed_usage(response) if cache_hit else usage_from_openai(
+        response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None))
+    _store(rec, usage, cache_hit)
     rec.response_model = getattr(response, "model", None)
     choices = getattr(response, "choices", None) or ()
     rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None) for c in choices)
@@ -306,9 +332,13 @@ def capture_from_lm_response(lm: Any, response: Any) -> None:
     rec = _claim(lm)
     if rec is None:
         return
-    usage_fn = getattr(response, "usage_as_dict", None)
-    usage = usage_from_openai(usage_fn() if callable(usage_fn) else getattr(response, "usage", None))
-    _store(rec, usage, bool(getattr(response, "cache_hit", False)), None)
+    cache_hit = bool(getattr(response, "cache_hit", False))
+    if cache_hit:
+        usage = _stashed_usage(getattr(response, "provider_response", None))
+    else:
+        usage_fn = getattr(response, "usage_as_dict", None)
+        usage = usage_from_openai(usage_fn() if callable(usage_fn) else getattr(response, "usage", None))
+    _store(rec, usage, cache_hit)
     rec.response_model = getattr(response, "model", None)
     reason = getattr(response, "finish_reason", None)
     if reason:

@@ -21,9 +21,54 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _pricing(args: argparse.Namespace) -> int:
+def _entry_json(entry: Any, input_tokens: int = 0) -> dict[str, Any]:
+    """A price entry as the CLI shows it: `rates` are what a call is billed at (the entry's tier, and the
+    long-context rates when `input_tokens` passes the threshold), with the standard rates and every tier."""
     from dataclasses import asdict
 
+    def rates(r: Any) -> dict[str, float]:
+        return {k: v for k, v in asdict(r).items() if v is not None}
+
+    out: dict[str, Any] = {
+        "key": entry.key, "provider": entry.provider, "model": entry.model, "variant": entry.variant,
+        "price_version": entry.price_version, "effective_at": entry.effective_at.isoformat(),
+        "expires_at": entry.expires_at.isoformat() if entry.expires_at else None, "currency": entry.currency,
+        "source": entry.source, "catalog_version": entry.catalog_version, "tier": entry.tier or "standard",
+        "rates": rates(entry.rates_for(None, input_tokens)), "standard_rates": rates(entry.standard_rates),
+        "tiers": {name: rates(entry.rates_for(name, input_tokens)) for name in sorted(entry.tiers)},
+        "long_context": ({"threshold_input_tokens": entry.long_context_threshold,
+                          "rates": rates(entry.rates_for(None, entry.long_context_threshold + 1))}
+                         if entry.long_context_threshold else None),
+        "max_output_tokens": entry.max_output_tokens, "aliases": list(entry.aliases), "inherits": entry.inherits,
+        "local": entry.local}
+    if input_tokens:
+        out["input_tokens"] = input_tokens
+    if entry.fallback:
+        out["fallback"] = entry.fallback
+    return out
+
+
+def _pricing_diff(args: argparse.Namespace) -> int:
+    from otel_dspy_cost import _catalog_diff
+    from otel_dspy_cost.pricing import Catalog, _litellm_version, default_catalog_path
+
+    path = Path(args.file) if args.file else default_catalog_path()
+    catalog = Catalog.from_path(path, source="catalog")
+    diffs = _catalog_diff.diff_catalog(catalog)
+    for line in _catalog_diff.render(diffs):
+        print(line)
+    if not args.append:
+        return 1 if any(d.unexplained for d in diffs) else 0
+    effective = args.effective_at or _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace(
+        "+00:00", "Z")
+    appended = _catalog_diff.append_litellm_versions(path, diffs, effective_at=effective,
+                                                     litellm_version=_litellm_version())
+    print(f"{path}: {len(appended)} new price versions appended, effective {effective}"
+          + (f": {', '.join(appended)}" if appended else ""))
+    return 0
+
+
+def _pricing(args: argparse.Namespace) -> int:
     from otel_dspy_cost import _catalog_edit
     from otel_dspy_cost.pricing import (
         Catalog,
@@ -59,6 +104,8 @@ def _pricing(args: argparse.Namespace) -> int:
                                                             models=args.only)
             print(f"{args.out}: {added} entries added, {unchanged} unchanged (from LiteLLM's bundled price map)")
             return 0
+        if args.action == "diff":
+            return _pricing_diff(args)
         resolver = PricingResolver()
         if args.action == "list":
             for catalog in resolver.catalogs:
@@ -69,7 +116,7 @@ def _pricing(args: argparse.Namespace) -> int:
             return 0
         if args.action == "show":
             provider, name = split_model(args.model)
-            history = [asdict(e) for c in resolver.catalogs for e in c.entries
+            history = [_entry_json(e) for c in resolver.catalogs for e in c.entries
                        if (provider is None or e.provider == provider) and (e.model == name or name in e.aliases)]
             if not history:
                 raise UnknownModelError(args.model, resolver.suggest(args.model))
@@ -78,7 +125,9 @@ def _pricing(args: argparse.Namespace) -> int:
         when = _dt.datetime.fromisoformat(args.when) if args.when else None
         entry = resolver.lookup(args.model, tier=args.tier, when=when, price_version=args.price_version,
                                 fine_tuned=args.fine_tuned)
-        print(json.dumps(asdict(entry), indent=1, default=str))
+        print(json.dumps(_entry_json(entry, args.input_tokens), indent=1, default=str))
+        if entry.fallback:
+            print(f"note: {entry.fallback}", file=sys.stderr)
         return 0
     except (CatalogError, UnknownModelError, KeyError, ValueError) as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
@@ -86,8 +135,8 @@ def _pricing(args: argparse.Namespace) -> int:
 
 
 def _pricing_parser(sub: Any) -> None:
-    pricing = sub.add_parser("pricing", help="the pricing catalog: list | show | lookup | add | import-litellm | "
-                                             "validate")
+    pricing = sub.add_parser("pricing", help="the pricing catalog: list | show | lookup | diff | add | "
+                                             "import-litellm | validate")
     actions = pricing.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every entry of every catalog in use (overrides, user, shipped)")
     show = actions.add_parser("show", help="the full price history of a model")
@@ -98,6 +147,14 @@ def _pricing_parser(sub: Any) -> None:
     look.add_argument("--tier", help="batch | flex | priority ...")
     look.add_argument("--price-version", type=int)
     look.add_argument("--fine-tuned", action="store_true")
+    look.add_argument("--input-tokens", type=int, default=0,
+                      help="prompt size: above the long-context threshold `rates` are the long-context ones")
+    diff = actions.add_parser("diff", help="compare a catalog with the installed LiteLLM price map, field by field "
+                                           "(exit 1 on an unexplained disagreement)")
+    diff.add_argument("--file", help="catalog to compare (default: the shipped catalog)")
+    diff.add_argument("--append", action="store_true",
+                      help="append LiteLLM's figures as a new price_version of each entry that disagrees")
+    diff.add_argument("--effective-at", help="ISO-8601 start of the appended versions (default: now)")
     add = actions.add_parser("add", help="append a price to your catalog (a new price_version; never edits)")
     add.add_argument("model", help="provider/model")
     for rate in ("input", "cached-input", "cache-write", "output", "reasoning"):

@@ -7,6 +7,7 @@ instrument/uninstrument idempotent.
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import weakref
@@ -91,7 +92,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     unpriced models; without it a USD budget refuses calls to them), ``metrics_module_depth`` (module-path
     levels kept as a metric label; default 2), ``adapter_spans``
     (default True; False drops the adapter format/parse spans, half the spans of a Predict call, for
-    the lowest overhead in production).
+    the lowest overhead in production), ``prices_as_of`` (a date: price the run from the catalog as it
+    stood then, to re-price or audit an old run; default the run's start).
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -100,7 +102,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         _redact.install_log_filter()
         resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
-                                   use_litellm=kwargs.get("use_litellm_prices", True))
+                                   use_litellm=kwargs.get("use_litellm_prices", True),
+                                   run_started_at=_as_of(kwargs.get("prices_as_of")))
         engine = CostEngine(resolver, unknown_model=kwargs.get("unknown_model"), tier=kwargs.get("tier"),
                             unknown_model_price=kwargs.get("unknown_model_price"))
         provider = _resolve_provider(kwargs.get("tracer_provider"))
@@ -148,6 +151,19 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         if rt is not None and rt.processor is not None:
             rt.processor.enabled = False
         _runtime.set_active(None)
+
+
+def _as_of(value: Any) -> _dt.datetime | None:
+    """`prices_as_of=`: the date whose price list prices the run (default: the run's start)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _dt.datetime.fromisoformat(value)
+    elif isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+        value = _dt.datetime(value.year, value.month, value.day)
+    if not isinstance(value, _dt.datetime):
+        raise ValueError(f"prices_as_of must be a date, datetime or ISO-8601 string, not {value!r}")
+    return value if value.tzinfo else value.replace(tzinfo=_dt.UTC)
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:

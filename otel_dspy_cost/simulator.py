@@ -2,9 +2,17 @@
 
 It powers the offline demo and the test suite: DSPy's own engines (the 3.4 native client and
 LiteLLM) make real HTTP calls to it on 127.0.0.1, so nothing about the LM path is mocked. It reads
-the output fields DSPy's ChatAdapter asks for and answers every one, drives ReAct through one tool
-call then `finish`, and reports usage the way OpenAI does (prompt tokens including cached ones,
-reasoning tokens inside completion tokens).
+the output fields DSPy's ChatAdapter asks for and answers every one, and drives ReAct through one tool
+call then `finish`.
+
+It speaks three dialects, each with its provider's own usage conventions, because that is where
+pricing goes wrong:
+- OpenAI chat completions (`.../chat/completions`): prompt tokens include cached ones, reasoning tokens
+  are inside completion tokens;
+- Anthropic messages (`.../messages`): `input_tokens` leaves cache reads and writes out, writes are
+  split by TTL in `cache_creation` (5 minutes, 1 hour);
+- Gemini `generateContent` (`.../models/<m>:generateContent`): thoughts are counted apart from the
+  candidates.
 """
 
 from __future__ import annotations
@@ -50,6 +58,10 @@ class SimulatedLM:
     # the error body repeats the request's Authorization header, as some providers do.
     error_status: int | None = None
     echo_credentials: bool = False
+    # Report exactly this usage (OpenAI-style totals: prompt_tokens includes cached_tokens and cache_write_tokens,
+    # completion_tokens includes reasoning_tokens; cache_write_1h_tokens is the 1-hour part of the writes),
+    # rendered in each dialect's own conventions. For hand-computed cost figures in tests.
+    fixed_usage: dict[str, int] | None = None
     _seen_prefixes: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,6 +87,8 @@ class SimulatedLM:
                  "total_tokens": prompt_tokens + completion,
                  "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
                  "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+        if self.fixed_usage is not None:
+            usage = _openai_usage(self.fixed_usage)
         return text, usage
 
     def _answer(self, system: str, convo: str, messages: list[dict[str, Any]]) -> str:
@@ -133,6 +147,62 @@ class SimulatedLM:
         return f"The {name} is {word}."
 
 
+def _openai_usage(fixed: dict[str, int]) -> dict[str, Any]:
+    prompt, completion = fixed.get("prompt_tokens", 0), fixed.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": fixed.get("cached_tokens", 0),
+                                      "cache_write_tokens": fixed.get("cache_write_tokens", 0)},
+            "completion_tokens_details": {"reasoning_tokens": fixed.get("reasoning_tokens", 0)}}
+
+
+def _fixed(usage: dict[str, Any]) -> dict[str, int]:
+    """An OpenAI-shaped usage back to the flat counters the dialects render."""
+    p, c = usage.get("prompt_tokens_details") or {}, usage.get("completion_tokens_details") or {}
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "cached_tokens": p.get("cached_tokens", 0), "cache_write_tokens": p.get("cache_write_tokens", 0),
+            "reasoning_tokens": c.get("reasoning_tokens", 0)}
+
+
+def _blocks_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return str(content or "")
+
+
+def _from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic messages request as the OpenAI-shaped body `SimulatedLM.complete` reads."""
+    messages = [{"role": "system", "content": _blocks_text(body.get("system"))}] if body.get("system") else []
+    messages += [{"role": m.get("role", "user"), "content": _blocks_text(m.get("content"))}
+                 for m in body.get("messages") or []]
+    return {"model": body.get("model"), "messages": messages, "tools": body.get("tools")}
+
+
+def _anthropic_usage(fixed: dict[str, int], ttl_1h: int) -> dict[str, Any]:
+    """Anthropic's counters are disjoint: input_tokens excludes cache reads and writes."""
+    read, write = fixed.get("cached_tokens", 0), fixed.get("cache_write_tokens", 0)
+    return {"input_tokens": fixed["prompt_tokens"] - read - write, "output_tokens": fixed["completion_tokens"],
+            "cache_read_input_tokens": read, "cache_creation_input_tokens": write,
+            "cache_creation": {"ephemeral_5m_input_tokens": write - ttl_1h, "ephemeral_1h_input_tokens": ttl_1h}}
+
+
+def _from_gemini(body: dict[str, Any], path: str) -> dict[str, Any]:
+    system = body.get("systemInstruction") or body.get("system_instruction") or {}
+    messages = [{"role": "system", "content": _blocks_text(system.get("parts"))}] if system else []
+    messages += [{"role": "assistant" if c.get("role") == "model" else "user", "content": _blocks_text(c.get("parts"))}
+                 for c in body.get("contents") or []]
+    model = path.rsplit("/models/", 1)[-1].split(":", 1)[0]
+    return {"model": model, "messages": messages, "tools": body.get("tools")}
+
+
+def _gemini_usage(fixed: dict[str, int]) -> dict[str, Any]:
+    """Gemini counts thoughts apart: candidatesTokenCount is the visible output only."""
+    thoughts = fixed.get("reasoning_tokens", 0)
+    visible = fixed["completion_tokens"] - thoughts
+    return {"promptTokenCount": fixed["prompt_tokens"], "candidatesTokenCount": visible,
+            "thoughtsTokenCount": thoughts, "cachedContentTokenCount": fixed.get("cached_tokens", 0),
+            "totalTokenCount": fixed["prompt_tokens"] + fixed["completion_tokens"]}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: SimulatorServer
 
@@ -154,7 +224,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": {"message": "invalid JSON"}})
             return
         self.server.record(self.path, body, dict(self.headers))
-        if not self.path.rstrip("/").endswith(("/chat/completions", "/completions")):
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path.endswith("/messages"):
+            dialect = "anthropic"
+        elif path.endswith((":generateContent", ":streamGenerateContent")):
+            dialect = "gemini"
+        elif path.endswith(("/chat/completions", "/completions")):
+            dialect = "openai"
+        else:
             self._json(404, {"error": {"message": f"unknown path {self.path}"}})
             return
         sim = self.server.sim
@@ -166,6 +243,12 @@ class _Handler(BaseHTTPRequestHandler):
                 message += f": invalid credentials {self.headers.get('Authorization', '')}"
             self._json(sim.error_status, {"error": {"message": message, "type": "invalid_request_error",
                                                     "code": sim.error_status}})
+            return
+        if dialect == "anthropic":
+            self._anthropic(body)
+            return
+        if dialect == "gemini":
+            self._gemini(body, path)
             return
         text, usage = sim.complete(body)
         model = body.get("model", "sim")
@@ -179,6 +262,29 @@ class _Handler(BaseHTTPRequestHandler):
                                 "message": {"role": "assistant", "content": text}} for i in range(n)]}
         if sim.include_usage:
             payload["usage"] = usage
+        self._json(200, payload)
+
+    def _anthropic(self, body: dict[str, Any]) -> None:
+        sim = self.server.sim
+        text, usage = sim.complete(_from_anthropic(body))
+        fixed = sim.fixed_usage or _fixed(usage)
+        payload = {"id": f"msg_{self.server.count:08d}", "type": "message", "role": "assistant",
+                   "model": body.get("model", "sim"), "content": [{"type": "text", "text": text}],
+                   "stop_reason": "end_turn", "stop_sequence": None}
+        if sim.include_usage:
+            payload["usage"] = _anthropic_usage(fixed, (sim.fixed_usage or {}).get("cache_write_1h_tokens", 0))
+        self._json(200, payload)
+
+    def _gemini(self, body: dict[str, Any], path: str) -> None:
+        sim = self.server.sim
+        request = _from_gemini(body, path)
+        text, usage = sim.complete(request)
+        payload: dict[str, Any] = {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP",
+                            "index": 0}],
+            "modelVersion": request["model"], "responseId": f"sim-{self.server.count:08d}"}
+        if sim.include_usage:
+            payload["usageMetadata"] = _gemini_usage(sim.fixed_usage or _fixed(usage))
         self._json(200, payload)
 
     def _stream(self, rid: str, model: str, text: str, usage: dict[str, Any], body: dict[str, Any]) -> None:

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 PYTHON="${PYTHON:-python3}"
 DSPY_VERSIONS="${DSPY_VERSIONS:-3.4.1 3.3.1}"
+# The shipped price catalog is checked against this LiteLLM price map (`otel-dspy-cost pricing diff`, tested):
+# bump the two together, running `pricing diff --append` on the catalog.
+LITELLM_VERSION="${LITELLM_VERSION:-1.110.2}"
 bash tests/install-system-deps.sh
 for version in $DSPY_VERSIONS; do
   venv=".venv-dspy-$version"
@@ -13,7 +16,7 @@ for version in $DSPY_VERSIONS; do
   "$PYTHON" -m venv "$venv"
   # grep's own "no line left" status is ignored; pip's failure still fails the pipeline (pipefail).
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
-  "$venv/bin/python" -m pip install -q ".[test]" "dspy==$version" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  "$venv/bin/python" -m pip install -q ".[test]" "dspy==$version" "litellm==$LITELLM_VERSION" 2>&1 | { grep -v "^WARNING: Location" || true; }
   "$venv/bin/python" -c "import dspy, otel_dspy_cost; assert dspy.__version__ == '$version', dspy.__version__"
   # The test extra's instrumentations are compared against for real; a missing one must fail here, not skip.
   "$venv/bin/python" -c "import openinference.instrumentation.dspy, opentelemetry.instrumentation.genai.dspy, optuna, redis"
