@@ -18,6 +18,9 @@ PROM = {"type": "prometheus", "uid": "otel-dspy-cost-prometheus"}
 TEMPO = {"type": "tempo", "uid": "otel-dspy-cost-tempo"}
 BSEL = 'dspy_budget_label=~"$budget"'
 SEL = 'gen_ai_request_model=~"$model", dspy_phase=~"$phase", dspy_budget_label=~"$budget"'
+# Each optimizer trial is the root of its own trace: one row per trial trace, linked to it by Tempo's table.
+TRIALS_TRACEQL = ('{ span.dspy.span.kind = "trial" } | select(span.dspy.optimizer.name, span.dspy.optimizer.trial, '
+                  'span.dspy.optimizer.score, span.dspy.cost.total_usd, span.dspy.lm.calls)')
 
 # (title, kind, unit, [PromQL or ("traceql", query)], width)
 DASHBOARDS = {
@@ -56,9 +59,8 @@ DASHBOARDS = {
          [f'sum by (dspy_optimizer_name) (dspy_cost_USD_total{{{SEL}, dspy_phase="train"}})'], 12),
         ("Train vs infer spend", "piechart", "currencyUSD",
          [f"sum by (dspy_phase) (dspy_cost_USD_total{{{SEL}}})"], 12),
-        ("Trials: cost and score (from traces; click a trace id)", "table", "short",
-         [("traceql", "{ span.dspy.optimizer.score != nil } | select(span.dspy.optimizer.name, "
-                      "span.dspy.optimizer.trial, span.dspy.optimizer.score, span.dspy.cost.total_usd)")], 24),
+        ("Trials: cost and score (one trace per trial; click a trace id)", "table", "short",
+         [("traceql", TRIALS_TRACEQL)], 24),
     ]),
     "budgets": ("otel-dspy-cost: budgets", [
         ("Utilisation vs warn threshold and limit", "timeseries", "percentunit",

@@ -35,6 +35,11 @@ OPTIMIZER_SUCCESS = "dspy.optimizer.success"
 OPTIMIZER_PARENT = "dspy.optimizer.parent_candidate"
 OPTIMIZER_CANDIDATE = "dspy.optimizer.candidate"
 OPTIMIZER_ACCEPTED = "dspy.optimizer.accepted"
+OPTIMIZER_ITERATION = "dspy.optimizer.iteration"  # GEPA's own iteration number (its log's), beside our trial number
+# A trial is the root of its own trace; its summary span in the compile trace names that trace, and links join both.
+OPTIMIZER_TRIAL_TRACE_ID = "dspy.optimizer.trial_trace_id"
+OPTIMIZER_COMPILE_TRACE_ID = "dspy.optimizer.compile_trace_id"
+LINK_RELATION = "dspy.link.relation"  # on span links: trial (summary -> trial trace) | compile (trial -> summary)
 
 # --- GenAI semantic conventions ------------------------------------------------------------
 GEN_AI_OPERATION = "gen_ai.operation.name"

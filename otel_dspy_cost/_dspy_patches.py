@@ -354,6 +354,7 @@ def _evaluate_begin(instance, args, kwargs):
     rt = _runtime.active()
     if rt is None:
         return None
+    trial = None
     try:
         program = kwargs.get("program", args[0] if args else None)
         devset = kwargs.get("devset") or getattr(instance, "devset", None) or []
@@ -364,20 +365,23 @@ def _evaluate_begin(instance, args, kwargs):
         metric = kwargs.get("metric") or getattr(instance, "metric", None)
         if metric is not None:
             attrs[A.EVAL_METRIC] = getattr(metric, "__name__", type(metric).__name__)
+        trial = _optimizers.evaluate_trial(rt)  # a trial of its own: its trace, current from here
         span, token = start(rt.tracer, f"evaluate {type(program).__name__}", attrs)
         metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
-        trial_token = _optimizers.evaluate_begin(span, kwargs, len(devset))
+        _optimizers.evaluate_begin(span, kwargs, len(devset))
         errors = [0]
         # The program called by Evaluate starts a fresh module path.
-        return (span, token, CURRENT_MODULE.set(None), trial_token, program, metric_key, errors,
+        return (span, token, CURRENT_MODULE.set(None), trial, program, metric_key, errors,
                 _EVAL_ERRORS.set(errors))
     except Exception:
         internal_error("evaluate span start")
+        if trial is not None:
+            _optimizers.close_trial(trial)
         return None
 
 
 def _evaluate_end(state, result, exc):
-    span, token, mod_token, trial_token, program, metric_key, errors, errors_token = state
+    span, token, mod_token, trial, program, metric_key, errors, errors_token = state
     _EVAL_ERRORS.reset(errors_token)
     span.set_attribute(A.EVAL_ERRORS, errors[0])
     CURRENT_MODULE.reset(mod_token)
@@ -391,10 +395,12 @@ def _evaluate_end(state, result, exc):
         except Exception:
             internal_error("evaluate score")
     try:
-        _optimizers.evaluate_end(span, trial_token, program, score, metric_key)
+        _optimizers.evaluate_end(span, program, score, metric_key)
     except Exception:
         internal_error("evaluate trial end")
     finish(span, token, exc)
+    if trial is not None:
+        _optimizers.close_trial(trial, exc, {A.OPTIMIZER_SCORE: score} if score is not None else None)
 
 
 def _patch_optimizer_internals(optimizer: Any) -> None:

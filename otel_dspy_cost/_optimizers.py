@@ -21,9 +21,13 @@ import dataclasses
 import threading
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link
+
 from . import _attributes as A
 from . import _context, _runtime
-from ._spans import finish, internal_error, start
+from ._spans import finish, finish_detached, internal_error, start, unsampled
 
 
 @dataclasses.dataclass
@@ -109,59 +113,140 @@ def _pushed_trial(trial: int, role: str | None) -> Any:
     return _context.var().set(dataclasses.replace(state, trial=trial, lm_role=role or state.lm_role))
 
 
+# -- trials: each the root of its own trace, with a summary span in the compile trace ----------------------
+
+@dataclasses.dataclass
+class OpenTrial:
+    """A trial in progress. `span` is the root of the trial's own trace (made current); `summary` is its span
+    in the compile trace, linked both ways and given the trial's totals, score and trace id as it ends.
+    Where the compile's trace is not recorded (sampled out, no SDK), `span` is an ordinary child span and
+    there is no summary."""
+
+    number: int
+    span: Any
+    token: Any
+    pushed: Any
+    trial_token: Any
+    summary: Any = None
+
+    def set(self, attrs: dict[str, Any]) -> None:
+        for span in (self.span, self.summary):
+            if span is not None and span.is_recording():
+                span.set_attributes(attrs)
+
+
+def _hex(trace_id: int) -> str:
+    return f"{trace_id:032x}"
+
+
+def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | None,
+               attrs: dict[str, Any] | None = None) -> OpenTrial:
+    """One trial of `run`: a trace of its own (a 2,000-trial compile is then 2,000 traces of a few hundred
+    KB, not one trace past Tempo's per-trace limit), with the trial number (and LM role) pushed."""
+    base = {A.SPAN_KIND: "trial", A.PHASE: "train", A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number,
+            **(attrs or {})}
+    with run.lock:
+        run.last_trial = number
+    summary = None
+    if unsampled(rt):
+        span, token = start(rt.tracer, name, base)
+    else:
+        summary = rt.tracer.start_span(name, attributes={**base, A.SPAN_KIND: "trial_summary"})
+        compile_side = summary.get_span_context()
+        span = rt.tracer.start_span(name, context=otel_context.Context(), links=[
+            Link(compile_side, {A.LINK_RELATION: "compile"})],
+            attributes={**base, A.OPTIMIZER_COMPILE_TRACE_ID: _hex(compile_side.trace_id)})
+        trial_side = span.get_span_context()
+        if trial_side.is_valid:
+            summary.set_attribute(A.OPTIMIZER_TRIAL_TRACE_ID, _hex(trial_side.trace_id))
+            summary.add_link(trial_side, {A.LINK_RELATION: "trial"})
+        if rt.processor is not None:
+            rt.processor.adopt(span, summary)  # the trial's totals roll up into the compile through its summary
+        token = otel_context.attach(trace.set_span_in_context(span))
+    return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary)
+
+
+def close_trial(trial: OpenTrial, exc: BaseException | None = None, attrs: dict[str, Any] | None = None) -> None:
+    try:
+        TRIAL_SPAN.reset(trial.trial_token)
+        _context.var().reset(trial.pushed)
+    except Exception:
+        internal_error("trial context reset")
+    try:
+        if attrs:
+            trial.set(attrs)
+    except Exception:
+        internal_error("trial span end")
+    finish(trial.span, trial.token, exc)  # its totals reach the summary as it ends
+    if trial.summary is not None:
+        finish_detached(trial.summary, exc)
+
+
+def _score(value: Any) -> dict[str, Any]:
+    return {A.OPTIMIZER_SCORE: float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else {}
+
+
+def _next_trial(run: CompileRun) -> int:
+    with run.lock:
+        number = run.next_trial
+        run.next_trial += 1
+    return number
+
+
 # -- Evaluate inside a compile ---------------------------------------------------------------------------
 
-def evaluate_begin(span: Any, kwargs: dict, devset_size: int) -> Any:
-    """Annotate an Evaluate span inside a compile; returns a context token to reset, or None."""
+def evaluate_trial(rt: Any) -> OpenTrial | None:
+    """Before an Evaluate span starts inside a compile: an Evaluate outside any trial is a trial of its own
+    (a random-search candidate, MIPROv2's and GEPA's evaluation of the starting program: trial 1, the
+    baseline); None when it belongs to a trial already open, or to MIPROv2's last trial (its final full
+    evaluation after the Optuna loop)."""
     run = COMPILE_RUN.get()
-    if run is None:
-        return None
-    metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
-    span.set_attribute(A.OPTIMIZER_NAME, run.name)
-    trial_span = TRIAL_SPAN.get()
-    if trial_span is not None:  # an Evaluate inside an Optuna trial: say whether it is a minibatch
-        kind = "minibatch" if metric_key == "eval_minibatch" else "full"
-        trial_span.set_attribute(A.OPTIMIZER_EVAL, kind)
-        span.set_attribute(A.OPTIMIZER_EVAL, kind)
+    if run is None or TRIAL_SPAN.get() is not None:
         return None
     with run.lock:
         if run.optuna_started and run.last_trial is not None:
-            trial = run.last_trial
-            span.set_attribute(A.OPTIMIZER_EVAL, "full")
-        else:
-            trial = run.next_trial
-            run.next_trial += 1
-            if trial == 1:
-                span.set_attribute(A.OPTIMIZER_BASELINE, True)
-    span.set_attribute(A.OPTIMIZER_TRIAL, trial)
-    return _pushed_trial(trial, "student")
+            return None
+    number = _next_trial(run)
+    return open_trial(rt, run, f"trial {number}", number, "student",
+                      {A.OPTIMIZER_BASELINE: True} if number == 1 else None)
 
 
-def evaluate_end(span: Any, token: Any, program: Any, score: float | None, metric_key: str | None) -> None:
+def evaluate_begin(span: Any, kwargs: dict, devset_size: int) -> None:
+    """Annotate an Evaluate span inside a compile with its trial and, for MIPROv2, minibatch vs full."""
     run = COMPILE_RUN.get()
-    if token is not None:
-        _context.var().reset(token)
+    if run is None:
+        return
+    metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
+    span.set_attribute(A.OPTIMIZER_NAME, run.name)
+    trial_span = TRIAL_SPAN.get()
+    if trial_span is not None:
+        if metric_key is not None:  # MIPROv2 says which; other optimizers do not
+            kind = "minibatch" if metric_key == "eval_minibatch" else "full"
+            trial_span.set_attribute(A.OPTIMIZER_EVAL, kind)
+            span.set_attribute(A.OPTIMIZER_EVAL, kind)
+    else:  # MIPROv2's final full evaluation of its last trial
+        span.set_attribute(A.OPTIMIZER_EVAL, "full")
+    trial = _context.current().trial if trial_span is not None else run.last_trial
+    if trial is not None:
+        span.set_attribute(A.OPTIMIZER_TRIAL, trial)
+
+
+def evaluate_end(span: Any, program: Any, score: float | None, metric_key: str | None) -> None:
+    run = COMPILE_RUN.get()
     if run is None:
         return
     if score is not None:
         span.set_attribute(A.OPTIMIZER_SCORE, score)
-    trial = _context.current().trial
+    trial = _context.current().trial if TRIAL_SPAN.get() is not None else run.last_trial
     run.record(program, score, trial, full=metric_key != "eval_minibatch")
 
 
-# -- trial spans: Optuna trials (MIPROv2) and GEPA iterations ------------------------------------------------
-
-def _open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | None) -> tuple[Any, Any, Any]:
-    """A `trial` span made current, with the trial number (and LM role) pushed for the calls inside."""
-    span, token = start(rt.tracer, name, {A.SPAN_KIND: "trial",
-                                          A.PHASE: "train", A.OPTIMIZER_NAME: run.name, A.OPTIMIZER_TRIAL: number})
-    with run.lock:
-        run.last_trial = number
-    return span, token, _pushed_trial(number, role)
-
+# -- Optuna trials (MIPROv2) -----------------------------------------------------------------------------------
 
 def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Wrap the objective of `Study.optimize` when it runs inside a compile: one span per trial."""
+    """Wrap the objective of `Study.optimize` when it runs inside a compile: one trial (trace) per Optuna trial,
+    numbered as MIPROv2 logs them (trial.number + 1; its default program, added first, is trial 1)."""
     run = COMPILE_RUN.get()
     rt = _runtime.active()
     if run is None or rt is None:
@@ -172,35 +257,32 @@ def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
 
     def objective(trial: Any) -> Any:
         number = trial.number + 1
+        with run.lock:
+            run.next_trial = max(run.next_trial, number + 1)
         try:
-            span, token, pushed = _open_trial(rt, run, f"trial {number}", number, "task_model")
-            ctx = pushed, TRIAL_SPAN.set(span)
+            opened = open_trial(rt, run, f"trial {number}", number, "task_model")
         except Exception:
             internal_error("trial span start")
             return func(trial)
         try:
             value = func(trial)
         except BaseException as exc:
-            _end_trial(span, token, ctx, trial, None, exc)
+            close_trial(opened, exc, _params(trial))
             raise
-        _end_trial(span, token, ctx, trial, value, None)
+        close_trial(opened, None, {**_params(trial), **_score(value)})
         return value
 
     return wrapped(objective, *rest, **kwargs)
 
 
-def _end_trial(span: Any, token: Any, ctx: tuple, trial: Any, value: Any, exc: BaseException | None) -> None:
-    TRIAL_SPAN.reset(ctx[1])
-    _context.var().reset(ctx[0])
+def _params(trial: Any) -> dict[str, Any]:
     try:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            span.set_attribute(A.OPTIMIZER_SCORE, float(value))
-        for name, choice in (getattr(trial, "params", None) or {}).items():
-            if isinstance(choice, (int, float, str, bool)):
-                span.set_attribute(f"{A.OPTIMIZER_PARAM_PREFIX}{name}", choice)
+        return {f"{A.OPTIMIZER_PARAM_PREFIX}{name}": choice
+                for name, choice in (getattr(trial, "params", None) or {}).items()
+                if isinstance(choice, (int, float, str, bool))}
     except Exception:
-        internal_error("trial span end")
-    finish(span, token, exc)
+        internal_error("trial params")
+        return {}
 
 
 # -- stages (MIPROv2) and bootstrap attempts (BootstrapFewShot) ------------------------------------------------
@@ -261,25 +343,34 @@ BOOTSTRAP_ATTEMPT = (_bootstrap_begin, _bootstrap_end)
 # -- GEPA -----------------------------------------------------------------------------------------------------
 
 class _GEPAObserver:
-    """A GEPA callback (gepa.core.callbacks.GEPACallback protocol): a span per iteration."""
+    """A GEPA callback (gepa.core.callbacks.GEPACallback protocol): a trial (trace) per iteration.
+
+    Trials follow our one numbering (the baseline evaluation of the seed program is trial 1, so GEPA's
+    iteration N is trial N+1); `dspy.optimizer.iteration` keeps GEPA's own number, as its log prints it.
+    GEPA skips `on_iteration_end` on some paths (no proposal, a merge that replaces the reflective step):
+    an iteration still open is closed when the next starts or the optimization ends."""
 
     def __init__(self, run: CompileRun):
         self.run = run
-        self.span = self.token = self.ctx = self.proposal = None
+        self.trial: OpenTrial | None = None
+        self.proposal = None
 
     def on_iteration_start(self, event: dict) -> None:
+        self._close()
         rt = _runtime.active()
         if rt is None:
             return
         try:
-            number = int(event["iteration"])
-            self.span, self.token, self.ctx = _open_trial(rt, self.run, f"iteration {number}", number, None)
+            iteration = int(event["iteration"])
+            number = _next_trial(self.run)
+            self.trial = open_trial(rt, self.run, f"iteration {iteration}", number, None,
+                                    {A.OPTIMIZER_ITERATION: iteration})
         except Exception:
             internal_error("GEPA iteration start")
 
     def on_candidate_selected(self, event: dict) -> None:
-        if self.span is not None:
-            self.span.set_attribute(A.OPTIMIZER_PARENT, int(event["candidate_idx"]))
+        if self.trial is not None:
+            self.trial.set({A.OPTIMIZER_PARENT: int(event["candidate_idx"])})
 
     def on_proposal_start(self, event: dict) -> None:
         state = _context.current()
@@ -291,28 +382,33 @@ class _GEPAObserver:
             self.proposal = None
 
     def on_candidate_accepted(self, event: dict) -> None:
-        if self.span is not None:
-            self.span.set_attributes({A.OPTIMIZER_CANDIDATE: int(event["new_candidate_idx"]),
-                                      A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: True})
+        if self.trial is not None:
+            self.trial.set({A.OPTIMIZER_CANDIDATE: int(event["new_candidate_idx"]),
+                            A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: True})
 
     def on_candidate_rejected(self, event: dict) -> None:
-        if self.span is not None:
-            self.span.set_attributes({A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: False})
+        if self.trial is not None:
+            self.trial.set({A.OPTIMIZER_SCORE: float(event["new_score"]), A.OPTIMIZER_ACCEPTED: False})
 
     def on_valset_evaluated(self, event: dict) -> None:
         score = float(event["average_score"])
         best = self.run.gepa_best
         if best is None or score > best[0]:
             self.run.gepa_best = (score, dict(event["candidate"]))
-            self.run.best_score, self.run.best_trial = score, int(event["iteration"])
+            self.run.best_score = score
+            self.run.best_trial = self.trial.number if self.trial is not None else 1
 
     def on_iteration_end(self, event: dict) -> None:
-        self.on_proposal_end(event)
-        if self.span is not None:
-            if self.ctx is not None:
-                _context.var().reset(self.ctx)
-            finish(self.span, self.token, None)
-            self.span = self.token = self.ctx = None
+        self._close()
+
+    def on_optimization_end(self, event: dict) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self.on_proposal_end({})
+        trial, self.trial = self.trial, None
+        if trial is not None:
+            close_trial(trial)
 
     def __getattr__(self, name: str) -> Any:  # every other event of the protocol: nothing to do
         if name.startswith("on_"):

@@ -75,14 +75,19 @@ def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
     if token is None:  # a span we did not make (unsampled)
         return
     try:
+        otel_context.detach(token)
+    except Exception:
+        internal_error("context detach")
+    finish_detached(span, exc)
+
+
+def finish_detached(span: Span, exc: BaseException | None = None) -> None:
+    """End a span that was never made current (a trial's summary span in the compile trace)."""
+    try:
         if exc is not None:
             record_error(span, exc)
     except Exception:
         internal_error("span error status")
-    try:
-        otel_context.detach(token)
-    except Exception:
-        internal_error("context detach")
     rt = _runtime.active()
     if rt is not None and rt.processor is not None:
         rt.processor.write_rollup(span)  # guarded inside

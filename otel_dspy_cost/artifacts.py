@@ -139,7 +139,8 @@ class RunSpanExporter(SpanExporter):
                 key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
                 self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
                                     "usd": a.get(A.TOTAL_USD, 0.0), "calls": a.get(A.LM_CALLS, 0),
-                                    "eval": a.get(A.OPTIMIZER_EVAL), "trace_id": f"{span.context.trace_id:032x}"}
+                                    "eval": a.get(A.OPTIMIZER_EVAL),
+                                    "trace_id": a.get(A.OPTIMIZER_TRIAL_TRACE_ID) or f"{span.context.trace_id:032x}"}
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:

@@ -170,6 +170,17 @@ class BudgetSpanProcessor(SpanProcessor):
         except Exception:
             self._internal_error("write_rollup")
 
+    def adopt(self, root: Span, parent: Span) -> None:
+        """`root` starts a trace of its own (an optimizer trial) but its totals belong under `parent` (the
+        trial's summary span in the compile trace): they roll up there when `root` ends, as a child's would."""
+        try:
+            node, above = self.tree.get(root.get_span_context().span_id), self.tree.get(
+                parent.get_span_context().span_id)
+            if node is not None and above is not None:
+                node.parent = above
+        except Exception:
+            self._internal_error("adopt")
+
     # -- internals --------------------------------------------------------------------------------
     def _internal_error(self, where: str) -> None:
         if not self._failed_once:

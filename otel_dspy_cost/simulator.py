@@ -69,7 +69,8 @@ class SimulatedLM:
         messages = body.get("messages") or [{"role": "user", "content": body.get("prompt", "")}]
         system = "".join(_content_text(m.get("content")) for m in messages if m.get("role") == "system")
         convo = "".join(_content_text(m.get("content")) for m in messages if m.get("role") != "system")
-        text = self._answer(system, convo, messages)
+        json_mode = bool(body.get("response_format")) or "Outputs will be a JSON object" in system
+        text = self._answer(system, convo, messages, json_mode)
         prompt_tokens = sum(_tokens(_content_text(m.get("content"))) + 4 for m in messages)
         cached = 0
         prefix_tokens = _tokens(system) if system else 0
@@ -91,12 +92,14 @@ class SimulatedLM:
             usage = _openai_usage(self.fixed_usage)
         return text, usage
 
-    def _answer(self, system: str, convo: str, messages: list[dict[str, Any]]) -> str:
+    def _answer(self, system: str, convo: str, messages: list[dict[str, Any]], json_mode: bool = False) -> str:
         match = _OUTPUT_FIELDS.search(system)
         if not match:
             return self._free_text(convo)
         fields = _FIELD.findall(match.group(1))
         last_user = _content_text(messages[-1].get("content")) if messages else ""
+        if json_mode:  # DSPy's JSONAdapter (GEPA's reflection, structured outputs): one JSON object
+            return json.dumps({name: self._value(name, type_, system, last_user, convo) for name, type_ in fields})
         parts = []
         for name, type_ in fields:
             parts.append(f"[[ ## {name} ## ]]\n{self._value(name, type_, system, last_user, convo)}")

@@ -35,30 +35,64 @@ def _children(exporter, parent):
     return [s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == parent.context.span_id]
 
 
-def test_miprov2_trials_are_numbered_scored_costed_and_sum_to_the_compile(otel, lm):
+def _trial_traces(exporter, compile_span):
+    """Each trial root with its summary span, checked: a trace of its own, linked both ways to a summary
+    span that is a child of the compile, with the same number, score and totals and the trial's trace id."""
+    spans = exporter.get_finished_spans()
+    roots = sorted(_by_kind(exporter, "trial"), key=lambda s: s.attributes[A.OPTIMIZER_TRIAL])
+    summaries = {s.context.span_id: s for s in spans if s.attributes.get(A.SPAN_KIND) == "trial_summary"}
+    assert len(summaries) == len(roots)
+    pairs = []
+    for root in roots:
+        assert root.parent is None and root.context.trace_id != compile_span.context.trace_id
+        (link,) = root.links
+        assert link.attributes[A.LINK_RELATION] == "compile"
+        summary = summaries[link.context.span_id]
+        assert summary.parent.span_id == compile_span.context.span_id
+        assert summary.context.trace_id == compile_span.context.trace_id
+        (back,) = summary.links
+        assert (back.context.trace_id, back.context.span_id) == (root.context.trace_id, root.context.span_id)
+        assert back.attributes[A.LINK_RELATION] == "trial"
+        assert summary.attributes[A.OPTIMIZER_TRIAL_TRACE_ID] == f"{root.context.trace_id:032x}"
+        assert root.attributes[A.OPTIMIZER_COMPILE_TRACE_ID] == f"{compile_span.context.trace_id:032x}"
+        for key in (A.OPTIMIZER_TRIAL, A.OPTIMIZER_SCORE, A.TOTAL_USD, A.LM_CALLS):
+            assert summary.attributes.get(key) == root.attributes.get(key), key
+        # everything the trial did is in its own trace
+        inside = [s for s in spans if s.context.trace_id == root.context.trace_id]
+        assert sum(s.attributes.get(A.SPAN_KIND) == "lm" for s in inside) == root.attributes.get(A.LM_CALLS, 0)
+        pairs.append((root, summary))
+    return pairs
+
+
+def test_miprov2_trials_are_traces_numbered_scored_costed_and_sum_to_the_compile(otel, lm):
     exporter, _ = otel
     train, val = _data(8), _data(6, "val")
     optimizer = _mipro(lm)
     with dspy.context(lm=lm):
-        optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val,
-                          **_mipro_kwargs(optimizer))
+        best = optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=train, valset=val,
+                                 **_mipro_kwargs(optimizer))
         dspy.ChainOfThought("question -> answer")(question="after the compile")
     (compile_span,) = [s for s in _by_kind(exporter, "compile") if s.attributes[A.OPTIMIZER_NAME] == "MIPROv2"]
-    trials = sorted(_by_kind(exporter, "trial"), key=lambda s: s.attributes[A.OPTIMIZER_TRIAL])
+    pairs = _trial_traces(exporter, compile_span)
+    trials = [root for root, _ in pairs]
     numbers = [t.attributes[A.OPTIMIZER_TRIAL] for t in trials]
-    assert numbers == list(range(2, 2 + len(trials))) and len(trials) >= 5
-    for t in trials:
-        assert t.parent.span_id == compile_span.context.span_id
+    assert numbers == list(range(1, 1 + len(trials))) and len(trials) >= 6
+    # Trial 1 is the default program's evaluation, as MIPROv2 numbers it (its own trial_logs).
+    baseline = trials[0]
+    assert baseline.attributes[A.OPTIMIZER_BASELINE] is True
+    logs = best.trial_logs
+    assert baseline.attributes[A.OPTIMIZER_SCORE] == pytest.approx(logs[1]["full_eval_score"])
+    for t in trials[1:]:
         assert isinstance(t.attributes[A.OPTIMIZER_SCORE], float) and t.attributes[A.TOTAL_USD] > 0
         assert t.attributes[A.OPTIMIZER_EVAL] in ("full", "minibatch")
         assert f"{A.OPTIMIZER_PARAM_PREFIX}0_predictor_instruction" in t.attributes
-    # Trial 1 is the default program's evaluation, as MIPROv2 numbers it; the stages are spans too.
+        logged = logs[t.attributes[A.OPTIMIZER_TRIAL]]
+        assert t.attributes[A.OPTIMIZER_SCORE] == pytest.approx(logged.get("mb_score", logged.get("full_eval_score")))
     children = _children(exporter, compile_span)
-    (baseline,) = [c for c in children if c.attributes.get(A.OPTIMIZER_BASELINE)]
-    assert baseline.attributes[A.OPTIMIZER_TRIAL] == 1 and A.OPTIMIZER_SCORE in baseline.attributes
     stages = {c.attributes[A.OPTIMIZER_STAGE] for c in children if c.attributes.get(A.SPAN_KIND) == "stage"}
     assert stages == {"bootstrap", "propose_instructions"}
-    # Every LM call of the compile sits under one of these children: their costs add up to the compile's.
+    # Every LM call of the compile sits under one of its children (stages, trial summaries, MIPROv2's final
+    # full evaluation): their costs add up to the compile's, though the trials' calls are in their own traces.
     assert sum(c.attributes.get(A.TOTAL_USD, 0.0) for c in children) == pytest.approx(
         compile_span.attributes[A.TOTAL_USD])
     assert sum(c.attributes.get(A.LM_CALLS, 0) for c in children) == compile_span.attributes[A.LM_CALLS]
@@ -67,10 +101,52 @@ def test_miprov2_trials_are_numbered_scored_costed_and_sum_to_the_compile(otel, 
     assert {"teacher", "prompt_model", "task_model"} <= train_roles
     assert [s.attributes[A.PHASE] for s in lm_spans if s.end_time > compile_span.end_time] == ["infer"]
     by_trial = otel_dspy_cost.spend_report(by="trial")
-    assert by_trial["MIPROv2#2"]["usd"] == pytest.approx(trials[0].attributes[A.TOTAL_USD])
+    assert by_trial["MIPROv2#2"]["usd"] == pytest.approx(trials[1].attributes[A.TOTAL_USD])
     phases = otel_dspy_cost.spend_report(by="phase")
     assert phases["train"]["usd"] == pytest.approx(compile_span.attributes[A.TOTAL_USD])
     assert phases["infer"]["calls"] == 1
+
+
+def test_random_search_candidates_are_trial_traces_and_the_best_is_returned(otel, lm):
+    exporter, _ = otel
+    optimizer = dspy.BootstrapFewShotWithRandomSearch(metric=_metric, max_bootstrapped_demos=2, max_labeled_demos=2,
+                                                      num_candidate_programs=3, num_threads=1)
+    with dspy.context(lm=lm):
+        result = otel_dspy_cost.guarded_compile(optimizer, dspy.ChainOfThought("question -> answer"), budget=10.0,
+                                                trainset=_data(6), valset=_data(4, "val"))
+    (compile_span,) = [s for s in _by_kind(exporter, "compile")
+                       if s.attributes[A.OPTIMIZER_NAME] == "BootstrapFewShotWithRandomSearch"]
+    pairs = _trial_traces(exporter, compile_span)
+    trials = [root for root, _ in pairs]
+    assert [t.attributes[A.OPTIMIZER_TRIAL] for t in trials] == list(range(1, len(trials) + 1))
+    assert len(trials) >= 4 and trials[0].attributes[A.OPTIMIZER_BASELINE] is True
+    scores = [t.attributes[A.OPTIMIZER_SCORE] for t in trials]
+    assert result.best_score == max(scores) and result.best_trial == scores.index(max(scores)) + 1
+    assert sorted(c["score"] for c in result.program.candidate_programs) == sorted(scores)
+    # The Grafana trial table (a Tempo TraceQL table) returns one row per trial, each its trial's own trace.
+    rows = _run_dashboard_traceql(exporter.get_finished_spans())
+    assert [(r["dspy.optimizer.trial"], r["dspy.optimizer.score"], r["dspy.cost.total_usd"]) for r in rows] == [
+        (t.attributes[A.OPTIMIZER_TRIAL], t.attributes[A.OPTIMIZER_SCORE], t.attributes[A.TOTAL_USD]) for t in trials]
+    assert [r["trace_id"] for r in rows] == [t.context.trace_id for t in trials]
+
+
+def _run_dashboard_traceql(spans):
+    """The optimizer dashboard's trial table, run over OTLP spans as Tempo would: its TraceQL must be the
+    form `{ span.K = "V" } | select(span.A, ...)`; one row per matching trace, sorted by trial."""
+    import json
+    import re
+    from pathlib import Path
+
+    board = json.loads((Path(__file__).parent.parent / "grafana" / "dashboards" / "optimizer-runs.json").read_text())
+    (query,) = [t["query"] for p in board["panels"] for t in p.get("targets", []) if t.get("queryType") == "traceql"]
+    m = re.fullmatch(r'\{ span\.([\w.]+) = "(\w+)" \} \| select\(((?:span\.[\w.]+(?:, )?)+)\)', query)
+    assert m, query
+    key, value, selected = m.group(1), m.group(2), [f.strip()[len("span."):] for f in m.group(3).split(",")]
+    rows = {}
+    for s in spans:
+        if s.attributes.get(key) == value:
+            rows[s.context.trace_id] = {"trace_id": s.context.trace_id, **{f: s.attributes.get(f) for f in selected}}
+    return sorted(rows.values(), key=lambda r: r["dspy.optimizer.trial"])
 
 
 def test_bootstrap_fewshot_attempts_are_spans_with_success(otel, lm):
@@ -91,17 +167,38 @@ def _gepa_metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
     return dspy.Prediction(score=float(len(pred.answer) % 3 == 0), feedback="answer in fewer words")
 
 
-def test_gepa_iterations_are_trial_spans_and_reflection_calls_are_labelled(otel, lm, server):
+def test_gepa_iterations_are_trial_traces_scored_as_gepa_logs_them(otel, lm, server, caplog):
+    import logging
+    import re
+
     exporter, _ = otel
+    caplog.set_level(logging.INFO)
     reflection = dspy.LM("openai/gpt-4o", api_base=server.api_base, api_key="sk-x-0000", cache=False,
                          max_tokens=256, num_retries=0)
     data = _data(8)
     optimizer = dspy.GEPA(metric=_gepa_metric, max_metric_calls=40, reflection_lm=reflection, num_threads=2)
     with dspy.context(lm=lm):
         optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=data[:4], valset=data[4:])
-    iterations = _by_kind(exporter, "trial")
-    assert [s.attributes[A.OPTIMIZER_TRIAL] for s in iterations] == list(range(1, len(iterations) + 1))
-    assert len(iterations) >= 2 and all(A.OPTIMIZER_PARENT in s.attributes for s in iterations)
+    (compile_span,) = _by_kind(exporter, "compile")
+    trials = [root for root, _ in _trial_traces(exporter, compile_span)]
+    assert [t.attributes[A.OPTIMIZER_TRIAL] for t in trials] == list(range(1, len(trials) + 1))
+    baseline, iterations = trials[0], trials[1:]
+    assert baseline.attributes[A.OPTIMIZER_BASELINE] is True and len(iterations) >= 2
+    # GEPA's own numbers: iteration N is our trial N + 1 (the seed's evaluation is trial 1)
+    assert [t.attributes[A.OPTIMIZER_ITERATION] for t in iterations] == list(range(1, len(iterations) + 1))
+    assert all(t.name == f"iteration {t.attributes[A.OPTIMIZER_ITERATION]}" for t in iterations)
+    logged = {}
+    for line in caplog.messages:
+        m = re.match(r"Iteration (\d+): (?:Accepted candidate \(subsample score \S+ -> (\S+)\)|"
+                     r"New subsample score (\S+) is not better)", line)
+        if m:
+            logged[int(m.group(1))] = float(m.group(2) or m.group(3))
+    assert logged, caplog.messages[:20]
+    for t in iterations:
+        if t.attributes[A.OPTIMIZER_ITERATION] in logged:
+            assert t.attributes[A.OPTIMIZER_SCORE] == pytest.approx(logged[t.attributes[A.OPTIMIZER_ITERATION]])
+            assert A.OPTIMIZER_PARENT in t.attributes
+    assert sum(A.OPTIMIZER_SCORE in t.attributes for t in iterations) == len(logged)
     roles = {(s.attributes.get(A.LM_ROLE), s.attributes[A.GEN_AI_REQUEST_MODEL]) for s in _by_kind(exporter, "lm")}
     assert ("reflection", "openai/gpt-4o") in roles
     assert all(model == MODEL for role, model in roles if role != "reflection")
