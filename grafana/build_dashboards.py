@@ -17,7 +17,7 @@ from pathlib import Path
 PROM = {"type": "prometheus", "uid": "otel-dspy-cost-prometheus"}
 TEMPO = {"type": "tempo", "uid": "otel-dspy-cost-tempo"}
 BSEL = 'dspy_budget_label=~"$budget"'
-SEL = 'gen_ai_request_model=~"$model", dspy_phase=~"$phase", dspy_budget_label=~"$budget"'
+SEL = 'dspy_lm_model=~"$model", dspy_phase=~"$phase", dspy_budget_label=~"$budget"'
 # Each optimizer trial is the root of its own trace: one row per trial trace, linked to it by Tempo's table.
 TRIALS_TRACEQL = ('{ span.dspy.span.kind = "trial" } | select(span.dspy.optimizer.name, span.dspy.optimizer.trial, '
                   'span.dspy.optimizer.score, span.dspy.cost.total_usd, span.dspy.lm.calls)')
@@ -34,10 +34,10 @@ DASHBOARDS = {
         ("Spend rate (USD per hour)", "timeseries", "currencyUSD",
          [f"sum(rate(dspy_cost_USD_total{{{SEL}}}[$__rate_interval])) * 3600"], 12),
         ("Spend by model", "piechart", "currencyUSD",
-         [f"sum by (gen_ai_request_model) (dspy_cost_USD_total{{{SEL}}})"], 6),
+         [f"sum by (dspy_lm_model) (dspy_cost_USD_total{{{SEL}}})"], 6),
         ("Spend by phase", "piechart", "currencyUSD", [f"sum by (dspy_phase) (dspy_cost_USD_total{{{SEL}}})"], 6),
         ("Tokens by type", "bargauge", "short",
-         ['sum by (gen_ai_token_type) (gen_ai_client_token_usage_sum{gen_ai_request_model=~"$model"})'], 12),
+         ['sum by (gen_ai_token_type) (gen_ai_client_token_usage_sum{gen_ai_token_type!=""})'], 12),
         ("Calls with unknown pricing", "stat", "short",
          [f'sum(dspy_lm_calls_total{{{SEL}, dspy_cost_unknown="true"}}) or vector(0)'], 6),
         ("Cache hit calls", "stat", "short",
@@ -52,7 +52,7 @@ DASHBOARDS = {
         ("Calls by module path", "bargauge", "short", [f"sum by (dspy_module_path) (dspy_lm_calls_total{{{SEL}}})"],
          12),
         ("Spend by module and model", "table", "currencyUSD",
-         [f"sum by (dspy_module_path, gen_ai_request_model) (dspy_cost_USD_total{{{SEL}}})"], 12),
+         [f"sum by (dspy_module_path, dspy_lm_model) (dspy_cost_USD_total{{{SEL}}})"], 12),
     ]),
     "optimizer-runs": ("otel-dspy-cost: optimizer runs", [
         ("Training spend by optimizer", "bargauge", "currencyUSD",
@@ -76,7 +76,7 @@ DASHBOARDS = {
 }
 
 VARIABLES = [
-    ("model", "label_values(dspy_cost_USD_total, gen_ai_request_model)"),
+    ("model", "label_values(dspy_cost_USD_total, dspy_lm_model)"),
     ("phase", "label_values(dspy_cost_USD_total, dspy_phase)"),
     ("budget", "label_values(dspy_cost_USD_total, dspy_budget_label)"),
 ]

@@ -44,7 +44,8 @@ LINK_RELATION = "dspy.link.relation"  # on span links: trial (summary -> trial t
 # --- GenAI semantic conventions ------------------------------------------------------------
 GEN_AI_OPERATION = "gen_ai.operation.name"
 GEN_AI_PROVIDER = "gen_ai.provider.name"
-GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"  # the model name, as the GenAI conventions want (gpt-4o-mini)
+LM_MODEL = "dspy.lm.model"  # DSPy's model string, provider prefix included (openai/gpt-4o-mini)
 GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import wrapt
+from opentelemetry.trace import SpanKind
 
 from . import _attributes as A
 from . import _context, _lm_span, _optimizers, _redact, _runtime, _threads
@@ -239,7 +240,8 @@ def _lm_begin(instance, args, kwargs):
             span, token = skipped()
         else:
             attrs = _lm_span.start_attributes(rt, call, merged, prompt, messages)
-            span, token = start(rt.tracer, f"{call.operation} {call.model}", attrs)
+            span, token = start(rt.tracer, f"{call.operation} {_lm_span.request_model(call.model)}", attrs,
+                                kind=SpanKind.CLIENT)
     except Exception:
         internal_error("LM span start")
         return None

@@ -107,11 +107,18 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
     return call, merged
 
 
+def request_model(model: str) -> str:
+    """`gen_ai.request.model`: the model name without DSPy's (LiteLLM's) provider prefix, which the
+    conventions put in `gen_ai.provider.name`."""
+    return model.split("/", 1)[1] if "/" in model else model
+
+
 def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: Any, messages: Any
                      ) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         A.SPAN_KIND: "lm", A.GEN_AI_OPERATION: call.operation, A.GEN_AI_PROVIDER: call.provider,
-        A.GEN_AI_REQUEST_MODEL: call.model, A.INPUT_TOKENS_BOUND: call.input_tokens_bound, A.PHASE: call.phase,
+        A.GEN_AI_REQUEST_MODEL: request_model(call.model), A.LM_MODEL: call.model,
+        A.INPUT_TOKENS_BOUND: call.input_tokens_bound, A.PHASE: call.phase,
     }
     if call.max_tokens is not None:
         attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = call.max_tokens

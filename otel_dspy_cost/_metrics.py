@@ -137,7 +137,7 @@ class CostMetrics:
         """(input tokens, output tokens, duration) label sets, built once per (operation, provider, model):
         three dicts per call were a measurable share of the per-call cost. Bounded like the labels."""
         genai = {A.GEN_AI_OPERATION: operation or "chat", A.GEN_AI_PROVIDER: provider or "unknown",
-                 A.GEN_AI_REQUEST_MODEL: model_label}
+                 A.GEN_AI_REQUEST_MODEL: model_label.split("/", 1)[-1]}  # the conventions' model name
         sets = ({**genai, "gen_ai.token.type": "input"}, {**genai, "gen_ai.token.type": "output"}, genai)
         if len(self._genai_labels) < 4 * self._model.max_values:  # a few operations/providers per model
             self._genai_labels[(operation, provider, model_label)] = sets
@@ -161,7 +161,7 @@ class CostMetrics:
     def budget_event(self, budget: Any, kind: str) -> None:
         self.budget_events.add(1, {A.BUDGET_LABEL: self._label(budget.label), "dspy.budget.event": kind})
 
-    _COST_LABELS = (A.MODULE_PATH, A.GEN_AI_REQUEST_MODEL, A.PHASE, A.BUDGET_LABEL, A.OPTIMIZER_NAME)
+    _COST_LABELS = (A.MODULE_PATH, A.LM_MODEL, A.PHASE, A.BUDGET_LABEL, A.OPTIMIZER_NAME)
 
     def _observe_sums(self, column: int):
         """Cost columns are observed per cost label set; the call count also by cache hit and unknown price."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,16 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     return render_table(table)
 
 
+def _is_run(run_dir: str) -> bool:
+    return (Path(run_dir) / "costs.jsonl").exists() or (Path(run_dir) / "summary.json").exists()
+
+
 def main(args: Any) -> int:
-    if not (Path(args.run_dir) / "costs.jsonl").exists() and not (Path(args.run_dir) / "summary.json").exists():
-        print(f"error: {args.run_dir} has neither costs.jsonl nor summary.json", flush=True)
-        return 2
+    for run_dir in (args.run_dir, *([args.compare] if args.compare else [])):
+        if not _is_run(run_dir):  # comparing against a missing run would compare against zeros
+            print(f"error: {run_dir} is not a run folder (it has neither costs.jsonl nor summary.json)",
+                  file=sys.stderr, flush=True)
+            return 2
     report = run_report(args.run_dir, depth=args.depth)
     if args.json:
         print(json.dumps(report, indent=1, default=str))

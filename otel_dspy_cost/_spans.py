@@ -44,8 +44,9 @@ def unsampled(rt: Any) -> bool:
     return ctx.is_valid and not ctx.trace_flags.sampled
 
 
-def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any]) -> tuple[Span, object]:
-    span = tracer.start_span(name, attributes=attributes)
+def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any],
+          kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> tuple[Span, object]:
+    span = tracer.start_span(name, attributes=attributes, kind=kind)
     token = otel_context.attach(trace.set_span_in_context(span))
     return span, token
 

@@ -28,6 +28,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
 
 from . import _attributes as A
 from ._accounting import LMCall
@@ -123,7 +124,8 @@ class RunSpanExporter(SpanExporter):
     """What only spans say about a run: program runs (top-level inference module calls) and trial scores."""
 
     def __init__(self) -> None:
-        self.program_runs = 0
+        self.program_runs = 0  # completed: a run the budget refused, or that raised, made no program output
+        self.program_runs_failed = 0
         self.trials: dict[tuple[str, int], dict[str, Any]] = {}
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -134,7 +136,10 @@ class RunSpanExporter(SpanExporter):
             a = span.attributes or {}
             kind = a.get(A.SPAN_KIND)
             if kind in _MODULE_KINDS and a.get(A.PHASE) == "infer" and "." not in str(a.get(A.MODULE_PATH, ".")):
-                self.program_runs += 1
+                if span.status.status_code == StatusCode.ERROR:
+                    self.program_runs_failed += 1
+                else:
+                    self.program_runs += 1
             if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
                 key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
                 self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
@@ -180,7 +185,8 @@ def totals(lines: list[dict[str, Any]], by: str = "module", depth: int | None = 
     return spend_report(by, depth=depth or None, aggregator=aggregate(lines))
 
 
-def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, trials: list[dict[str, Any]] = (),
+def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, program_runs_failed: int = 0,
+                  trials: list[dict[str, Any]] = (),
                   budget: Any = None, estimate: Any = None, score: float | None = None,
                   cancelled_reason: str | None = None, started_at: str | None = None) -> dict[str, Any]:
     agg = aggregate(read_costs(run_dir))
@@ -203,7 +209,8 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, tri
         "inference_economic_cost_usd": infer.get("economic_usd", 0.0),
         "total_economic_cost_usd": total["economic_usd"],
         "unknown_cost_calls": total["unknown_cost_calls"], "estimated_calls": total["estimated_calls"],
-        "program_runs": program_runs,
+        "program_runs": program_runs, "program_runs_failed": program_runs_failed,
+        # per completed run; what failed runs spent is in the numerator: when in doubt, count more
         "program_cost_per_million_runs": (infer.get("usd", 0.0) / program_runs * 1e6) if program_runs else None,
         "by_model": {k: v for k, v in spend_report("model", aggregator=agg).items() if k != "total"},
         "by_module": {k: v for k, v in spend_report("module", depth=2, aggregator=agg).items() if k != "total"},
@@ -243,7 +250,8 @@ def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class Run:
-    """The run being recorded: set `score` (e.g. the final Evaluate score) to put it next to cost."""
+    """The run being recorded: set `score` (e.g. the final Evaluate score) to put it next to cost.
+    `previous` is where an earlier run found in the folder was moved (None if there was none)."""
 
     directory: Path
     cost_log: CostLog
@@ -252,13 +260,46 @@ class Run:
     estimate: Any = None
     score: float | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    previous: Path | None = None
+
+
+_RUN_FILES = ("costs.jsonl", "costs.jsonl.*", "summary.json")
+
+
+def _move_previous_run(directory: Path) -> Path | None:
+    """One folder, one run: an earlier run's files move to `previous/<its start>/` before a new run starts,
+    so neither the new summary nor `report` adds the old run's calls in (a folder re-used by a nightly job or
+    the demo would otherwise report 10, 20, 30 calls)."""
+    found = [p for pattern in _RUN_FILES for p in directory.glob(pattern) if p.is_file()]
+    if not found:
+        return None
+    try:
+        started = json.loads((directory / "summary.json").read_text()).get("started_at")
+    except (OSError, ValueError, AttributeError):
+        started = None
+    stamp = _dt.datetime.fromisoformat(started) if isinstance(started, str) else _dt.datetime.fromtimestamp(
+        min(p.stat().st_mtime for p in found), _dt.UTC)
+    name = stamp.astimezone(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = directory / "previous" / name
+    n = 1
+    while target.exists():
+        target, n = directory / "previous" / f"{name}-{n}", n + 1
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    logger.info("otel-dspy-cost: %s held an earlier run; moved it to %s", directory, target)
+    return target
 
 
 @contextmanager
 def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate: Any = None,
                tracer_provider: Any = None, max_bytes: int = 50 * 2**20,
-               drain_timeout_s: float = 10.0) -> Iterator[Run]:
+               drain_timeout_s: float = 10.0, append: bool = False) -> Iterator[Run]:
     """Write `costs.jsonl` during the block and `summary.json` at its end (also when a budget stops it).
+
+    A folder holds one run: an earlier run found there is moved to `previous/<its start>/` first
+    (`run.previous`). `append=True` adds to the run already there instead (one run recorded by several
+    processes or steps), and the summary then covers every call in the folder.
 
     Every LM call settled during the block is logged, sampled or not. Program runs and trial scores come
     from spans, read on the instrumented tracer provider (or `tracer_provider`) when it is the SDK's."""
@@ -270,6 +311,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     provider = tracer_provider or (rt.tracer_provider if rt is not None else None) or trace.get_tracer_provider()
     directory = Path(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    previous = None if append else _move_previous_run(directory)
     cost_log = CostLog(directory / "costs.jsonl", max_bytes=max_bytes)
     span_exporter = RunSpanExporter()
     processor = None
@@ -279,7 +321,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     accountant = rt.accountant if rt is not None else None
     if accountant is not None:
         accountant.add_sink(cost_log)
-    run = Run(directory, cost_log, span_exporter, budget, estimate)
+    run = Run(directory, cost_log, span_exporter, budget, estimate, previous=previous)
     started = _dt.datetime.now(_dt.UTC).isoformat()
     cancelled = None
     try:
@@ -299,6 +341,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
             _detach(provider, processor)
         try:
             run.summary = build_summary(directory, program_runs=span_exporter.program_runs,
+                                        program_runs_failed=span_exporter.program_runs_failed,
                                         trials=list(span_exporter.trials.values()), budget=budget, estimate=estimate,
                                         score=run.score, cancelled_reason=cancelled, started_at=started)
             (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")

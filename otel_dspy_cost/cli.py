@@ -185,12 +185,36 @@ def _optimizer_from_name(name: str, args: argparse.Namespace) -> object:
         return _stub("BootstrapFewShot", max_bootstrapped_demos=args.demos, max_rounds=1)
     if name == "gepa":
         return _stub("GEPA", max_metric_calls=args.max_metric_calls)
-    raise SystemExit(f"unknown optimizer {name!r}")
+    raise _UsageError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+OPTIMIZERS = ("evaluate", "bootstrap", "mipro-light", "mipro-medium", "mipro-heavy", "gepa")
+
+
+class _UsageError(Exception):
+    """A command-line mistake: one line on stderr, exit 2."""
+
+
+def _load_program(spec: str) -> Any:
+    """`module:attr` of a dspy.Module instance, a Module class, or a function making one. The current
+    folder is importable, as for `python -m`: `--program my_app:build` works from the script's folder."""
+    import importlib
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module, _, attr = spec.partition(":")
+    try:
+        target = getattr(importlib.import_module(module), attr or "program")
+    except (ImportError, AttributeError) as exc:
+        raise _UsageError(f"--program {spec}: {exc}") from None
+    if isinstance(target, type) or (callable(target) and not hasattr(target, "named_predictors")):
+        target = target()
+    if not hasattr(target, "named_predictors"):
+        raise _UsageError(f"--program {spec}: {type(target).__name__} is not a dspy.Module")
+    return target
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    import importlib
-
     from otel_dspy_cost.estimate import estimate
     from otel_dspy_cost.pricing import UnknownModelError
 
@@ -199,9 +223,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
         program = demo_program()
     else:
-        module, _, attr = args.program.partition(":")
-        target = getattr(importlib.import_module(module), attr or "program")
-        program = target() if callable(target) and not hasattr(target, "named_predictors") else target
+        program = _load_program(args.program)
     try:
         est = estimate(program, model=args.model, optimizer=_optimizer_from_name(args.optimizer, args),
                        trainset_size=args.trainset, valset_size=args.valset, devset_size=args.devset,
@@ -231,11 +253,27 @@ def _stub(name: str, **settings: object) -> object:
     return type(name, (), settings)()
 
 
+def _check_ledger_url(url: str, *, creating: bool) -> None:
+    """Reading a ledger that is not there must say so, not create it and report $0."""
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        path = path[1:] if path.startswith("/") else path
+        if path and path != ":memory:" and not Path(path).exists() and not creating:
+            raise _UsageError(f"no ledger at {path} (nothing was recorded there; check the URL: sqlite:///relative "
+                              f"or sqlite:////absolute)")
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise _UsageError("redis:// ledgers need the redis client: pip install 'otel-dspy-cost[redis]'") from None
+
+
 def _budget(args: argparse.Namespace) -> int:
     """Status or reset of a label on a shared ledger (what every process using it counts against)."""
     from otel_dspy_cost._ledger import Limits
     from otel_dspy_cost._shared_ledgers import LedgerUnavailable, ledger_from_url, parse_window
 
+    _check_ledger_url(args.ledger_url, creating=args.action == "reset")
     try:
         ledger = ledger_from_url(args.ledger_url)
         account = ledger.key(args.label)
@@ -271,8 +309,23 @@ def _report(args: argparse.Namespace) -> int:
     return report_main(args)
 
 
+_EXIT_CODES = """exit codes: 0 done; 1 a check failed (estimate over budget in CI or with --strict, pricing diff
+found an unexplained disagreement); 2 bad input (arguments, files, unknown model); 3 internal error; 130 interrupted"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("otel-dspy-cost")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="otel-dspy-cost", description=__doc__)
+    parser = argparse.ArgumentParser(prog="otel-dspy-cost", description=__doc__, epilog=_EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="offline demo: a multi-module program under a budget that trips")
     demo.add_argument("--model", default=None, help="model to price the simulated calls as (default "
@@ -286,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--program", default="demo", help="module:attr of a dspy.Module (or a function making one); "
                                                        "'demo' for the demo's program")
     est.add_argument("--model", default="openai/gpt-4o-mini")
-    est.add_argument("--optimizer", default="evaluate",
-                     help="evaluate | bootstrap | mipro-light | mipro-medium | mipro-heavy | gepa")
+    est.add_argument("--optimizer", default="evaluate", help=" | ".join(OPTIMIZERS))
     est.add_argument("--trainset", type=int, default=0)
     est.add_argument("--valset", type=int, default=None)
     est.add_argument("--devset", type=int, default=0)
@@ -316,7 +368,26 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--compare", help="a second run directory, side by side")
     rep.set_defaults(fn=_report)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except _UsageError as exc:
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `otel-dspy-cost pricing list | head`: the reader left, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, LookupError) as exc:
+        print(f"error: {scrub(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - our bug: one line, not a traceback of our internals
+        print(f"error: internal error ({scrub(f'{type(exc).__name__}: {exc}')}); run with "
+              f"OTEL_DSPY_COST_DEBUG=1 for the traceback", file=sys.stderr)
+        if os.environ.get("OTEL_DSPY_COST_DEBUG"):
+            raise
+        return 3
 
 
 if __name__ == "__main__":

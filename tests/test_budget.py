@@ -339,7 +339,7 @@ def test_metrics_count_each_call_once_and_the_warn_crossing(otel_metrics, lm):
     assert sum(p.value for _, p in cost) == pytest.approx(b.spent_usd)
     assert {a[A.MODULE_PATH] for a, _ in cost} == {"ResearchAgent.planner", "ResearchAgent.searcher",
                                                    "ResearchAgent.synthesizer"}
-    assert {(a[A.BUDGET_LABEL], a[A.PHASE], a[A.GEN_AI_REQUEST_MODEL]) for a, _ in cost} == {
+    assert {(a[A.BUDGET_LABEL], a[A.PHASE], a[A.LM_MODEL]) for a, _ in cost} == {
         ("nightly", "infer", MODEL)}
     assert sum(p.value for _, p in points["dspy.lm.calls"]) == 20
     assert sum(p.value for _, p in points["dspy.cost.economic"]) == pytest.approx(b.economic_usd)
@@ -375,12 +375,16 @@ def test_metric_labels_stay_bounded():
 
 
 def _ancestor_kinds(exporter, span):
+    """Kinds up the tree; a trial's trace continues, through its link, at its summary in the compile trace."""
     by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
     kinds = []
-    while span.parent is not None and span.parent.span_id in by_id:
-        span = by_id[span.parent.span_id]
+    while True:
+        up = span.parent or next((link.context for link in span.links
+                                  if link.attributes.get(A.LINK_RELATION) == "compile"), None)
+        if up is None or up.span_id not in by_id:
+            return kinds
+        span = by_id[up.span_id]
         kinds.append(span.attributes.get(A.SPAN_KIND))
-    return kinds
 
 
 def _assert_stopped_cleanly(exporter, server, b, limit, err):

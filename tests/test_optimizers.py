@@ -199,7 +199,7 @@ def test_gepa_iterations_are_trial_traces_scored_as_gepa_logs_them(otel, lm, ser
             assert t.attributes[A.OPTIMIZER_SCORE] == pytest.approx(logged[t.attributes[A.OPTIMIZER_ITERATION]])
             assert A.OPTIMIZER_PARENT in t.attributes
     assert sum(A.OPTIMIZER_SCORE in t.attributes for t in iterations) == len(logged)
-    roles = {(s.attributes.get(A.LM_ROLE), s.attributes[A.GEN_AI_REQUEST_MODEL]) for s in _by_kind(exporter, "lm")}
+    roles = {(s.attributes.get(A.LM_ROLE), s.attributes[A.LM_MODEL]) for s in _by_kind(exporter, "lm")}
     assert ("reflection", "openai/gpt-4o") in roles
     assert all(model == MODEL for role, model in roles if role != "reflection")
     assert "callbacks" not in optimizer.gepa_kwargs  # our callback is removed after the compile

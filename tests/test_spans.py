@@ -8,6 +8,7 @@ import logging
 import dspy
 import pytest
 from conftest import MODEL, ResearchAgent, tree
+from opentelemetry.trace import SpanKind
 
 import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
@@ -17,27 +18,27 @@ EXPECTED_AGENT_TREE = [
     ("module ResearchAgent.planner", "module ResearchAgent", "module"),
     ("predict ResearchAgent.planner.predict", "module ResearchAgent.planner", "predictor"),
     ("format ChatAdapter", "predict ResearchAgent.planner.predict", "adapter.format"),
-    (f"chat {MODEL}", "predict ResearchAgent.planner.predict", "lm"),
+    ("chat gpt-4o-mini", "predict ResearchAgent.planner.predict", "lm"),
     ("parse ChatAdapter", "predict ResearchAgent.planner.predict", "adapter.parse"),
     ("module ResearchAgent.searcher", "module ResearchAgent", "module"),
     ("predict ResearchAgent.searcher.react", "module ResearchAgent.searcher", "predictor"),
     ("format ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.format"),
-    (f"chat {MODEL}", "predict ResearchAgent.searcher.react", "lm"),
+    ("chat gpt-4o-mini", "predict ResearchAgent.searcher.react", "lm"),
     ("parse ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.parse"),
     ("execute_tool search", "module ResearchAgent.searcher", "tool"),
     ("predict ResearchAgent.searcher.react", "module ResearchAgent.searcher", "predictor"),
     ("format ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.format"),
-    (f"chat {MODEL}", "predict ResearchAgent.searcher.react", "lm"),
+    ("chat gpt-4o-mini", "predict ResearchAgent.searcher.react", "lm"),
     ("parse ChatAdapter", "predict ResearchAgent.searcher.react", "adapter.parse"),
     ("execute_tool finish", "module ResearchAgent.searcher", "tool"),
     ("module ResearchAgent.searcher.extract", "module ResearchAgent.searcher", "module"),
     ("predict ResearchAgent.searcher.extract.predict", "module ResearchAgent.searcher.extract", "predictor"),
     ("format ChatAdapter", "predict ResearchAgent.searcher.extract.predict", "adapter.format"),
-    (f"chat {MODEL}", "predict ResearchAgent.searcher.extract.predict", "lm"),
+    ("chat gpt-4o-mini", "predict ResearchAgent.searcher.extract.predict", "lm"),
     ("parse ChatAdapter", "predict ResearchAgent.searcher.extract.predict", "adapter.parse"),
     ("predict ResearchAgent.synthesizer", "module ResearchAgent", "predictor"),
     ("format ChatAdapter", "predict ResearchAgent.synthesizer", "adapter.format"),
-    (f"chat {MODEL}", "predict ResearchAgent.synthesizer", "lm"),
+    ("chat gpt-4o-mini", "predict ResearchAgent.synthesizer", "lm"),
     ("parse ChatAdapter", "predict ResearchAgent.synthesizer", "adapter.parse"),
 ]
 
@@ -76,7 +77,8 @@ def test_nested_program_exact_tree_and_lm_attributes(otel, lm, server):
         a = s.attributes
         assert a[A.GEN_AI_OPERATION] == "chat"
         assert a[A.GEN_AI_PROVIDER] == "openai"
-        assert a[A.GEN_AI_REQUEST_MODEL] == MODEL
+        assert (a[A.GEN_AI_REQUEST_MODEL], a[A.LM_MODEL]) == ("gpt-4o-mini", MODEL)  # name; DSPy's string
+        assert s.kind == SpanKind.CLIENT  # the GenAI conventions' kind for a call to a provider
         assert a[A.GEN_AI_RESPONSE_MODEL] in ("gpt-4o-mini", MODEL)
         assert a[A.GEN_AI_REQUEST_MAX_TOKENS] == 512
         assert a[A.GEN_AI_INPUT_TOKENS] > 0 and a[A.GEN_AI_OUTPUT_TOKENS] > 0
