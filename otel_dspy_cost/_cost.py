@@ -132,6 +132,12 @@ def usage_from_verbatim(counters: Any, provider_prefix: str, ttl_1h: int = 0) ->
     return Usage(total_in, total_out, read, write, reasoning, min(ttl_1h, write))
 
 
+def money(value: float) -> float:
+    """USD as written out (span attributes, reports, summaries, the cost log): 12 decimals, a thousandth of a
+    nano-dollar, so sums read 2.61e-05 and not 2.6099999999999997e-05. Sums are kept unrounded inside."""
+    return round(value, 12)
+
+
 def estimate_tokens(text_chars: int) -> int:
     """Rough tokens for text when a provider reports no usage: about 4 characters per token."""
     return math.ceil(text_chars / 4)

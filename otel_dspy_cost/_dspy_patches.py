@@ -432,11 +432,23 @@ _OPTIMIZER_HOOKS = {
 }
 
 
+def _needs_optuna(instance) -> None:
+    """MIPROv2 imports optuna only after its bootstrap and proposal stages have spent money: say so first."""
+    if type(instance).__name__ != "MIPROv2":
+        return
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ImportError("MIPROv2 needs optuna, which it would import only after its first stages had spent "
+                          "money: pip install 'otel-dspy-cost[mipro]' (or optuna)") from None
+
+
 def _compile_begin(instance, args, kwargs):
     rt = _runtime.active()
     active = _IN_COMPILE.get()
     if rt is None or id(instance) in active:  # super().compile() of the same optimizer: one span
         return None
+    _needs_optuna(instance)  # the one error we raise on purpose here: before any LM call
     try:
         name = type(instance).__name__
         attrs = {A.SPAN_KIND: "compile", A.PHASE: "train",

@@ -14,7 +14,7 @@ from typing import Any
 from . import _attributes as A
 from . import _context, _optimizers, _redact
 from ._accounting import OK, REJECTED, LMCall, classify_failure
-from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, usage_from_openai, usage_from_verbatim
+from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, money, usage_from_openai, usage_from_verbatim
 from ._runtime import Runtime
 
 # Tokens an image may cost at most, per image part of a prompt (OpenAI's high-detail tiling of a
@@ -220,11 +220,12 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
         attrs[A.COST_UNKNOWN] = True
         attrs[A.PRICING_SOURCE] = "unknown"
     else:
-        attrs.update({A.COST_USD: cost.usd, A.COST_ECONOMIC_USD: cost.economic_usd, A.COST_INPUT_USD: cost.input_usd,
-                      A.COST_CACHED_INPUT_USD: cost.cached_input_usd, A.COST_OUTPUT_USD: cost.output_usd,
-                      A.COST_REASONING_USD: cost.reasoning_usd, A.PRICING_SOURCE: cost.source,
-                      A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: cost.usd,
-                      A.GEN_AI_COST_AMOUNT: cost.usd, A.GEN_AI_COST_CURRENCY: cost.currency})
+        usd = money(cost.usd)
+        attrs.update({A.COST_USD: usd, A.COST_ECONOMIC_USD: money(cost.economic_usd),
+                      A.COST_INPUT_USD: money(cost.input_usd), A.COST_CACHED_INPUT_USD: money(cost.cached_input_usd),
+                      A.COST_OUTPUT_USD: money(cost.output_usd), A.COST_REASONING_USD: money(cost.reasoning_usd),
+                      A.PRICING_SOURCE: cost.source, A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: usd,
+                      A.GEN_AI_COST_AMOUNT: usd, A.GEN_AI_COST_CURRENCY: cost.currency})
         if cost.tier:
             attrs[A.PRICING_TIER] = cost.tier
         if cost.fallback:

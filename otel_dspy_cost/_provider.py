@@ -2,12 +2,20 @@
 
 With no exporter endpoint configured the provider has no exporter at all: spans still carry cost,
 budgets still enforce and `spend_report()` still works, and nothing ever dials localhost:4317.
+
+Exit is bounded: the SDK's own at-exit shutdown retries a dead collector for the whole export timeout
+(11-15 s were measured, with a screen of retry warnings), so the providers made here shut down from our
+at-exit hook on a worker thread, waited for `OTEL_DSPY_COST_SHUTDOWN_TIMEOUT_S` (default 3 s), and the
+exporters' repeated retry warnings are said once.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -35,10 +43,81 @@ def _otlp_exporter() -> SpanExporter | None:
     return OTLPSpanExporter()
 
 
+SHUTDOWN_TIMEOUT_ENV = "OTEL_DSPY_COST_SHUTDOWN_TIMEOUT_S"
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+                     "opentelemetry.exporter.otlp.proto.grpc.exporter", "opentelemetry.exporter.otlp.proto.http")
+_ours: list[Any] = []
+_ours_lock = threading.Lock()
+
+
+class _OnceFilter(logging.Filter):
+    """An exporter that cannot reach its collector warns on every retry of every batch: say it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if self.said:
+            return False
+        self.said = True
+        record.msg = f"{record.getMessage()} (otel-dspy-cost: further export warnings are not shown)"
+        record.args = ()
+        return True
+
+
+def _own(provider: Any) -> Any:
+    """Shut this provider down from our bounded at-exit hook instead of the SDK's unbounded one."""
+    with _ours_lock:
+        if not _ours:
+            atexit.register(shutdown_bounded)
+            once = _OnceFilter()
+            for name in _EXPORTER_LOGGERS:
+                logging.getLogger(name).addFilter(once)
+        _ours.append(provider)
+    return provider
+
+
+def shutdown_bounded(timeout_s: float | None = None) -> bool:
+    """Flush and shut down the providers made here, waiting at most `timeout_s` in all; True if they finished.
+
+    What a dead collector could not take in that time is dropped, and said once."""
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get(SHUTDOWN_TIMEOUT_ENV, "3"))
+        except ValueError:
+            timeout_s = 3.0
+    with _ours_lock:
+        providers, _ours[:] = list(_ours), []
+    if not providers:
+        return True
+
+    def run() -> None:
+        for provider in providers:
+            try:
+                provider.shutdown()
+            except Exception:  # noqa: BLE001 - at exit, an exporter's failure must not become the user's
+                logger.debug("otel-dspy-cost: provider shutdown failed", exc_info=True)
+
+    worker = threading.Thread(target=run, name="otel-dspy-cost-shutdown", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("otel-dspy-cost: telemetry not delivered within %.1f s at exit (is the collector at %s "
+                       "up?); the rest is dropped. Set %s to wait longer.", time.monotonic() - started,
+                       _endpoint_and_protocol("TRACES")[0] or "(no endpoint)", SHUTDOWN_TIMEOUT_ENV)
+        return False
+    return True
+
+
 def provider_from_env() -> TracerProvider:
     """Resource from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES; exporter from OTEL_TRACES_EXPORTER and
     OTEL_EXPORTER_OTLP_* (none unless an endpoint or exporter is named)."""
-    provider = TracerProvider(resource=Resource.create())
+    provider = _own(TracerProvider(resource=Resource.create(), shutdown_on_exit=False))
     names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
     if "none" in names:
         return provider
@@ -68,5 +147,5 @@ def meter_provider_from_env() -> Any:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return MeterProvider(resource=Resource.create(), metric_readers=[PeriodicExportingMetricReader(
-        OTLPMetricExporter())])
+    return _own(MeterProvider(resource=Resource.create(), shutdown_on_exit=False,
+                              metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import Span
 
 from . import _attributes as A
 from ._accounting import LMCall
+from ._cost import money
 
 
 class Node:
@@ -41,7 +42,8 @@ class Node:
 
     def rollup_attributes(self) -> dict[str, Any]:
         """The subtree's totals as span attributes (read under the processor's lock)."""
-        attrs: dict[str, Any] = {A.TOTAL_USD: self.usd, A.TOTAL_ECONOMIC_USD: self.econ, A.TOTAL_INPUT_TOKENS: self.inp,
+        attrs: dict[str, Any] = {A.TOTAL_USD: money(self.usd), A.TOTAL_ECONOMIC_USD: money(self.econ),
+                                 A.TOTAL_INPUT_TOKENS: self.inp,
                                  A.TOTAL_OUTPUT_TOKENS: self.out, A.LM_CALLS: self.calls}
         if self.unknown:
             attrs[A.TOTAL_UNKNOWN_CALLS] = self.unknown

@@ -32,6 +32,7 @@ from opentelemetry.trace import StatusCode
 
 from . import _attributes as A
 from ._accounting import LMCall
+from ._cost import money
 from .report import SpendAggregator, spend_report
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -40,8 +41,18 @@ _MODULE_KINDS = ("module", "predictor")
 
 
 def _round(value: float | None) -> float | None:
-    """USD to 12 decimals: exact to a nano-dollar's thousandth, without float noise in the log."""
-    return None if value is None else round(value, 12)
+    return None if value is None else money(value)
+
+
+def _rounded(data: Any) -> Any:
+    """Every float of a summary as `money` writes it (token counts are ints and stay as they are)."""
+    if isinstance(data, float):
+        return money(data)
+    if isinstance(data, dict):
+        return {k: _rounded(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rounded(v) for v in data]
+    return data
 
 
 def _line(call: LMCall) -> dict[str, Any]:
@@ -344,6 +355,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
                                         program_runs_failed=span_exporter.program_runs_failed,
                                         trials=list(span_exporter.trials.values()), budget=budget, estimate=estimate,
                                         score=run.score, cancelled_reason=cancelled, started_at=started)
+            run.summary = _rounded(run.summary)
             (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")
         except Exception:  # our bug must not mask the user's outcome
             logger.exception("otel-dspy-cost: could not write %s/summary.json", directory)

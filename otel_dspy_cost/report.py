@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+from ._cost import money
+
 _FIELDS = ("calls", "usd", "economic_usd", "input_tokens", "cached_input_tokens", "output_tokens",
            "reasoning_tokens", "unknown_cost_calls", "estimated_calls", "cache_hits")
 DIMENSIONS = ("module", "model", "phase", "budget", "trial")
@@ -102,11 +104,15 @@ def spend_report(by: str = "module", *, depth: int | None = None, print_table: b
         target = rows.setdefault(key, _blank())
         for f in _FIELDS:
             target[f] += row[f]
-    result = dict(sorted(rows.items(), key=lambda kv: -kv[1]["usd"]))
-    result["total"] = snap["total"]
+    result = {k: _money_fields(v) for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["usd"])}
+    result["total"] = _money_fields(snap["total"])
     if print_table:
         print(format_table(result, title=f"spend by {by}"))
     return result
+
+
+def _money_fields(row: dict[str, float]) -> dict[str, float]:
+    return {k: money(v) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def format_table(report: dict[str, dict[str, float]], *, title: str = "spend by module") -> str:

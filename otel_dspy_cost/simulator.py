@@ -94,6 +94,8 @@ class SimulatedLM:
 
     def _answer(self, system: str, convo: str, messages: list[dict[str, Any]], json_mode: bool = False) -> str:
         match = _OUTPUT_FIELDS.search(system)
+        if not match and _OUTPUT_FIELDS.search(convo):  # the instructions came in the user turn (LiteLLM's
+            system, match = convo, _OUTPUT_FIELDS.search(convo)  # Gemini route for models without system turns)
         if not match:
             return self._free_text(convo)
         fields = _FIELD.findall(match.group(1))
