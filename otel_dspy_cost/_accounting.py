@@ -37,6 +37,7 @@ OK = "ok"  # the provider answered; usage as reported (or estimated from the tex
 UNKNOWN = "unknown"  # the request may have left and no answer came back: settled at the reserved worst case
 REJECTED = "rejected"  # the provider answered with a client error (4xx): nothing billed
 REFUSED = "refused"  # a budget refused the call before it was sent: nothing spent
+NOT_SENT = "not_sent"  # raised after admission but before DSPy handed the request to a client: nothing counted
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -63,6 +64,10 @@ class LMCall:
     cache_hit: bool = False
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()
+    # Whether the request was handed to the provider's client: None when we cannot tell (a path our marker
+    # does not cover), False until DSPy starts an attempt, True from then on. A call that raised while still
+    # False never left the process: its reservation is given back and nothing is counted.
+    sent: bool | None = None
     # -- admission --
     reserved_usd: float = 0.0
     term: str | None = None

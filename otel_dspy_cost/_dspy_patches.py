@@ -235,6 +235,8 @@ def _lm_begin(instance, args, kwargs):
         messages = kwargs.get("messages")
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
         call, merged = _lm_span.new_call(instance, prompt, messages, call_kwargs)
+        if _tracks_sending(instance):
+            call.sent = False
         take_over_current()  # a foreign LM span around this call gives its reservation back: this one counts
         if unsampled(rt):
             span, token = skipped()
@@ -279,7 +281,9 @@ def _lm_end(state, result, exc):
     rt, span, token, call, call_token, prompt, messages = state
     _context.CURRENT_CALL.reset(call_token)
     try:
-        if exc is not None and not call.captured:
+        if exc is not None and not call.captured and call.sent is False:
+            _lm_span.not_sent(call, exc)  # raised before any request left (cancelled while queued, say)
+        elif exc is not None and not call.captured:
             _redact.remember_lm(call.lm)  # a provider may echo the key in its error: scrub it everywhere
             _lm_span.price_failure(rt.engine, call, exc)
         else:
@@ -635,6 +639,46 @@ def apply(*, adapter_spans: bool = True) -> None:
             _patches.wrap(execution, "finalize", _capture_finalize)
     except ImportError:
         pass
+    _wrap_send_markers()
+
+
+# Where a request leaves for the provider, per DSPy version (private, feature-detected): 3.4 runs every
+# attempt of a dspy.LM through execution._attempt/_aattempt, 3.3 through these LiteLLM helpers of lm.py.
+_SEND_POINTS = (("dspy.clients.execution", ("_attempt", "_aattempt")),
+                ("dspy.clients.lm", ("litellm_completion", "alitellm_completion", "litellm_text_completion",
+                                     "alitellm_text_completion", "litellm_responses_completion",
+                                     "alitellm_responses_completion")))
+_send_marked = [False]
+
+
+def _mark_sent(wrapped, instance, args, kwargs):
+    call = _context.CURRENT_CALL.get()
+    if call is not None:
+        call.sent = True
+    return wrapped(*args, **kwargs)
+
+
+def _wrap_send_markers() -> None:
+    """Only a version whose send points are all found trusts "not sent"; elsewhere `LMCall.sent` stays None
+    and a failed call counts at its worst case, as before."""
+    _send_marked[0] = False
+    for module_name, names in _SEND_POINTS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if all(callable(getattr(module, n, None)) for n in names):
+            for n in names:
+                _patches.wrap(module, n, _mark_sent)
+            _send_marked[0] = True
+            return
+
+
+def _tracks_sending(lm: Any) -> bool:
+    """A plain dspy.LM goes through the send points; a subclass may override forward and send elsewhere."""
+    import dspy
+
+    return _send_marked[0] and type(lm) is dspy.LM
 
 
 def remove() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _attributes as A
 from . import _context, _optimizers, _redact
-from ._accounting import OK, REJECTED, LMCall, classify_failure
+from ._accounting import NOT_SENT, OK, REJECTED, LMCall, classify_failure
 from ._cost import UNKNOWN_COST, CallCost, Usage, estimate_tokens, money, usage_from_openai, usage_from_verbatim
 from ._runtime import Runtime
 
@@ -195,6 +195,14 @@ def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
     settle_at_worst_case(call, reason, amount)
 
 
+def not_sent(call: LMCall, exc: BaseException) -> None:
+    """A call that raised before DSPy handed the request to a provider client: nothing to pay, nothing to
+    count (`settle` gives the reservation back)."""
+    call.outcome = NOT_SENT
+    call.error_type = type(exc).__qualname__
+    call.cost = None
+
+
 def settle_at_worst_case(call: LMCall, reason: str, amount: float | None = None) -> None:
     """The call's cost is not known: it counts as its worst case (reserved, or given), marked estimated."""
     amount = call.reserved_usd if amount is None else amount
@@ -216,7 +224,9 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
     if call.estimate_reason:
         attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
     cost = call.cost
-    if cost is None or cost.unknown:
+    if call.outcome == NOT_SENT:
+        pass  # nothing was sent: no cost, known or not
+    elif cost is None or cost.unknown:
         attrs[A.COST_UNKNOWN] = True
         attrs[A.PRICING_SOURCE] = "unknown"
     else:

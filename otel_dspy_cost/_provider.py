@@ -6,7 +6,7 @@ budgets still enforce and `spend_report()` still works, and nothing ever dials l
 Exit is bounded: the SDK's own at-exit shutdown retries a dead collector for the whole export timeout
 (11-15 s were measured, with a screen of retry warnings), so the providers made here shut down from our
 at-exit hook on a worker thread, waited for `OTEL_DSPY_COST_SHUTDOWN_TIMEOUT_S` (default 3 s), and the
-exporters' repeated retry warnings are said once.
+exporters' repeated retry warnings are said once (a batch given up on is always said).
 """
 
 from __future__ import annotations
@@ -52,19 +52,21 @@ _ours_lock = threading.Lock()
 
 
 class _OnceFilter(logging.Filter):
-    """An exporter that cannot reach its collector warns on every retry of every batch: say it once."""
+    """An exporter that cannot reach its collector warns on every retry of every batch: the retries are said
+    once. A batch given up on ("Failed to export ...") is always said: telemetry is never dropped silently."""
 
     def __init__(self) -> None:
         super().__init__()
         self.said = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        message = record.getMessage()
+        if record.levelno < logging.WARNING or "retrying" not in message:
             return True
         if self.said:
             return False
         self.said = True
-        record.msg = f"{record.getMessage()} (otel-dspy-cost: further export warnings are not shown)"
+        record.msg = f"{message} (otel-dspy-cost: further retry warnings are not shown)"
         record.args = ()
         return True
 

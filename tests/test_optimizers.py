@@ -105,6 +105,9 @@ def test_miprov2_trials_are_traces_numbered_scored_costed_and_sum_to_the_compile
     phases = otel_dspy_cost.spend_report(by="phase")
     assert phases["train"]["usd"] == pytest.approx(compile_span.attributes[A.TOTAL_USD])
     assert phases["infer"]["calls"] == 1
+    rows = _run_dashboard_traceql(exporter.get_finished_spans())  # the Grafana trial table
+    assert [(r["dspy.optimizer.trial"], r["trace_id"]) for r in rows] == [
+        (t.attributes[A.OPTIMIZER_TRIAL], t.context.trace_id) for t in trials]
 
 
 def test_random_search_candidates_are_trial_traces_and_the_best_is_returned(otel, lm):
@@ -203,6 +206,9 @@ def test_gepa_iterations_are_trial_traces_scored_as_gepa_logs_them(otel, lm, ser
     assert ("reflection", "openai/gpt-4o") in roles
     assert all(model == MODEL for role, model in roles if role != "reflection")
     assert "callbacks" not in optimizer.gepa_kwargs  # our callback is removed after the compile
+    rows = _run_dashboard_traceql(exporter.get_finished_spans())  # the Grafana trial table
+    assert [(r["dspy.optimizer.trial"], r["dspy.optimizer.score"]) for r in rows] == [
+        (t.attributes[A.OPTIMIZER_TRIAL], t.attributes.get(A.OPTIMIZER_SCORE)) for t in trials]
 
 
 def test_guarded_miprov2_returns_the_best_trial_and_it_saves_and_loads(otel, lm, server, tmp_path):
