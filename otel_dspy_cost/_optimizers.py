@@ -152,17 +152,21 @@ def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | Non
         span, token = start(rt.tracer, name, base)
     else:
         summary = rt.tracer.start_span(name, attributes={**base, A.SPAN_KIND: "trial_summary"})
-        compile_side = summary.get_span_context()
-        span = rt.tracer.start_span(name, context=otel_context.Context(), links=[
-            Link(compile_side, {A.LINK_RELATION: "compile"})],
-            attributes={**base, A.OPTIMIZER_COMPILE_TRACE_ID: _hex(compile_side.trace_id)})
-        trial_side = span.get_span_context()
-        if trial_side.is_valid:
-            summary.set_attribute(A.OPTIMIZER_TRIAL_TRACE_ID, _hex(trial_side.trace_id))
-            summary.add_link(trial_side, {A.LINK_RELATION: "trial"})
-        if rt.processor is not None:
-            rt.processor.adopt(span, summary)  # the trial's totals roll up into the compile through its summary
-        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            compile_side = summary.get_span_context()
+            span = rt.tracer.start_span(name, context=otel_context.Context(), links=[
+                Link(compile_side, {A.LINK_RELATION: "compile"})],
+                attributes={**base, A.OPTIMIZER_COMPILE_TRACE_ID: _hex(compile_side.trace_id)})
+            trial_side = span.get_span_context()
+            if trial_side.is_valid:
+                summary.set_attribute(A.OPTIMIZER_TRIAL_TRACE_ID, _hex(trial_side.trace_id))
+                summary.add_link(trial_side, {A.LINK_RELATION: "trial"})
+            if rt.processor is not None:
+                rt.processor.adopt(span, summary)  # the trial's totals roll up into the compile through its summary
+            token = otel_context.attach(trace.set_span_in_context(span))
+        except BaseException:
+            summary.end()  # a trial that could not open leaves no summary span open behind it
+            raise
     return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary)
 
 
