@@ -88,7 +88,7 @@ def _pricing(args: argparse.Namespace) -> int:
             return 0
         if args.action == "add":
             rates = {"input": args.input, "cached_input": args.cached_input, "cache_write": args.cache_write,
-                     "output": args.output, "reasoning": args.reasoning}
+                     "cache_write_1h": args.cache_write_1h, "output": args.output, "reasoning": args.reasoning}
             if not args.local and (args.input is None or args.output is None):
                 print("error: --input and --output are required (USD per 1M tokens)", file=sys.stderr)
                 return 2
@@ -157,8 +157,10 @@ def _pricing_parser(sub: Any) -> None:
     diff.add_argument("--effective-at", help="ISO-8601 start of the appended versions (default: now)")
     add = actions.add_parser("add", help="append a price to your catalog (a new price_version; never edits)")
     add.add_argument("model", help="provider/model")
-    for rate in ("input", "cached-input", "cache-write", "output", "reasoning"):
-        add.add_argument(f"--{rate}", type=float, help="USD per 1M tokens")
+    for rate in ("input", "cached-input", "cache-write", "cache-write-1h", "output", "reasoning"):
+        add.add_argument(f"--{rate}", type=float, help="USD per 1M tokens (cache-write: 5-minute writes; "
+                                                       "cache-write-1h: 1-hour writes)" if rate == "cache-write"
+                         else "USD per 1M tokens")
     add.add_argument("--max-output-tokens", type=int)
     add.add_argument("--effective-at", help="ISO-8601 (default: epoch for a new model, now for a price change)")
     add.add_argument("--local", action="store_true", help="self-hosted: actual cost 0, these rates are economic")
