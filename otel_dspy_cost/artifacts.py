@@ -285,11 +285,9 @@ def _move_previous_run(directory: Path) -> Path | None:
     if not found:
         return None
     try:
-        started = json.loads((directory / "summary.json").read_text()).get("started_at")
-    except (OSError, ValueError, AttributeError):
-        started = None
-    stamp = _dt.datetime.fromisoformat(started) if isinstance(started, str) else _dt.datetime.fromtimestamp(
-        min(p.stat().st_mtime for p in found), _dt.UTC)
+        stamp = _dt.datetime.fromisoformat(json.loads((directory / "summary.json").read_text())["started_at"])
+    except (OSError, ValueError, TypeError, KeyError):  # no summary (a run that died), or not ours: file times
+        stamp = _dt.datetime.fromtimestamp(min(p.stat().st_mtime for p in found), _dt.UTC)
     name = stamp.astimezone(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     target = directory / "previous" / name
     n = 1
