@@ -13,6 +13,7 @@ pricing goes wrong:
   split by TTL in `cache_creation` (5 minutes, 1 hour);
 - Gemini `generateContent` (`.../models/<m>:generateContent`): thoughts are counted apart from the
   candidates.
+Streaming (server-sent events) is spoken in the OpenAI dialect only.
 """
 
 from __future__ import annotations
