@@ -430,6 +430,7 @@ class PricingResolver:
                  local_models: Mapping[str, Mapping[str, float]] | None = None,
                  run_started_at: _dt.datetime | None = None):
         self.run_started_at = run_started_at or _dt.datetime.now(_dt.UTC)
+        self._dated_run = run_started_at is not None  # `prices_as_of`: a past price list was asked for
         self.catalogs: list[Catalog] = []
         env_file = os.environ.get(PRICING_FILE_ENV)
         if isinstance(overrides, Mapping):
@@ -469,7 +470,7 @@ class PricingResolver:
         dated history at all, a fine-tune at base rates) carries the reason in `fallback`, said once
         per model in the log.
         """
-        dated = when is not None
+        dated = when is not None or self._dated_run
         when = when or self.run_started_at
         if when.tzinfo is None:
             when = when.replace(tzinfo=_dt.UTC)

@@ -143,6 +143,9 @@ def test_a_date_before_the_history_uses_the_first_price_and_says_so(caplog):
 def test_a_past_date_on_litellms_price_says_it_is_todays():
     entry = PricingResolver().lookup("openai/gpt-5.4", when=D("2020-01-01"))
     assert entry.source == "litellm" and entry.fallback.startswith("no_history")
+    as_of = PricingResolver(run_started_at=D("2020-01-01")).lookup("openai/gpt-5.4")  # instrument(prices_as_of=)
+    assert as_of.fallback.startswith("no_history")
+    assert PricingResolver().lookup("openai/gpt-5.4").fallback is None  # today's run: today's price, no caveat
 
 
 def test_a_gap_in_the_history_uses_the_last_price_before_it(tmp_path):
