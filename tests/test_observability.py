@@ -167,6 +167,8 @@ def prometheus(tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("Debian package prometheus missing")
     target, port = _free_port(), _free_port()
+    while port == target:  # two probes of the ephemeral range may return the same port
+        port = _free_port()
     rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
         group["interval"] = "1s"
@@ -207,7 +209,14 @@ def test_live_scrape_dashboards_match_spend_report_and_warn_alert_fires(promethe
 
     url, target = prometheus
     reader = PrometheusMetricReader()  # registers with prometheus_client's default registry, served here
-    http_server, _ = start_http_server(target, addr="127.0.0.1")
+    for attempt in range(50):  # the port was free when picked; a passing client socket may hold it briefly
+        try:
+            http_server, _ = start_http_server(target, addr="127.0.0.1")
+            break
+        except OSError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     otel_dspy_cost.uninstrument()
     otel_dspy_cost.instrument(tracer_provider=TracerProvider(), meter_provider=MeterProvider(metric_readers=[reader]),
                               unknown_model="warn")
