@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .pricing import (
+    _RATE_FIELDS,
     Catalog,
     PriceEntry,
     Rates,
-    entry_from_raw,
     inherit,
     litellm_entry_fields,
+    litellm_price_entry,
     litellm_record,
     split_model,
 )
 
-_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
 _SCALAR_FIELDS = ("max_output_tokens",)
 _FALLS_BACK_TO = {"reasoning": "output", "cache_write_1h": "cache_write"}
 _REL_TOLERANCE = 1e-9
@@ -93,7 +93,8 @@ def compare(ours: PriceEntry, theirs: PriceEntry) -> list[tuple[str, Any, Any]]:
         prefix = f"tiers.{tier}." if tier else ""
         for context, tokens in contexts:
             mine, other = _billed(ours.rates_for(tier, tokens)), _billed(theirs.rates_for(tier, tokens))
-            out.extend((f"{prefix}{context}{f}", mine[f], other[f]) for f in _FIELDS if not _same(mine[f], other[f]))
+            out.extend((f"{prefix}{context}{f}", mine[f], other[f]) for f in _RATE_FIELDS
+                       if not _same(mine[f], other[f]))
     for f in _SCALAR_FIELDS:
         if getattr(ours, f) != getattr(theirs, f):
             out.append((f, getattr(ours, f), getattr(theirs, f)))
@@ -123,15 +124,11 @@ def _litellm_names(entry: PriceEntry, catalog: Catalog) -> list[str]:
     return [entry.model, *entry.aliases]
 
 
-def _litellm_entry_for(entry: PriceEntry, catalog: Catalog) -> tuple[str, PriceEntry, Mapping[str, Any]] | None:
+def _litellm_entry_for(entry: PriceEntry, catalog: Catalog) -> tuple[str, PriceEntry] | None:
     for name in _litellm_names(entry, catalog):
         found = litellm_record(name, provider=entry.provider)
         if found is not None:
-            key, info = found
-            raw = {"provider": entry.provider, "model": entry.model, "price_version": 1,
-                   "effective_at": "1970-01-01T00:00:00Z", **litellm_entry_fields(info)}
-            theirs = entry_from_raw(raw, f"LiteLLM price map: {key}", source="litellm", catalog_version="litellm")
-            return key, theirs, info
+            return found[0], litellm_price_entry(*found, entry.provider, entry.model)
     return None
 
 
@@ -160,7 +157,7 @@ def diff_catalog(catalog: Catalog, *, when: _dt.datetime | None = None) -> list[
         if found is None:
             out.append(EntryDiff(entry.key, entry.price_version, None))
             continue
-        litellm_key, theirs, _ = found
+        litellm_key, theirs = found
         raw = raw_by_version.get((entry.provider, entry.model, entry.variant, entry.price_version), {})
         explained = raw.get("differs_from_litellm", {})
         rows = tuple(Disagreement(f, a, b, _explanation(explained, f)) for f, a, b in compare(entry, theirs))
@@ -197,7 +194,7 @@ def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
         node[path[-1]] = copy.deepcopy(value)
 
 
-_REPLACED = (*_FIELDS, "tiers", "long_context", "max_output_tokens", "expires_at", "added_at", "note")
+_REPLACED = (*_RATE_FIELDS, "tiers", "long_context", "max_output_tokens", "expires_at", "added_at", "note")
 
 
 def append_litellm_versions(path: Path, diffs: Iterable[EntryDiff], *, effective_at: str,

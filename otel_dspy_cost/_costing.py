@@ -16,7 +16,15 @@ from pathlib import Path
 from ._catalog_edit import add_entry
 from ._cost import UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd
 from .budget import UnpricedModelError
-from .pricing import PriceEntry, PricingResolver, Rates, UnknownModelError, split_model, user_catalog_path
+from .pricing import (
+    _RATE_FIELDS,
+    PriceEntry,
+    PricingResolver,
+    Rates,
+    UnknownModelError,
+    split_model,
+    user_catalog_path,
+)
 
 logger = logging.getLogger("otel_dspy_cost.pricing")
 
@@ -157,10 +165,10 @@ class CostEngine:
 def _fallback_rates(price: Mapping[str, float] | None) -> Rates | None:
     if price is None:
         return None
-    unknown = set(price) - {"input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning"}
+    unknown = set(price) - set(_RATE_FIELDS)
     if unknown or "input" not in price or "output" not in price:
         raise ValueError("unknown_model_price needs 'input' and 'output' (USD per 1M tokens) and may add "
-                         f"'cached_input', 'cache_write', 'reasoning'; got {sorted(price)}")
+                         f"'cached_input', 'cache_write', 'cache_write_1h', 'reasoning'; got {sorted(price)}")
     return Rates(**{k: float(v) for k, v in price.items()})
 
 

@@ -648,7 +648,7 @@ _SEND_POINTS = (("dspy.clients.execution", ("_attempt", "_aattempt")),
                 ("dspy.clients.lm", ("litellm_completion", "alitellm_completion", "litellm_text_completion",
                                      "alitellm_text_completion", "litellm_responses_completion",
                                      "alitellm_responses_completion")))
-_send_marked = [False]
+_send_tracked: list[type | None] = [None]  # the LM class whose sending the markers see (dspy.LM), once wrapped
 
 
 def _mark_sent(wrapped, instance, args, kwargs):
@@ -661,7 +661,9 @@ def _mark_sent(wrapped, instance, args, kwargs):
 def _wrap_send_markers() -> None:
     """Only a version whose send points are all found trusts "not sent"; elsewhere `LMCall.sent` stays None
     and a failed call counts at its worst case, as before."""
-    _send_marked[0] = False
+    import dspy
+
+    _send_tracked[0] = None
     for module_name, names in _SEND_POINTS:
         try:
             module = importlib.import_module(module_name)
@@ -670,15 +672,13 @@ def _wrap_send_markers() -> None:
         if all(callable(getattr(module, n, None)) for n in names):
             for n in names:
                 _patches.wrap(module, n, _mark_sent)
-            _send_marked[0] = True
+            _send_tracked[0] = dspy.LM
             return
 
 
 def _tracks_sending(lm: Any) -> bool:
     """A plain dspy.LM goes through the send points; a subclass may override forward and send elsewhere."""
-    import dspy
-
-    return _send_marked[0] and type(lm) is dspy.LM
+    return type(lm) is _send_tracked[0]
 
 
 def remove() -> None:

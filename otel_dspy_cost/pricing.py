@@ -687,8 +687,14 @@ def _litellm_entry(model: str, provider: str | None = None) -> PriceEntry | None
         return None
     key, info = found
     split_provider, name = split_model(model)
-    raw = {"provider": provider or split_provider or str(info.get("litellm_provider", "unknown")), "model": name,
-           "price_version": 1, "effective_at": "1970-01-01T00:00:00Z", **litellm_entry_fields(info)}
+    return litellm_price_entry(key, info, provider or split_provider or str(info.get("litellm_provider", "unknown")),
+                               name)
+
+
+def litellm_price_entry(key: str, info: Mapping[str, Any], provider: str, model: str) -> PriceEntry:
+    """One LiteLLM record as a `PriceEntry` of `provider/model` (price_version 0: LiteLLM keeps no history)."""
+    raw = {"provider": provider, "model": model, "price_version": 1, "effective_at": "1970-01-01T00:00:00Z",
+           **litellm_entry_fields(info)}
     entry = entry_from_raw(raw, f"LiteLLM price map: {key}", source="litellm",
                            catalog_version=f"litellm-{_litellm_version()}")
     return dataclasses.replace(entry, price_version=0)
