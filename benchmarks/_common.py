@@ -86,21 +86,38 @@ class Variant:
 
 def interleaved(variants: Sequence[Variant], programs: dict[str, dspy.Module], calls: int,
                 rounds: int) -> dict[tuple[str, str], float]:
-    """Median seconds per program call for each (program, variant). Variants take turns round by round,
-    so a noisy machine's drift falls on all of them alike."""
-    samples: dict[tuple[str, str], list[float]] = {(p, v.name): [] for p in programs for v in variants}
+    """Median seconds per program call for each (program, variant), measured as paired differences.
+
+    This VM's speed drifts by up to 2x within seconds (identical back-to-back bursts of the same
+    uninstrumented calls differ that much), which swamps a 100 us difference between variants measured
+    minutes apart. So every variant's burst is sandwiched between two bursts of the first variant (the
+    baseline), and its cost is the median over rounds of (its burst - the mean of the two around it); the
+    value returned is the baseline's median plus that. Variants take turns round by round."""
+    base, rest = variants[0], variants[1:]
+    base_samples: dict[str, list[float]] = {p: [] for p in programs}
+    diffs: dict[tuple[str, str], list[float]] = {(p, v.name): [] for p in programs for v in rest}
+
+    def burst(pname: str, program: dspy.Module) -> float:
+        gc.collect()
+        return time_per_call(lambda i: program(question=f"question {i}"), calls)
+
     for _ in range(rounds):
-        for v in variants:
-            v.on()
-            try:
-                for pname, program in programs.items():
-                    time_per_call(lambda i, program=program: program(question=f"warm {i}"), 20)
-                    gc.collect()
-                    samples[(pname, v.name)].append(
-                        time_per_call(lambda i, program=program: program(question=f"question {i}"), calls))
-            finally:
-                v.off()
-    return {key: median(xs) for key, xs in samples.items()}
+        for v in rest:
+            for pname, program in programs.items():
+                time_per_call(lambda i, program=program: program(question=f"warm {i}"), 5)
+                before = burst(pname, program)
+                v.on()
+                try:
+                    time_per_call(lambda i, program=program: program(question=f"warm {i}"), 5)
+                    during = burst(pname, program)
+                finally:
+                    v.off()
+                after = burst(pname, program)
+                base_samples[pname] += [before, after]
+                diffs[(pname, v.name)].append(during - (before + after) / 2)
+    out = {(p, base.name): median(xs) for p, xs in base_samples.items()}
+    out.update({key: out[(key[0], base.name)] + median(xs) for key, xs in diffs.items()})
+    return out
 
 
 def time_per_call(fn: Callable[[int], object], n: int) -> float:

@@ -4,7 +4,7 @@
 
 Steps, interleaved round by round (medians), each adding one piece to the one before:
   baseline              uninstrumented DSPy
-  SDK floor, 4 spans    empty spans where ours go (no attributes, no processor of ours)
+  SDK floor, 2 spans    empty spans where ours go (predictor, LM; no attributes, no processor of ours)
   our spans             instrument() with the BudgetSpanProcessor switched off: wrappers, attributes, cost
   + processor           roll-ups, spend aggregator (no budget active, no MeterProvider)
   + budget              an active budget: reservation before the call, settlement after
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     dspy.configure(lm=InProcessLM())
-    steps = [Variant("baseline", lambda: None, lambda: None), _sdk_floor("SDK floor, 4 spans", True),
+    steps = [Variant("baseline", lambda: None, lambda: None), _sdk_floor("SDK floor, 2 spans", False),
              _ours("our spans", processor=False, budget=False, metrics=False),
              _ours("+ processor", budget=False, metrics=False),
              _ours("+ budget", metrics=False),

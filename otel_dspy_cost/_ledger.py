@@ -40,7 +40,7 @@ class Limits:
 @dataclasses.dataclass(frozen=True)
 class Refusal:
     account: str
-    reason: str  # limit_usd | max_calls | max_<phase>_usd | tripped | ledger_unavailable
+    reason: str  # limit_usd | max_calls | max_<phase>_usd | tripped | ledger_unavailable | window_mismatch
     spent_usd: float
     reserved_usd: float
     limit: float
@@ -59,6 +59,37 @@ class Reservation:
     seen: dict[str, tuple[float, int]] | None = None
 
 
+NANO = 1_000_000_000
+
+
+def to_nano(usd: float) -> int:
+    """Shared ledgers store integer nano-dollars: sums are exact, with no float drift across a fleet."""
+    return int(round(usd * NANO))
+
+
+class LedgerUnavailable(ConnectionError):
+    """The shared ledger could not be reached."""
+
+
+def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: AccountState) -> Refusal | None:
+    """The one statement of what a reservation may not exceed, for the Python ledgers (Redis states the
+    same rules in its Lua script, where they run atomically on the server). `st` holds the account's
+    spend, reservations and calls as of now, this call excluded."""
+    if not lim.enforce:
+        return None
+    if st.tripped:
+        return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
+    if lim.max_calls is not None and st.calls + st.reserved_calls + 1 > lim.max_calls:
+        return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls)
+    if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
+        return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd)
+    cap = lim.phase_limits.get(phase)
+    if cap is not None and st.phase_spent.get(phase, 0.0) + st.phase_reserved.get(phase, 0.0) + amount_usd > cap:
+        return Refusal(name, f"max_{phase}_usd", st.phase_spent.get(phase, 0.0), st.phase_reserved.get(phase, 0.0),
+                       cap)
+    return None
+
+
 class InFlight:
     """A count of calls admitted and not yet settled, that one can wait on reaching zero.
 
@@ -67,7 +98,9 @@ class InFlight:
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle = threading.Condition()
+        self._waiting = 0
+        # A plain lock, not the Condition's default RLock: add/done run twice per LM call each.
+        self._idle = threading.Condition(threading.Lock())
 
     @property
     def count(self) -> int:
@@ -80,13 +113,17 @@ class InFlight:
     def done(self) -> None:
         with self._idle:
             self._count = max(0, self._count - 1)
-            if not self._count:
+            if not self._count and self._waiting:
                 self._idle.notify_all()
 
     def wait(self, timeout_s: float) -> bool:
         """True once nothing is in flight; False if something still was at the timeout."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
+            self._waiting += 1
+            try:
+                return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
+            finally:
+                self._waiting -= 1
 
 
 class Ledger(Protocol):
@@ -125,19 +162,9 @@ class InProcessLedger:
         with self._lock:
             for name in accounts:
                 st, lim = self._accounts[name], self._limits[name]
-                if not lim.enforce:
-                    continue
-                if st.tripped:
-                    return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
-                if lim.max_calls is not None and st.calls + st.reserved_calls + 1 > lim.max_calls:
-                    return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls)
-                if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
-                    return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd)
-                cap = lim.phase_limits.get(phase)
-                if cap is not None and (st.phase_spent.get(phase, 0.0) + st.phase_reserved.get(phase, 0.0)
-                                        + amount_usd > cap):
-                    return Refusal(name, f"max_{phase}_usd", st.phase_spent.get(phase, 0.0),
-                                   st.phase_reserved.get(phase, 0.0), cap)
+                refusal = check_limits(name, lim, amount_usd, phase, st)
+                if refusal is not None:
+                    return refusal
             for name in accounts:
                 st = self._accounts[name]
                 st.reserved_usd += amount_usd

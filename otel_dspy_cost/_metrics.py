@@ -5,6 +5,15 @@ value once per grouping label (three labels = triple cost), drops zero-valued la
 deltas Prometheus does not accumulate (see docs/architecture.md). Emitting from the accounting station
 counts each LM call exactly once, sampled or not, including LM spans of other instrumentations.
 
+The GenAI histograms (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`) are synchronous
+instruments as the conventions define them, but an LM call does not pay for their aggregation: it appends
+its values to a bounded buffer, and the buffer is recorded into the SDK instruments when a reader collects
+(from our first observable callback, which the SDK runs before it reads the instruments' storage), with
+the LM span's context, so exemplars still point at the call. An SDK measurement hashes and validates its
+label set (~15 us each here, three per call); the buffer append is a list append. If nothing collects
+for `_MAX_PENDING` calls, values are recorded as they come. `instrument(genai_metrics=False)` turns the
+histograms off.
+
 Label sets are bounded: every label that can grow (module path, model, budget label, optimizer)
 passes through `_Bounded`, which keeps the first `max_values` distinct values and maps the rest to
 "other". Never trace ids, prompts or trial numbers (trial costs live on trial spans).
@@ -12,17 +21,22 @@ passes through `_Bounded`, which keeps the first `max_values` distinct values an
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import _attributes as A
 
+logger = logging.getLogger("otel_dspy_cost")
 OVERFLOW = "other"
+_MAX_PENDING = 100_000  # histogram values held between collections, at most (a few MB)
+_NO_CONTEXT = Context()
 
 
 class _Bounded:
@@ -51,7 +65,7 @@ class CostMetrics:
     """The instruments; `record_call` is fed once per settled LM call by the accounting station."""
 
     def __init__(self, meter: metrics.Meter, *, module_depth: int = 2, max_label_values: int = 100,
-                 via_global: bool = False):
+                 via_global: bool = False, genai_histograms: bool = True):
         self.module_depth = module_depth
         # On the global no-op provider every call would still pay for labels and sums nobody reads:
         # skip until the app sets a real global MeterProvider (the API's proxy instruments then go live).
@@ -65,6 +79,9 @@ class CostMetrics:
         self._sums: dict[tuple[str, ...], list[float]] = {}
         self._genai_labels: dict[tuple[str, str, str], tuple[dict[str, str], ...]] = {}
         self._sums_lock = threading.Lock()
+        # (input tokens, output tokens, duration or None, label sets, span context) per call, to record
+        self._pending: list[tuple[int, int, float | None, tuple[dict[str, str], ...], Any]] = []
+        self._histograms = genai_histograms
         meter.create_observable_counter("dspy.cost", [self._observe_sums(0)], unit="USD",
                                         description="Actual LM spend (0 for cache hits and free local models)")
         meter.create_observable_counter("dspy.cost.economic", [self._observe_sums(1)], unit="USD",
@@ -124,14 +141,38 @@ class CostMetrics:
             row[0] += usd
             row[1] += economic_usd
             row[2] += 1
+        if not self._histograms:
+            return
         genai_key = (operation, provider, model_label)
         label_sets = self._genai_labels.get(genai_key)
         if label_sets is None:
             label_sets = self._genai_label_sets(*genai_key)
-        self.tokens.record(input_tokens, label_sets[0])
-        self.tokens.record(output_tokens, label_sets[1])
+        item = (input_tokens, output_tokens, duration_s, label_sets, trace.get_current_span().get_span_context())
+        with self._sums_lock:
+            if len(self._pending) < _MAX_PENDING:
+                self._pending.append(item)
+                return
+        self._record(item)  # nothing has collected for a long while: record as they come
+
+    def _record(self, item: tuple[int, int, float | None, tuple[dict[str, str], ...], Any]) -> None:
+        input_tokens, output_tokens, duration_s, label_sets, span_context = item
+        # The call's span as context: a trace-based exemplar filter still links the point to the call.
+        context = (trace.set_span_in_context(trace.NonRecordingSpan(span_context)) if span_context.is_valid
+                   else _NO_CONTEXT)
+        self.tokens.record(input_tokens, label_sets[0], context=context)
+        self.tokens.record(output_tokens, label_sets[1], context=context)
         if duration_s is not None:
-            self.duration.record(duration_s, label_sets[2])
+            self.duration.record(duration_s, label_sets[2], context=context)
+
+    def flush(self) -> None:
+        """Record the buffered histogram values now (a reader is collecting)."""
+        with self._sums_lock:
+            pending, self._pending = self._pending, []
+        for item in pending:
+            try:
+                self._record(item)
+            except Exception:  # telemetry must never break the run (nor the reader's collection)
+                logger.debug("otel-dspy-cost: histogram record failed", exc_info=True)
 
     def _genai_label_sets(self, operation: str, provider: str, model_label: str) -> tuple[dict[str, str], ...]:
         """(input tokens, output tokens, duration) label sets, built once per (operation, provider, model):
@@ -166,6 +207,8 @@ class CostMetrics:
     def _observe_sums(self, column: int):
         """Cost columns are observed per cost label set; the call count also by cache hit and unknown price."""
         def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if column == 0:  # the first callback the SDK runs on a collection: histogram values go in first
+                self.flush()
             with self._sums_lock:
                 rows = [(k, v[column]) for k, v in self._sums.items()]
             if column == 2:

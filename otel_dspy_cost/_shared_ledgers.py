@@ -6,8 +6,10 @@ ledger an account is the budget's *label* (namespaced), so every process using t
 from one number. Amounts are stored in integer nano-dollars: sums are exact, no float drift.
 
 Every reservation carries an expiry (`reservation_timeout_s`, default 600 s): a process that crashes
-while holding one leaks it only until then. Settling is idempotent per call id, so each call is
-counted exactly once, even when its reservation already expired.
+while holding one leaks it only until then. A settle counts its call by consuming the reservation (an
+expired one is kept 7 days for a late settle), so each call is counted exactly once. Spend is kept in
+time buckets with a running total (`_windows`), so a reservation costs the same with 10 or 10 million
+calls in the window.
 
 When the shared ledger cannot be reached: `on_unavailable="fail_closed"` (default) refuses the provider
 call with an error naming the ledger; `"fail_open"` keeps accounting locally with a loud warning (the
@@ -17,446 +19,24 @@ shared ledger once it answers again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime as _dt
 import logging
-import os
-import re
-import sqlite3
 import threading
 import time
 import uuid
-import zoneinfo
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._ledger import AccountState, InProcessLedger, Limits, Refusal, Reservation
+from ._ledger import AccountState, InProcessLedger, LedgerUnavailable, Limits, Refusal, Reservation
+from ._redis_ledger import RedisLedger
+from ._sqlite_ledger import SqliteLedger
+from ._windows import Window, parse_window
+
+__all__ = ["LEDGER_ENV", "GuardedLedger", "LedgerUnavailable", "RedisLedger", "SqliteLedger", "Window",
+           "ledger_from_url", "parse_window", "shared_ledger"]
 
 logger = logging.getLogger("otel_dspy_cost.budget")
 LEDGER_ENV = "OTEL_DSPY_COST_LEDGER"
-NANO = 1_000_000_000
-
-
-def to_nano(usd: float) -> int:
-    return int(round(usd * NANO))
-
-
-# -- windows ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """Rolling (`seconds`) or calendar-aligned (`calendar` = day | month in `tz`)."""
-
-    seconds: int | None = None
-    calendar: str | None = None
-    tz: str = "UTC"
-
-    def bounds(self, now: float) -> tuple[float, float]:
-        """(start, end) of the window containing `now` (epoch seconds)."""
-        if self.seconds is not None:
-            return now - self.seconds, now
-        zone = zoneinfo.ZoneInfo(self.tz)
-        local = _dt.datetime.fromtimestamp(now, zone)
-        if self.calendar == "day":
-            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-            end = start + _dt.timedelta(days=1)
-        else:
-            start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            end = (start + _dt.timedelta(days=32)).replace(day=1)
-        return start.timestamp(), end.timestamp()
-
-    def describe(self) -> str:
-        return f"rolling {self.seconds}s" if self.seconds is not None else f"calendar {self.calendar} ({self.tz})"
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_window(window: str | Window | None, tz: str = "UTC") -> Window | None:
-    """'30m', '1h', '1d', '30d' (rolling) or 'day', 'month' (calendar, in `tz`)."""
-    if window is None or isinstance(window, Window):
-        return window
-    text = window.strip().lower()
-    if text in ("day", "month"):
-        zoneinfo.ZoneInfo(tz)  # a bad time zone fails here, early
-        return Window(calendar=text, tz=tz)
-    match = re.fullmatch(r"(\d+)\s*([smhd])", text)
-    if not match:
-        raise ValueError(f"window must look like '1h', '1d', '30d', 'day' or 'month', not {window!r}")
-    return Window(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-
-
-class LedgerUnavailable(ConnectionError):
-    """The shared ledger could not be reached."""
-
-
-class _SharedAccounts:
-    """What both shared ledgers keep in this process: each account's limits (they come from this
-    process's `budget()` call) and its sticky stop (a stop ends this process's run, not the fleet's)."""
-
-    shared = True
-
-    def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self._limits: dict[str, Limits] = {}
-        self._tripped: dict[str, str] = {}
-
-    def open(self, account: str, limits: Limits) -> None:
-        self._limits[account] = limits
-
-    def trip(self, account: str, reason: str) -> None:
-        self._tripped.setdefault(account, reason)
-
-    def _window_start(self, account: str, now: float) -> float:
-        """Spend before this time (epoch seconds) no longer counts; 0 without a window."""
-        limits = self._limits.get(account)
-        window = limits.window if limits is not None else None
-        return window.bounds(now)[0] if window is not None else 0.0
-
-
-# -- SQLite ---------------------------------------------------------------------------------------------
-
-def _sqlite_errors_as_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A locked, unreadable or vanished database is an unavailable ledger: the failure policy applies
-    (instead of the processor logging it as our bug and letting the call through unbudgeted)."""
-    import functools
-
-    @functools.wraps(method)
-    def wrapper(self: SqliteLedger, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"{self.url}: {exc}") from exc
-
-    return wrapper
-
-
-class SqliteLedger(_SharedAccounts):
-    """One machine: processes share a budget through one SQLite file; spend survives restarts.
-
-    Each reserve/settle is one `BEGIN IMMEDIATE` transaction (SQLite's write lock), so the check
-    and the hold are atomic across processes. WAL mode keeps readers from blocking writers.
-    """
-
-    def __init__(self, path: str, *, namespace: str = "", reservation_timeout_s: float = 600.0,
-                 clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0):
-        super().__init__(clock)
-        self.url = f"sqlite:///{path}"
-        self.busy_timeout_s = busy_timeout_s
-        self.path = path
-        self.namespace = namespace
-        self.timeout = reservation_timeout_s
-        self._local = threading.local()
-        self._pid = os.getpid()
-        # An in-memory database is one connection shared by every thread, so its use is serialised;
-        # a file gets a connection per thread and SQLite's own locking.
-        memory = path == ":memory:"
-        self._serial: Any = threading.Lock() if memory else contextlib.nullcontext()
-        # Nothing touches the file here: a corrupt, read-only or unreachable database shows up on the first
-        # reservation, as an unavailable ledger, where `on_unavailable` decides (never a raw sqlite3 error).
-        self._shared_conn = self._connect() if memory else None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-        try:
-            if self.path != ":memory:":
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript("""
-                CREATE TABLE IF NOT EXISTS spend (call_id TEXT, account TEXT, ts REAL, nano INTEGER,
-                    econ_nano INTEGER, phase TEXT, PRIMARY KEY (call_id, account));
-                CREATE INDEX IF NOT EXISTS spend_account_ts ON spend (account, ts);
-                CREATE TABLE IF NOT EXISTS reservations (id TEXT, account TEXT, nano INTEGER, phase TEXT,
-                    expires REAL, owner TEXT, PRIMARY KEY (id, account));
-            """)
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _db(self) -> sqlite3.Connection:
-        if self._shared_conn is not None:
-            return self._shared_conn
-        if self._pid != os.getpid():  # a forked child: SQLite connections must not cross fork, open new ones
-            self._local, self._pid = threading.local(), os.getpid()
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._connect()
-        return db
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._serial:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-
-    def key(self, label: str) -> str:
-        return f"{self.namespace}{label}"
-
-    def _totals(self, db: sqlite3.Connection, account: str, now: float) -> dict[str, Any]:
-        start = self._window_start(account, now)
-        spent, econ, calls = db.execute("SELECT COALESCE(SUM(nano),0), COALESCE(SUM(econ_nano),0), COUNT(*) FROM "
-                                        "spend WHERE account=? AND ts>=?", (account, start)).fetchone()
-        reserved, rcalls = db.execute("SELECT COALESCE(SUM(nano),0), COUNT(*) FROM reservations WHERE account=? AND "
-                                      "expires>?", (account, now)).fetchone()
-        phases = dict(db.execute("SELECT phase, SUM(nano) FROM spend WHERE account=? AND ts>=? GROUP BY phase",
-                                 (account, start)).fetchall())
-        rphases = dict(db.execute("SELECT phase, SUM(nano) FROM reservations WHERE account=? AND expires>? GROUP BY "
-                                  "phase", (account, now)).fetchall())
-        return {"spent": spent, "econ": econ, "calls": calls, "reserved": reserved, "rcalls": rcalls,
-                "phases": phases, "rphases": rphases}
-
-    @_sqlite_errors_as_unavailable
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
-        amount = to_nano(amount_usd)
-        now = self.clock()
-        rid = uuid.uuid4().hex
-        seen: dict[str, tuple[float, int]] = {}
-        with self._tx() as db:
-            db.execute("DELETE FROM reservations WHERE expires<=?", (now,))
-            for name in accounts:
-                lim = self._limits[name]
-                if not lim.enforce:
-                    continue
-                if name in self._tripped:
-                    return Refusal(name, "tripped", 0.0, 0.0, lim.limit_usd or 0.0)
-                t = self._totals(db, name, now)
-                seen[name] = ((t["spent"] + t["reserved"] + amount) / NANO, t["calls"] + t["rcalls"] + 1)
-                if lim.max_calls is not None and t["calls"] + t["rcalls"] + 1 > lim.max_calls:
-                    return Refusal(name, "max_calls", t["calls"], t["rcalls"], lim.max_calls)
-                if lim.limit_usd is not None and t["spent"] + t["reserved"] + amount > to_nano(lim.limit_usd):
-                    return Refusal(name, "limit_usd", t["spent"] / NANO, t["reserved"] / NANO, lim.limit_usd)
-                cap = lim.phase_limits.get(phase)
-                if cap is not None and (t["phases"].get(phase, 0) + t["rphases"].get(phase, 0) + amount
-                                        > to_nano(cap)):
-                    return Refusal(name, f"max_{phase}_usd", t["phases"].get(phase, 0) / NANO,
-                                   t["rphases"].get(phase, 0) / NANO, cap)
-            db.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?)",
-                           [(rid, name, amount, phase, now + self.timeout, str(os.getpid())) for name in accounts])
-        return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
-
-    @_sqlite_errors_as_unavailable
-    def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        now = self.clock()
-        with self._tx() as db:
-            db.execute("DELETE FROM reservations WHERE id=?", (reservation.reservation_id,))
-            db.executemany("INSERT OR IGNORE INTO spend VALUES (?,?,?,?,?,?)",
-                           [(reservation.reservation_id, name, now, to_nano(actual_usd), to_nano(economic_usd),
-                             reservation.phase) for name in reservation.accounts])
-
-    @_sqlite_errors_as_unavailable
-    def release(self, reservation: Reservation) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        with self._tx() as db:
-            db.execute("DELETE FROM reservations WHERE id=?", (reservation.reservation_id,))
-
-    @_sqlite_errors_as_unavailable
-    def state(self, account: str) -> AccountState:
-        with self._serial:
-            t = self._totals(self._db(), account, self.clock())
-        return AccountState(t["spent"] / NANO, t["econ"] / NANO, t["reserved"] / NANO, t["calls"], t["rcalls"],
-                            {k: v / NANO for k, v in t["phases"].items()},
-                            {k: v / NANO for k, v in t["rphases"].items()}, self._tripped.get(account))
-
-    @_sqlite_errors_as_unavailable
-    def reset(self, account: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM spend WHERE account=?", (account,))
-            db.execute("DELETE FROM reservations WHERE account=?", (account,))
-        self._tripped.pop(account, None)
-
-    @_sqlite_errors_as_unavailable
-    def record(self, call_id: str, accounts: Sequence[str], phase: str, actual_usd: float, economic_usd: float,
-               ts: float) -> None:
-        """Replay one call counted elsewhere (fail-open spend), idempotently."""
-        with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO spend VALUES (?,?,?,?,?,?)",
-                           [(call_id, name, ts, to_nano(actual_usd), to_nano(economic_usd), phase)
-                            for name in accounts])
-
-
-# -- Redis ----------------------------------------------------------------------------------------------------
-
-# Reserve atomically on the server. KEYS: per account, its key prefix. ARGV: now, amount, phase, id,
-# expires, then per account: enforce, limit (-1 none), max_calls (-1), phase cap (-1), window start.
-# Spend is kept per call in a sorted set (score = time) plus a hash of amounts, so a rolling window is
-# a score range; reservations are a hash id -> "nano|phase|expires".
-_RESERVE = """
-local now, amount, phase, rid, expires = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-local n = #KEYS
-local seen = {}  -- per account: spend + reservations + this call (committed at most), calls likewise
-for i = 1, n do
-  local p = KEYS[i]
-  local base = 5 + (i - 1) * 5
-  local enforce, limit, maxcalls, cap, start = ARGV[base+1], tonumber(ARGV[base+2]), tonumber(ARGV[base+3]),
-    tonumber(ARGV[base+4]), tonumber(ARGV[base+5])
-  local reserved, rcalls, rphase = 0, 0, 0
-  local spent, calls = -1, -1
-  local res = redis.call('HGETALL', p .. ':res')
-  for j = 1, #res, 2 do
-    local nano, ph, exp = string.match(res[j+1], '(%d+)|([^|]*)|([%d%.]+)')
-    if tonumber(exp) <= now then redis.call('HDEL', p .. ':res', res[j]) else
-      reserved = reserved + tonumber(nano); rcalls = rcalls + 1
-      if ph == phase then rphase = rphase + tonumber(nano) end
-    end
-  end
-  if enforce == '1' then
-    local ids = redis.call('ZRANGEBYSCORE', p .. ':ts', start, '+inf')
-    local pspent = 0
-    spent, calls = 0, #ids
-    for s = 1, #ids, 1000 do  -- in chunks: unpack() has a stack limit of a few thousand values
-      local chunk = {}
-      for k = s, math.min(s + 999, #ids) do chunk[#chunk + 1] = ids[k] end
-      local vals = redis.call('HMGET', p .. ':amt', unpack(chunk))
-      for j = 1, #vals do
-        local nano, ph = string.match(vals[j] or '0||0', '(%d+)|[^|]*|([^|]*)')
-        spent = spent + tonumber(nano)
-        if ph == phase then pspent = pspent + tonumber(nano) end
-      end
-    end
-    if maxcalls >= 0 and calls + rcalls + 1 > maxcalls then return {i, 'max_calls', calls, rcalls} end
-    if limit >= 0 and spent + reserved + amount > limit then return {i, 'limit_usd', spent, reserved} end
-    if cap >= 0 and pspent + rphase + amount > cap then return {i, 'max_' .. phase .. '_usd', pspent, rphase} end
-    seen[#seen + 1] = tostring(spent + reserved + amount)
-    seen[#seen + 1] = tostring(calls + rcalls + 1)
-  else
-    seen[#seen + 1] = '-1'
-    seen[#seen + 1] = '-1'
-  end
-end
-for i = 1, n do
-  redis.call('HSET', KEYS[i] .. ':res', rid, ARGV[2] .. '|' .. phase .. '|' .. expires)
-end
-return {0, unpack(seen)}
-"""
-
-# Settle: drop the reservation, count the call once (HSETNX on the amounts hash is the idempotency).
-_SETTLE = """
-for i = 1, #KEYS do
-  redis.call('HDEL', KEYS[i] .. ':res', ARGV[1])
-  if redis.call('HSETNX', KEYS[i] .. ':amt', ARGV[1], ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5]) == 1 then
-    redis.call('ZADD', KEYS[i] .. ':ts', ARGV[2], ARGV[1])
-  end
-end
-return 1
-"""
-
-
-class RedisLedger(_SharedAccounts):
-    """Fleets: reservations and settlements are single Lua scripts, atomic on the Redis server."""
-
-    def __init__(self, url: str, *, namespace: str = "otel-dspy-cost:", reservation_timeout_s: float = 600.0,
-                 clock: Callable[[], float] = time.time, socket_timeout: float = 2.0):
-        import redis
-
-        super().__init__(clock)
-        self.url = url
-        self.namespace = namespace
-        self.timeout = reservation_timeout_s
-        self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._settle = self.client.register_script(_SETTLE)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        import redis
-
-        try:
-            return fn()
-        except (redis.RedisError, OSError) as exc:  # any failure: the policy applies, never silently unbudgeted
-            raise LedgerUnavailable(f"{self.url}: {exc}") from exc
-
-    def key(self, label: str) -> str:
-        return f"{self.namespace}{{{label}}}"  # hash tag: one account's keys on one cluster slot
-
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
-        now = self.clock()
-        rid = uuid.uuid4().hex
-        args: list[Any] = [now, to_nano(amount_usd), phase, rid, now + self.timeout]
-        for name in accounts:
-            lim = self._limits[name]
-            if lim.enforce and name in self._tripped:
-                return Refusal(name, "tripped", 0.0, 0.0, lim.limit_usd or 0.0)
-            args += ["1" if lim.enforce else "0", to_nano(lim.limit_usd) if lim.limit_usd is not None else -1,
-                     lim.max_calls if lim.max_calls is not None else -1,
-                     to_nano(lim.phase_limits[phase]) if phase in lim.phase_limits else -1,
-                     self._window_start(name, now)]
-        out = self._call(lambda: self._reserve(keys=list(accounts), args=args))
-        if int(out[0]) == 0:
-            seen = {name: (int(out[1 + 2 * i]) / NANO, int(out[2 + 2 * i])) for i, name in enumerate(accounts)
-                    if len(out) > 2 + 2 * i and int(out[1 + 2 * i]) >= 0}
-            return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
-        name = accounts[int(out[0]) - 1]
-        reason = out[1].decode() if isinstance(out[1], bytes) else out[1]
-        lim = self._limits[name]
-        limit = {"max_calls": lim.max_calls, "limit_usd": lim.limit_usd}.get(reason, lim.phase_limits.get(phase))
-        if reason == "max_calls":
-            return Refusal(name, reason, int(out[2]), int(out[3]), float(limit or 0))
-        return Refusal(name, reason, int(out[2]) / NANO, int(out[3]) / NANO, float(limit or 0))
-
-    def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        self._write(reservation.reservation_id, reservation.accounts, reservation.phase, actual_usd, economic_usd,
-                    self.clock())
-
-    def _write(self, call_id: str, accounts: Sequence[str], phase: str, actual: float, econ: float, ts: float) -> None:
-        self._call(lambda: self._settle(keys=list(accounts), args=[call_id, ts, to_nano(actual), to_nano(econ),
-                                                                   phase]))
-
-    def record(self, call_id: str, accounts: Sequence[str], phase: str, actual_usd: float, economic_usd: float,
-               ts: float) -> None:
-        self._write(call_id, accounts, phase, actual_usd, economic_usd, ts)
-
-    def release(self, reservation: Reservation) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
-        self._call(lambda: [self.client.hdel(f"{a}:res", reservation.reservation_id) for a in reservation.accounts])
-
-    def state(self, account: str) -> AccountState:
-        now = self.clock()
-        start = self._window_start(account, now)
-
-        def read() -> tuple[list, dict]:
-            ids = self.client.zrangebyscore(f"{account}:ts", start, "+inf")
-            vals = self.client.hmget(f"{account}:amt", ids) if ids else []
-            return vals, self.client.hgetall(f"{account}:res")
-
-        vals, res = self._call(read)
-        spent = econ = 0
-        phases: dict[str, float] = {}
-        for v in vals:
-            nano, e, ph = (v.decode() if isinstance(v, bytes) else v).split("|")
-            spent += int(nano)
-            econ += int(e)
-            phases[ph] = phases.get(ph, 0.0) + int(nano) / NANO
-        reserved = rcalls = 0
-        for v in res.values():
-            nano, _, exp = v.decode().split("|")
-            if float(exp) > now:
-                reserved += int(nano)
-                rcalls += 1
-        return AccountState(spent / NANO, econ / NANO, reserved / NANO, len(vals), rcalls, phases, {},
-                            self._tripped.get(account))
-
-    def reset(self, account: str) -> None:
-        self._call(lambda: self.client.delete(f"{account}:ts", f"{account}:amt", f"{account}:res"))
-        self._tripped.pop(account, None)
 
 
 # -- failure policy ------------------------------------------------------------------------------------------
@@ -476,7 +56,8 @@ class GuardedLedger:
             raise ValueError("on_unavailable must be 'fail_closed' or 'fail_open'")
         self.inner, self.policy, self.url = inner, policy, inner.url
         self.local = InProcessLedger()
-        self._pending: list[tuple[str, tuple[str, ...], str, float, float, float]] = []
+        # (call id, accounts, phase, actual, economic, time, reserved): reserved = a settle that may have landed
+        self._pending: list[tuple[str, tuple[str, ...], str, float, float, float, bool]] = []
         self._lock = threading.Lock()
         self._down = False
         self._limits: dict[str, Limits] = {}
@@ -516,9 +97,9 @@ class GuardedLedger:
     def _replay(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for i, item in enumerate(pending):
+        for i, (*item, reserved) in enumerate(pending):
             try:
-                self.inner.record(*item)
+                self.inner.record(*item, reserved=reserved)
             except LedgerUnavailable:
                 with self._lock:
                     self._pending[:0] = pending[i:]
@@ -558,7 +139,7 @@ class GuardedLedger:
             self.local.settle(reservation, actual_usd, economic_usd)
             with self._lock:
                 self._pending.append((uuid.uuid4().hex, reservation.accounts, reservation.phase, actual_usd,
-                                      economic_usd, time.time()))
+                                      economic_usd, self.inner.clock(), False))
             return
         try:
             self.inner.settle(reservation, actual_usd, economic_usd)
@@ -567,7 +148,7 @@ class GuardedLedger:
             self._outage(exc)
             with self._lock:
                 self._pending.append((reservation.reservation_id, reservation.accounts, reservation.phase,
-                                      actual_usd, economic_usd, time.time()))
+                                      actual_usd, economic_usd, self.inner.clock(), True))
 
     def release(self, reservation: Reservation) -> None:
         if getattr(reservation, "local", False):

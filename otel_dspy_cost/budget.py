@@ -19,6 +19,7 @@ from typing import Any
 
 from . import _context
 from ._ledger import InFlight, InProcessLedger, Ledger, Limits, Refusal
+from ._redact import scrub
 
 logger = logging.getLogger("otel_dspy_cost.budget")
 
@@ -267,6 +268,13 @@ class Budget:
                 f"Budget {self.label!r} refused a call to {model}: the shared budget ledger "
                 f"{getattr(self.ledger, 'url', '?')} is unreachable ({refusal.detail}); failing closed, so no "
                 f"call is made. Use on_unavailable='fail_open' to keep running with local accounting.",
+                label=self.label, spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
+                requested_usd=requested_usd, term=term)
+        if refusal.reason == "window_mismatch":  # a set-up mistake, not spend: not sticky either
+            return BudgetExceededError(
+                f"Budget {self.label!r} refused a call to {model}: {refusal.detail}. One label is one budget "
+                f"with one window on a shared ledger: use another label, or start this one again with "
+                f"`otel-dspy-cost budget reset {scrub(getattr(self.ledger, 'url', 'URL'))} {self.label}`.",
                 label=self.label, spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
                 requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped

@@ -91,15 +91,19 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     ``unknown_model_price`` ({"input": R, "output": R} USD per 1M tokens: an explicit fallback price for
     unpriced models; without it a USD budget refuses calls to them), ``metrics_module_depth`` (module-path
     levels kept as a metric label; default 2), ``adapter_spans``
-    (default True; False drops the adapter format/parse spans, half the spans of a Predict call, for
-    the lowest overhead in production), ``prices_as_of`` (a date: price the run from the catalog as it
-    stood then, to re-price or audit an old run; default the run's start).
+    (default "attributes": the adapter's format/parse timed onto the predictor span; True: a span each,
+    twice the spans of a Predict call; False: neither), ``prices_as_of`` (a date: price the run from the catalog as it
+    stood then, to re-price or audit an old run; default the run's start), ``genai_metrics`` (default
+    True; False drops the GenAI histograms `gen_ai.client.token.usage` and `gen_ai.client.operation.duration`,
+    keeping the `dspy.*` cost metrics).
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("dspy >= 3.3, < 3.5",)
 
     def _instrument(self, **kwargs: Any) -> None:
+        if kwargs.get("adapter_spans", "attributes") not in (True, False, "attributes"):
+            raise ValueError(f"adapter_spans must be True, False or 'attributes', not {kwargs['adapter_spans']!r}")
         _redact.install_log_filter()
         resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
                                    use_litellm=kwargs.get("use_litellm_prices", True),
@@ -130,7 +134,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
             from ._metrics import CostMetrics
 
             accountant.metrics = CostMetrics.create(_resolve_meter_provider(kwargs.get("meter_provider")),
-                                                    module_depth=kwargs.get("metrics_module_depth", 2))
+                                                    module_depth=kwargs.get("metrics_module_depth", 2),
+                                                    genai_histograms=kwargs.get("genai_metrics", True))
         except Exception:  # noqa: BLE001 - metrics are optional; spans and budgets still work
             logger.debug("otel-dspy-cost: metrics unavailable", exc_info=True)
         set_default_resolver(resolver)
@@ -139,7 +144,7 @@ class DSPyCostInstrumentor(BaseInstrumentor):
                                              implicit=bool(kwargs.get("_implicit")),
                                              records=not isinstance(tracer, trace.NoOpTracer)))
         try:
-            _dspy_patches.apply(adapter_spans=kwargs.get("adapter_spans", True))
+            _dspy_patches.apply(adapter_spans=kwargs.get("adapter_spans", "attributes"))
         except Exception:
             _dspy_patches.remove()
             _runtime.set_active(None)
@@ -166,6 +171,11 @@ def _as_of(value: Any) -> _dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=_dt.UTC)
 
 
+_OPTIONS = frozenset({"capture_content", "pricing_overrides", "unknown_model", "local_models", "tier",
+                      "use_litellm_prices", "unknown_model_price", "metrics_module_depth", "adapter_spans",
+                      "prices_as_of", "genai_metrics", "skip_dep_check"})
+
+
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:
     """Instrument DSPy once, at start-up; `uninstrument()` reverses it.
 
@@ -176,6 +186,13 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
     bad option (bad input is reported, not ignored); a re-instrumentation that fails that way keeps the
     previous set-up in force.
     """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:  # a misspelt option would otherwise be ignored without a word
+        import difflib
+
+        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+            name, _OPTIONS, n=1)) else "") for name in unknown]
+        raise ValueError(f"instrument() has no option {', '.join(hints)}; options: {', '.join(sorted(_OPTIONS))}")
     instrumentor = DSPyCostInstrumentor()
     wanted = {"tracer_provider": tracer_provider, "meter_provider": meter_provider, **options}
     if instrumentor.is_instrumented_by_opentelemetry:

@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("budget_contention.py", ["--calls-per-thread", "10"], "overshoot"),
     ("pricing_lookup.py", ["--n", "200"], "lookup, cached"),
     ("span_cost.py", ["--spans", "200"], "BudgetSpanProcessor"),
+    ("ledger_scale.py", ["--sizes", "1000", "--ops", "32", "--procs", "1,4", "--rounds", "1"], "p50 vs empty"),
 ])
 def test_benchmark_runs(script, args, expect):
     env = {**os.environ, "PYTHONPATH": str(BENCH)}

@@ -18,7 +18,8 @@ from pathlib import Path
 import dspy
 import pytest
 import yaml
-from conftest import ResearchAgent
+from conftest import MODEL, ResearchAgent
+from opentelemetry.sdk.trace import TracerProvider
 
 import otel_dspy_cost
 
@@ -463,3 +464,49 @@ def test_metrics_follow_a_global_meter_provider_set_after_instrument(tmp_path):
     lines = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in
                  ("calls", "token_records", "requests"))
     assert lines == {"calls": "2", "token_records": "4", "requests": "3"}, out.stdout
+
+
+def test_genai_histograms_are_recorded_at_collection_with_the_calls_exemplars(otel_metrics, server):
+    """An LM call only buffers its histogram values; a collection records them into the SDK instruments
+    (cumulative across collections), each with its LM span as context, so exemplars point at the call."""
+    from conftest import metric_points
+
+    exporter, reader = otel_metrics
+    lm_ = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x", cache=False, max_tokens=64, num_retries=0)
+    with dspy.context(lm=lm_):
+        for i in range(3):
+            dspy.Predict("question -> answer")(question=f"histogram {i}")
+        points = metric_points(reader)
+        dspy.Predict("question -> answer")(question="after the first collection")
+    tokens = {a["gen_ai.token.type"]: p for a, p in points["gen_ai.client.token.usage"]}
+    assert tokens["input"].count == 3 and tokens["output"].count == 3
+    lm = [s for s in exporter.get_finished_spans() if s.attributes.get("dspy.span.kind") == "lm"]
+    assert tokens["input"].sum == sum(s.attributes["gen_ai.usage.input_tokens"] for s in lm[:3])
+    lm_spans = {s.context.span_id for s in lm}
+    exemplar_spans = {e.span_id for _, p in points["gen_ai.client.token.usage"] for e in p.exemplars}
+    assert exemplar_spans and exemplar_spans <= lm_spans
+    again = metric_points(reader)
+    assert {a["gen_ai.token.type"]: p.count for a, p in again["gen_ai.client.token.usage"]} == {"input": 4, "output": 4}
+    assert again["gen_ai.client.operation.duration"][0][1].count == 4
+
+
+def test_genai_histograms_can_be_turned_off(server):
+    from conftest import metric_points
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=TracerProvider(), meter_provider=MeterProvider(metric_readers=[reader]),
+                              unknown_model="warn", genai_metrics=False)
+    try:
+        lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x", cache=False, max_tokens=64, num_retries=0)
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="no histograms")
+        points = metric_points(reader)
+        assert "gen_ai.client.token.usage" not in points and "gen_ai.client.operation.duration" not in points
+        assert sum(p.value for _, p in points["dspy.lm.calls"]) == 1  # the cost metrics stay
+        with pytest.raises(ValueError, match="did you mean 'genai_metrics'"):
+            otel_dspy_cost.instrument(genai_metric=False)
+    finally:
+        otel_dspy_cost.uninstrument()

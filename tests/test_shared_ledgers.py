@@ -226,20 +226,28 @@ def test_a_locked_sqlite_ledger_is_unavailable_not_ignored(otel, server, tmp_pat
     assert guard.call_count == 1 == server.count
 
 
-def test_redis_window_with_more_calls_than_lua_can_unpack(redis_server):
+def test_a_redis_account_in_the_per_call_layout_is_folded_into_buckets(redis_server):
+    """Spend written by earlier versions (a sorted set and a hash per call, one live reservation) still
+    counts after an upgrade: folded into buckets on first use, more calls than Lua's unpack() limit."""
     guard = otel_dspy_cost.budget(limit_usd=1.0, label="many", ledger=redis_server.url, window="1d")
     inner = guard.ledger.inner
     pipe = inner.client.pipeline()
     now = time.time()
-    for i in range(12000):  # settled calls written directly: the reserve script must sum all of them
+    for i in range(12000):
         pipe.hsetnx(f"{guard.account}:amt", f"c{i}", "50|50|infer")
-        pipe.zadd(f"{guard.account}:ts", {f"c{i}": now})
+        pipe.zadd(f"{guard.account}:ts", {f"c{i}": now - 3600})
+    pipe.hsetnx(f"{guard.account}:amt", "old", "7|7|infer")  # two days old: outside the window
+    pipe.zadd(f"{guard.account}:ts", {"old": now - 2 * 86400})
+    pipe.hset(f"{guard.account}:res", "held", f"1000|infer|{now + 600}")
     pipe.execute()
-    assert guard.spent_usd == pytest.approx(12000 * 50 / 1e9)
+    assert guard.spent_usd == pytest.approx(12000 * 50 / 1e9) and guard.call_count == 12000
+    assert inner.state(guard.account).reserved_usd == pytest.approx(1e-6)
+    assert not inner.client.exists(f"{guard.account}:ts", f"{guard.account}:amt")
     res = guard.ledger.reserve([guard.account], 0.001, "infer")
     assert not isinstance(res, otel_dspy_cost._ledger.Refusal)
     refused = guard.ledger.reserve([guard.account], 1.0, "infer")
     assert isinstance(refused, otel_dspy_cost._ledger.Refusal) and refused.spent_usd == pytest.approx(0.0006)
+    assert refused.reserved_usd == pytest.approx(0.001 + 1e-6)
 
 
 def test_process_wide_default_ledger_from_the_environment(tmp_path, monkeypatch):
@@ -271,3 +279,118 @@ def test_fail_open_enforces_what_was_left_when_the_ledger_went_away(otel, redis_
     fresh.open(account, Limits(0.001, None, {}, False))
     guard.ledger.flush()
     assert fresh.inner.state(account).calls == server.count and fresh.inner.state(account).spent_usd <= 0.001
+
+
+def _clocked(url, now, **kwargs):
+    """Two ledger objects on one store behave as two processes would (each keeps its own limits)."""
+    return ledger_from_url(url, clock=lambda: now[0], **kwargs)
+
+
+def test_spend_leaves_a_rolling_window_late_by_at_most_one_bucket(ledger_url):
+    """A 1-day window keeps 60 s buckets: spend stops counting between 1 d and 1 d + 60 s after it was
+    settled, never before."""
+    t0 = 1_700_000_000 // 60 * 60 + 30.0  # 30 s into a bucket
+    now = [t0]
+    ledger = _clocked(ledger_url, now)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="daily-rolling", ledger=ledger, window="1d")
+    ledger.settle(ledger.reserve([guard.account], 0.4, "infer"), 0.4, 0.4)
+    for later, counted in [(86400 - 1, True), (86400 + 29, True), (86400 + 31, False)]:
+        now[0] = t0 + later
+        assert guard.spent_usd == pytest.approx(0.4 if counted else 0), later
+    ledger.settle(ledger.reserve([guard.account], 0.2, "infer"), 0.2, 0.2)
+    assert guard.spent_usd == pytest.approx(0.2) and guard.call_count == 1
+
+
+def test_a_settle_counts_its_call_once_however_it_arrives(ledger_url):
+    now = [1_700_000_000.0]
+    ledger = _clocked(ledger_url, now, reservation_timeout_s=10)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="once", ledger=ledger)
+    inner, account = ledger.inner, guard.account
+    first = inner.reserve([account], 0.1, "infer")
+    inner.settle(first, 0.05, 0.05)
+    # A settle whose reply was lost is replayed with the same id: its reservation is gone, so not again.
+    inner.record(first.reservation_id, [account], "infer", 0.05, 0.05, now[0], reserved=True)
+    assert inner.state(account).calls == 1
+    late = inner.reserve([account], 0.1, "infer")
+    now[0] += 11  # the call outlives its reservation: the hold is given back...
+    assert inner.state(account).reserved_usd == 0
+    inner.settle(late, 0.07, 0.07)  # ...and its settle still counts it, once
+    inner.record(late.reservation_id, [account], "infer", 0.07, 0.07, now[0], reserved=True)
+    for _ in range(2):  # a call counted locally while the ledger was away, replayed twice
+        inner.record("local-1", [account], "infer", 0.01, 0.01, now[0])
+    state = inner.state(account)
+    assert state.calls == 3 and state.spent_usd == pytest.approx(0.13) and state.reserved_usd == 0
+    released = inner.reserve([account], 0.5, "infer")
+    inner.release(released)
+    assert inner.state(account).reserved_usd == 0 and inner.state(account).calls == 3
+
+
+def _footprint(ledger, account):
+    """What the store holds for one account: Redis keys, or SQLite rows."""
+    inner = ledger.inner
+    if hasattr(inner, "client"):
+        return len(inner.client.keys(f"{account}*"))
+    import sqlite3
+
+    db = sqlite3.connect(inner.path)
+    tables = ["accounts", "buckets", "totals", "reservations", "expired", "replayed"]
+    return sum(db.execute(f"SELECT COUNT(*) FROM {t} WHERE account=?", (account,)).fetchone()[0] for t in tables)
+
+
+def test_settled_calls_leave_no_per_call_state(ledger_url):
+    """The store grows with time buckets, not with calls: what makes a reservation O(1) in the calls."""
+    now = [1_700_000_000.0]
+    ledger = _clocked(ledger_url, now)
+    guard = otel_dspy_cost.budget(limit_usd=100.0, label="flat", ledger=ledger, window="1h", max_train_usd=50.0)
+    sizes = []
+    for n in (10, 1000):
+        for i in range(n):
+            ledger.settle(ledger.reserve([guard.account], 0.002, "train" if i % 2 else "infer"), 0.001, 0.002)
+        sizes.append(_footprint(ledger, guard.account))
+    assert sizes[0] == sizes[1] and sizes[0] <= 8
+    assert guard.call_count == 1010 and guard.spent_usd == pytest.approx(1.01)
+    assert guard.spent_by_phase() == pytest.approx({"train": 0.505, "infer": 0.505})
+
+
+def test_one_label_has_one_window_on_a_shared_ledger(otel, server, ledger_url):
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=32, num_retries=0)
+    daily = otel_dspy_cost.budget(limit_usd=1.0, label="team", ledger=ledger_from_url(ledger_url), window="1d")
+    with daily, dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="first")
+    hourly = otel_dspy_cost.budget(limit_usd=1.0, label="team", ledger=ledger_from_url(ledger_url), window="1h")
+    with pytest.raises(otel_dspy_cost.BudgetExceededError) as info, hourly, dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="another window")
+    assert info.value.reason == "window_mismatch" and "'rolling:86400'" in str(info.value)
+    assert "budget reset" in str(info.value) and server.count == 1
+    assert daily.spent_usd > 0 and hourly.spent_usd == pytest.approx(daily.spent_usd)  # by the ledger's window
+    with daily, dspy.context(lm=lm):  # the budget it belongs to goes on
+        dspy.Predict("question -> answer")(question="second")
+    assert daily.call_count == 2
+
+
+def test_a_sqlite_ledger_in_the_per_call_layout_is_folded_into_buckets(tmp_path):
+    """A budgets.db written by earlier versions (one `spend` row per call) keeps counting after an upgrade."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE spend (call_id TEXT, account TEXT, ts REAL, nano INTEGER, econ_nano INTEGER, phase TEXT,
+            PRIMARY KEY (call_id, account));
+        CREATE TABLE reservations (id TEXT, account TEXT, nano INTEGER, phase TEXT, expires REAL, owner TEXT,
+            PRIMARY KEY (id, account));
+    """)
+    now = time.time()
+    old.executemany("INSERT INTO spend VALUES (?,?,?,?,?,?)",
+                    [(f"c{i}", "legacy", now - 60 * i, 100_000_000, 100_000_000, "train" if i % 2 else "infer")
+                     for i in range(5)] + [("gone", "legacy", now - 3 * 86400, 10**9, 10**9, "infer")])
+    old.commit()
+    old.close()
+    url = f"sqlite:///{path}"
+    guard = otel_dspy_cost.budget(limit_usd=0.7, label="legacy", ledger=url, window="1d")
+    assert guard.spent_usd == pytest.approx(0.5) and guard.call_count == 5
+    assert guard.spent_by_phase() == pytest.approx({"train": 0.2, "infer": 0.3})
+    assert isinstance(guard.ledger.reserve([guard.account], 0.3, "infer"), otel_dspy_cost._ledger.Refusal)
+    status = subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "budget", "status", url, "legacy"],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["spent_usd"] == pytest.approx(0.5)  # without --window: the ledger's own

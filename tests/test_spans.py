@@ -13,6 +13,24 @@ from opentelemetry.trace import SpanKind
 import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
 
+
+@pytest.fixture
+def otel():
+    """This module checks the whole span model, adapter spans included: instrument(adapter_spans=True).
+    The default (adapter timings as predictor attributes) is checked by its own test below."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", adapter_spans=True)
+    yield exporter, provider
+    otel_dspy_cost.uninstrument()
+
+
 EXPECTED_AGENT_TREE = [
     ("module ResearchAgent", None, "module"),
     ("module ResearchAgent.planner", "module ResearchAgent", "module"),
@@ -468,6 +486,44 @@ def test_lean_mode_drops_only_the_adapter_spans(server):
         lm_span, predictor = spans
         assert lm_span.parent.span_id == predictor.context.span_id and lm_span.attributes[A.COST_USD] > 0
         assert predictor.attributes[A.TOTAL_USD] == lm_span.attributes[A.COST_USD]
+    finally:
+        otel_dspy_cost.uninstrument()
+
+
+def test_adapter_timings_as_attributes_of_the_predictor_span(server):
+    """The default, adapter_spans="attributes": two spans per Predict call, format/parse still visible as
+    durations."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    with pytest.raises(ValueError, match="adapter_spans"):
+        otel_dspy_cost.instrument(tracer_provider=provider, adapter_spans="events")
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")  # the default span model
+
+    class Strict(dspy.ChatAdapter):  # defined after instrument(): wrapped as it is made
+        def parse(self, signature, completion):
+            raise ValueError("cannot parse")
+
+    try:
+        lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64)
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="timed?")
+        spans = exporter.get_finished_spans()
+        assert [s.attributes[A.SPAN_KIND] for s in spans] == ["lm", "predictor"]
+        predictor = spans[1].attributes
+        assert predictor["dspy.adapter.name"] == "ChatAdapter"
+        assert 0 < predictor["dspy.adapter.format.duration_s"] < 1
+        assert 0 < predictor["dspy.adapter.parse.duration_s"] < 1
+        exporter.clear()
+        with dspy.context(lm=lm, adapter=Strict()), pytest.raises(Exception):  # noqa: B017 (DSPy may wrap it)
+            dspy.Predict("question -> answer")(question="unparseable")
+        predictor_span = [s for s in exporter.get_finished_spans() if s.attributes[A.SPAN_KIND] == "predictor"][0]
+        assert "dspy.adapter.parse.error" in [e.name for e in predictor_span.events]
     finally:
         otel_dspy_cost.uninstrument()
 
