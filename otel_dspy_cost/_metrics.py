@@ -35,7 +35,7 @@ from . import _attributes as A
 
 logger = logging.getLogger("otel_dspy_cost")
 OVERFLOW = "other"
-_MAX_PENDING = 100_000  # histogram values held between collections, at most (a few MB)
+_MAX_PENDING = 20_000  # histogram values held between collections, at most (~5 MB)
 _NO_CONTEXT = Context()
 
 

@@ -51,7 +51,8 @@ local function claim(p, spec, width, force)
   local stored = redis.call('HGET', p .. ':meta', 'win')
   if stored then return stored end
   local legacy = redis.call('EXISTS', p .. ':ts', p .. ':res') > 0
-  if not (force or legacy) then return false end
+  -- a read claims only to fold the per-call layout, and only knowing the window (not a status without one)
+  if not (force or (legacy and spec ~= 'none')) then return false end
   redis.call('HSET', p .. ':meta', 'win', spec, 'v', '2')
   if legacy then  -- the per-call layout: fold settled calls into buckets, index live reservations
     local ids = redis.call('ZRANGE', p .. ':ts', 0, -1, 'WITHSCORES')
@@ -184,7 +185,18 @@ return 1
 _STATE = _LIB + """
 local p = KEYS[1]
 local stored = claim(p, ARGV[4], tonumber(ARGV[3]), false)
-if not stored then return {false, {}, {}} end
+if not stored then
+  if redis.call('EXISTS', p .. ':ts') == 0 then return {false, {}, {}} end
+  local n, e, c, tot = 0, 0, 0, {}  -- unclaimed per-call layout, read without a window: all of it counts
+  for _, v in ipairs(redis.call('HVALS', p .. ':amt')) do
+    local nano, econ, ph = string.match(v, '^(%d+)|(%d+)|(.*)$')
+    n, e, c = n + tonumber(nano), e + tonumber(econ), c + 1
+    tot['p:' .. ph] = (tot['p:' .. ph] or 0) + tonumber(nano)
+  end
+  local flat = {'n', string.format('%d', n), 'e', string.format('%d', e), 'c', tostring(c)}
+  for k, v in pairs(tot) do flat[#flat + 1] = k; flat[#flat + 1] = string.format('%d', v) end
+  return {'none', flat, {}}
+end
 expire(p, ARGV[1])
 if stored == ARGV[4] then evict(p, ARGV[2]) end
 return {stored, redis.call('HGETALL', p .. ':tot'), redis.call('HGETALL', p .. ':rtot')}

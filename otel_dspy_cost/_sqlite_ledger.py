@@ -134,7 +134,9 @@ class SqliteLedger(SharedAccounts):
         row = db.execute("SELECT window FROM accounts WHERE account=?", (account,)).fetchone()
         if row is None:
             wanted = window_spec(self._window_of(account))
-            if not (claim or self._has_legacy(db, account)):
+            # A read claims an account only to fold spend of the per-call layout into buckets, and only when it
+            # knows the window (a `budget status` without --window must not store "none" for a windowed budget).
+            if not (claim or (wanted != "none" and self._has_legacy(db, account))):
                 return self._window_of(account), wanted
             db.execute("INSERT INTO accounts VALUES (?, ?)", (account, wanted))
             stored = wanted
@@ -283,9 +285,16 @@ class SqliteLedger(SharedAccounts):
     def state(self, account: str) -> AccountState:
         now = self.clock()
         with self._tx() as db:
-            window, _ = self._window(db, account, claim=False)
+            window, stored = self._window(db, account, claim=False)
             self._evict(db, account, window, now)
             st = self._totals(db, account, now)
+            if stored == "none" and self._has_legacy(db, account):  # unclaimed per-call rows: all of them count
+                for phase, nano, econ, calls in db.execute("SELECT phase, SUM(nano), SUM(econ_nano), COUNT(*) FROM "
+                                                           "spend WHERE account=? GROUP BY phase", (account,)):
+                    st.spent_usd += nano
+                    st.economic_usd += econ
+                    st.calls += calls
+                    st.phase_spent[phase] = st.phase_spent.get(phase, 0) + nano
         return AccountState(st.spent_usd / NANO, st.economic_usd / NANO, st.reserved_usd / NANO, st.calls,
                             st.reserved_calls, {k: v / NANO for k, v in st.phase_spent.items()},
                             {k: v / NANO for k, v in st.phase_reserved.items()}, st.tripped)

@@ -263,20 +263,21 @@ class Budget:
             return existing
 
     def _refused(self, refusal: Refusal, *, requested_usd: float, term: str | None, model: str) -> BudgetExceededError:
-        if refusal.reason == "ledger_unavailable":  # not sticky: the run may be retried once the ledger is back
-            return LedgerUnavailableError(
-                f"Budget {self.label!r} refused a call to {model}: the shared budget ledger "
-                f"{getattr(self.ledger, 'url', '?')} is unreachable ({refusal.detail}); failing closed, so no "
-                f"call is made. Use on_unavailable='fail_open' to keep running with local accounting.",
-                label=self.label, spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
-                requested_usd=requested_usd, term=term)
-        if refusal.reason == "window_mismatch":  # a set-up mistake, not spend: not sticky either
-            return BudgetExceededError(
-                f"Budget {self.label!r} refused a call to {model}: {refusal.detail}. One label is one budget "
-                f"with one window on a shared ledger: use another label, or start this one again with "
-                f"`otel-dspy-cost budget reset {scrub(getattr(self.ledger, 'url', 'URL'))} {self.label}`.",
-                label=self.label, spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
-                requested_usd=requested_usd, term=term)
+        # Not spend, so not sticky: the ledger may come back; a set-up mistake may be corrected.
+        if refusal.reason == "ledger_unavailable":
+            why = (f"the shared budget ledger {getattr(self.ledger, 'url', '?')} is unreachable ({refusal.detail}); "
+                   f"failing closed, so no call is made. Use on_unavailable='fail_open' to keep running with local "
+                   f"accounting.")
+        elif refusal.reason == "window_mismatch":
+            why = (f"{refusal.detail}. One label is one budget with one window on a shared ledger: use another "
+                   f"label, or start this one again with `otel-dspy-cost budget reset "
+                   f"{scrub(getattr(self.ledger, 'url', 'URL'))} {self.label}`.")
+        else:
+            why = ""
+        if why:
+            cls_ = LedgerUnavailableError if refusal.reason == "ledger_unavailable" else BudgetExceededError
+            return cls_(f"Budget {self.label!r} refused a call to {model}: {why}", label=self.label, spent_usd=0.0,
+                        limit=self.limit_usd or 0.0, reason=refusal.reason, requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
         left = max(0.0, refusal.limit - refusal.spent_usd - refusal.reserved_usd)

@@ -490,6 +490,21 @@ def test_genai_histograms_are_recorded_at_collection_with_the_calls_exemplars(ot
     assert again["gen_ai.client.operation.duration"][0][1].count == 4
 
 
+def test_genai_histogram_values_past_the_buffer_are_recorded_as_they_come(otel_metrics, server, monkeypatch):
+    from conftest import metric_points
+
+    from otel_dspy_cost import _metrics
+
+    monkeypatch.setattr(_metrics, "_MAX_PENDING", 2)  # nothing collects for longer than the buffer holds
+    _, reader = otel_metrics
+    lm_ = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x", cache=False, max_tokens=64, num_retries=0)
+    with dspy.context(lm=lm_):
+        for i in range(5):
+            dspy.Predict("question -> answer")(question=f"overflow {i}")
+    counts = {a["gen_ai.token.type"]: p.count for a, p in metric_points(reader)["gen_ai.client.token.usage"]}
+    assert counts == {"input": 5, "output": 5}  # none lost, none twice
+
+
 def test_genai_histograms_can_be_turned_off(server):
     from conftest import metric_points
     from opentelemetry.sdk.metrics import MeterProvider

@@ -240,6 +240,8 @@ def test_a_redis_account_in_the_per_call_layout_is_folded_into_buckets(redis_ser
     pipe.zadd(f"{guard.account}:ts", {"old": now - 2 * 86400})
     pipe.hset(f"{guard.account}:res", "held", f"1000|infer|{now + 600}")
     pipe.execute()
+    reader = ledger_from_url(redis_server.url).inner  # e.g. `budget status` without --window: claims nothing
+    assert reader.state(guard.account).calls == 12001 and not inner.client.exists(f"{guard.account}:meta")
     assert guard.spent_usd == pytest.approx(12000 * 50 / 1e9) and guard.call_count == 12000
     assert inner.state(guard.account).reserved_usd == pytest.approx(1e-6)
     assert not inner.client.exists(f"{guard.account}:ts", f"{guard.account}:amt")
@@ -387,10 +389,15 @@ def test_a_sqlite_ledger_in_the_per_call_layout_is_folded_into_buckets(tmp_path)
     old.commit()
     old.close()
     url = f"sqlite:///{path}"
+
+    def status():
+        out = subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "budget", "status", url, "legacy"],
+                             capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout)["spent_usd"]
+
+    assert status() == pytest.approx(1.5)  # read first, without a window: every old row counts, nothing claimed
     guard = otel_dspy_cost.budget(limit_usd=0.7, label="legacy", ledger=url, window="1d")
     assert guard.spent_usd == pytest.approx(0.5) and guard.call_count == 5
     assert guard.spent_by_phase() == pytest.approx({"train": 0.2, "infer": 0.3})
     assert isinstance(guard.ledger.reserve([guard.account], 0.3, "infer"), otel_dspy_cost._ledger.Refusal)
-    status = subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "budget", "status", url, "legacy"],
-                            capture_output=True, text=True, timeout=60)
-    assert json.loads(status.stdout)["spent_usd"] == pytest.approx(0.5)  # without --window: the ledger's own
+    assert status() == pytest.approx(0.5)  # without --window: by the window the ledger now keeps

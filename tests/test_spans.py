@@ -14,10 +14,8 @@ import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
 
 
-@pytest.fixture
-def otel():
-    """This module checks the whole span model, adapter spans included: instrument(adapter_spans=True).
-    The default (adapter timings as predictor attributes) is checked by its own test below."""
+def _instrumented(**options):
+    """instrument() on a fresh SDK provider exporting in memory: (exporter, provider)."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,8 +24,15 @@ def otel():
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     otel_dspy_cost.uninstrument()
-    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", adapter_spans=True)
-    yield exporter, provider
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", **options)
+    return exporter, provider
+
+
+@pytest.fixture
+def otel():
+    """This module checks the whole span model, adapter spans included: instrument(adapter_spans=True).
+    The default (adapter timings as predictor attributes) is checked by its own test below."""
+    yield _instrumented(adapter_spans=True)
     otel_dspy_cost.uninstrument()
 
 
@@ -468,15 +473,7 @@ def test_spans_export_as_json(otel, lm):
 
 
 def test_lean_mode_drops_only_the_adapter_spans(server):
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    otel_dspy_cost.uninstrument()
-    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", adapter_spans=False)
+    exporter, _ = _instrumented(adapter_spans=False)
     try:
         lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=64)
         with dspy.context(lm=lm):
@@ -493,17 +490,10 @@ def test_lean_mode_drops_only_the_adapter_spans(server):
 def test_adapter_timings_as_attributes_of_the_predictor_span(server):
     """The default, adapter_spans="attributes": two spans per Predict call, format/parse still visible as
     durations."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
     otel_dspy_cost.uninstrument()
     with pytest.raises(ValueError, match="adapter_spans"):
-        otel_dspy_cost.instrument(tracer_provider=provider, adapter_spans="events")
-    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")  # the default span model
+        otel_dspy_cost.instrument(adapter_spans="events")
+    exporter, _ = _instrumented()  # the default span model
 
     class Strict(dspy.ChatAdapter):  # defined after instrument(): wrapped as it is made
         def parse(self, signature, completion):
