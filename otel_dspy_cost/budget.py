@@ -271,13 +271,14 @@ class Budget:
         elif refusal.reason == "window_mismatch":
             why = (f"{refusal.detail}. One label is one budget with one window on a shared ledger: use another "
                    f"label, or start this one again with `otel-dspy-cost budget reset "
-                   f"{scrub(getattr(self.ledger, 'url', 'URL'))} {self.label}`.")
+                   f"{getattr(self.ledger, 'url', 'URL')} {self.label}`.")
         else:
             why = ""
         if why:
             cls_ = LedgerUnavailableError if refusal.reason == "ledger_unavailable" else BudgetExceededError
-            return cls_(f"Budget {self.label!r} refused a call to {model}: {why}", label=self.label, spent_usd=0.0,
-                        limit=self.limit_usd or 0.0, reason=refusal.reason, requested_usd=requested_usd, term=term)
+            return cls_(scrub(f"Budget {self.label!r} refused a call to {model}: {why}"), label=self.label,
+                        spent_usd=0.0, limit=self.limit_usd or 0.0, reason=refusal.reason,
+                        requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
         left = max(0.0, refusal.limit - refusal.spent_usd - refusal.reserved_usd)

@@ -173,7 +173,7 @@ def _as_of(value: Any) -> _dt.datetime | None:
 
 _OPTIONS = frozenset({"capture_content", "pricing_overrides", "unknown_model", "local_models", "tier",
                       "use_litellm_prices", "unknown_model_price", "metrics_module_depth", "adapter_spans",
-                      "prices_as_of", "genai_metrics", "skip_dep_check"})
+                      "prices_as_of", "genai_metrics", "skip_dep_check", "raise_exception_on_conflict"})
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:

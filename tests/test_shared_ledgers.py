@@ -401,3 +401,12 @@ def test_a_sqlite_ledger_in_the_per_call_layout_is_folded_into_buckets(tmp_path)
     assert guard.spent_by_phase() == pytest.approx({"train": 0.2, "infer": 0.3})
     assert isinstance(guard.ledger.reserve([guard.account], 0.3, "infer"), otel_dspy_cost._ledger.Refusal)
     assert status() == pytest.approx(0.5)  # without --window: by the window the ledger now keeps
+
+
+def test_a_ledger_password_never_reaches_the_refusal(otel, server):
+    pytest.importorskip("redis")
+    lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=32, num_retries=0)
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="pw", ledger=f"redis://:hunter2pw@127.0.0.1:{_free_port()}/0")
+    with pytest.raises(otel_dspy_cost.LedgerUnavailableError) as info, guard, dspy.context(lm=lm):
+        dspy.Predict("question -> answer")(question="down")
+    assert "hunter2pw" not in str(info.value) and "127.0.0.1" in str(info.value) and server.count == 0
