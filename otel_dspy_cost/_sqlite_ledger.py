@@ -120,6 +120,7 @@ class SqliteLedger(SharedAccounts):
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
+                self._migrated.clear()  # a fold of the per-call layout may have been rolled back with it
                 raise
             db.execute("COMMIT")
 
@@ -186,10 +187,11 @@ class SqliteLedger(SharedAccounts):
     def _add(self, db: sqlite3.Connection, account: str, window: Window | None, ts: float, nano: int, econ: int,
              phase: str) -> None:
         if window is not None:
-            db.execute("INSERT INTO buckets VALUES (?,?,?,?,?,1) ON CONFLICT DO UPDATE SET nano=nano+excluded.nano, "
-                       "econ=econ+excluded.econ, calls=calls+1", (account, window.bucket(ts), phase, nano, econ))
-        db.execute("INSERT INTO totals VALUES (?,?,?,?,1) ON CONFLICT DO UPDATE SET nano=nano+excluded.nano, "
-                   "econ=econ+excluded.econ, calls=calls+1", (account, phase, nano, econ))
+            db.execute("INSERT INTO buckets VALUES (?,?,?,?,?,1) ON CONFLICT (account, bucket, phase) DO UPDATE SET "
+                       "nano=nano+excluded.nano, econ=econ+excluded.econ, calls=calls+1",
+                       (account, window.bucket(ts), phase, nano, econ))
+        db.execute("INSERT INTO totals VALUES (?,?,?,?,1) ON CONFLICT (account, phase) DO UPDATE SET "
+                   "nano=nano+excluded.nano, econ=econ+excluded.econ, calls=calls+1", (account, phase, nano, econ))
 
     def _totals(self, db: sqlite3.Connection, account: str, now: float) -> AccountState:
         """Spend (after eviction) and live reservations, in nano-dollars."""
