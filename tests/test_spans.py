@@ -1,6 +1,7 @@
 """instrument(): the span tree, GenAI attributes, parenting across threads and async, robustness."""
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -510,7 +511,8 @@ def test_adapter_timings_as_attributes_of_the_predictor_span(server):
         assert 0 < predictor["dspy.adapter.format.duration_s"] < 1
         assert 0 < predictor["dspy.adapter.parse.duration_s"] < 1
         exporter.clear()
-        with dspy.context(lm=lm, adapter=Strict()), pytest.raises(Exception):  # noqa: B017 (DSPy may wrap it)
+        with dspy.context(lm=lm, adapter=Strict()), contextlib.suppress(Exception):
+            # DSPy 3.3 catches the failure and falls back to JSONAdapter, 3.4 raises: the event shows it either way
             dspy.Predict("question -> answer")(question="unparseable")
         predictor_span = [s for s in exporter.get_finished_spans() if s.attributes[A.SPAN_KIND] == "predictor"][0]
         assert "dspy.adapter.parse.error" in [e.name for e in predictor_span.events]
