@@ -41,37 +41,34 @@ def limits() -> Limits:
     return Limits(1e9, None, {}, True, WINDOW)
 
 
-def _load_redis(ledger, account: str, calls: int, now: float) -> None:
-    """What `calls` settles spread over the last 23 h leave in Redis: bucket counters and their total."""
-    client = ledger.inner.client
+def _spread(calls: int, now: float) -> list[tuple[int, int]]:
+    """(bucket, calls) for `calls` settles spread evenly over the last 23 h."""
     buckets = list(range(WINDOW.bucket(now - SPAN_S), WINDOW.bucket(now) + 1))
     per, extra = divmod(calls, len(buckets))
-    pipe = client.pipeline(transaction=False)
+    return [(b, per + (1 if k < extra else 0)) for k, b in enumerate(buckets) if per or k < extra]
+
+
+def _load_redis(ledger, account: str, calls: int, now: float) -> None:
+    """What `calls` settles spread over the last 23 h leave in Redis: bucket counters and their total."""
+    pipe = ledger.inner.client.pipeline(transaction=False)
     pipe.hset(f"{account}:meta", mapping={"win": WINDOW.spec, "v": "2"})
-    for k, b in enumerate(buckets):
-        n = per + (1 if k < extra else 0)
-        if n:
-            nano = n * to_nano(AMOUNT)
-            pipe.hset(f"{account}:b:{b}", mapping={"n": nano, "e": nano, "c": n, "p:infer": nano})
-            pipe.zadd(f"{account}:bi", {str(b): b})
+    for b, n in _spread(calls, now):
+        nano = n * to_nano(AMOUNT)
+        pipe.hset(f"{account}:b:{b}", mapping={"n": nano, "e": nano, "c": n, "p:infer": nano})
+        pipe.zadd(f"{account}:bi", {str(b): b})
     total = calls * to_nano(AMOUNT)
     pipe.hset(f"{account}:tot", mapping={"n": total, "e": total, "c": calls, "p:infer": total})
     pipe.execute()
 
 
 def _load_sqlite(ledger, account: str, calls: int, now: float) -> None:
+    """The same in SQLite: bucket rows and the account's total row."""
     import sqlite3
 
-    buckets = list(range(WINDOW.bucket(now - SPAN_S), WINDOW.bucket(now) + 1))
-    per, extra = divmod(calls, len(buckets))
     db = sqlite3.connect(ledger.inner.path)
     db.execute("INSERT OR REPLACE INTO accounts VALUES (?, ?)", (account, WINDOW.spec))
-    rows = []
-    for k, b in enumerate(buckets):
-        n = per + (1 if k < extra else 0)
-        if n:
-            rows.append((account, b, "infer", n * to_nano(AMOUNT), n * to_nano(AMOUNT), n))
-    db.executemany("INSERT INTO buckets VALUES (?,?,?,?,?,?)", rows)
+    db.executemany("INSERT INTO buckets VALUES (?,?,?,?,?,?)",
+                   [(account, b, "infer", n * to_nano(AMOUNT), n * to_nano(AMOUNT), n) for b, n in _spread(calls, now)])
     total = calls * to_nano(AMOUNT)
     db.execute("INSERT INTO totals VALUES (?,?,?,?,?)", (account, "infer", total, total, calls))
     db.commit()

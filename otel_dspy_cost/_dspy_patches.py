@@ -577,10 +577,9 @@ def _timed_adapter_op(op: str) -> Wrappers:
     key = f"dspy.adapter.{op}.duration_s"
 
     def begin(instance, args, kwargs):
-        rt = _runtime.active()
-        if rt is None or _IN_ADAPTER_OP.get() or unsampled(rt):
+        if _runtime.active() is None or _IN_ADAPTER_OP.get():
             return None
-        span = trace.get_current_span()
+        span = trace.get_current_span()  # not recording covers `unsampled` (dropped trace, no-op tracer) too
         if not span.is_recording():
             return None
         return span, instance, _IN_ADAPTER_OP.set(True), time.perf_counter()

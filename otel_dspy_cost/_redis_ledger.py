@@ -47,6 +47,14 @@ local function hold(p, nano, ph, calls)
   redis.call('HINCRBY', p .. ':rtot', 'n', nano); redis.call('HINCRBY', p .. ':rtot', 'c', calls)
   redis.call('HINCRBY', p .. ':rtot', 'p:' .. ph, nano)
 end
+local function unreserve(p, rid)  -- a live reservation given back; true if there was one
+  local v = redis.call('HGET', p .. ':res', rid)
+  if not v then return false end
+  local nano, ph = string.match(v, '^(%d+)|([^|]*)|')
+  hold(p, neg(nano), ph, -1)
+  redis.call('HDEL', p .. ':res', rid); redis.call('ZREM', p .. ':rexp', rid)
+  return true
+end
 local function claim(p, spec, width, force)
   local stored = redis.call('HGET', p .. ':meta', 'win')
   if stored then return stored end
@@ -150,11 +158,7 @@ for i = 1, #KEYS do
   claim(p, spec, width, true)
   local counted = false
   if mode == 'settle' then
-    local v = redis.call('HGET', p .. ':res', rid)
-    if v then
-      local nano, ph = string.match(v, '^(%d+)|([^|]*)|')
-      hold(p, neg(nano), ph, -1)
-      redis.call('HDEL', p .. ':res', rid); redis.call('ZREM', p .. ':rexp', rid)
+    if unreserve(p, rid) then
       counted = true
     elseif redis.call('HDEL', p .. ':late', rid) == 1 then
       redis.call('ZREM', p .. ':lexp', rid)
@@ -169,15 +173,7 @@ return 1
 """
 
 _RELEASE = _LIB + """
-for i = 1, #KEYS do
-  local p = KEYS[i]
-  local v = redis.call('HGET', p .. ':res', ARGV[1])
-  if v then
-    local nano, ph = string.match(v, '^(%d+)|([^|]*)|')
-    hold(p, neg(nano), ph, -1)
-    redis.call('HDEL', p .. ':res', ARGV[1]); redis.call('ZREM', p .. ':rexp', ARGV[1])
-  end
-end
+for i = 1, #KEYS do unreserve(KEYS[i], ARGV[1]) end
 return 1
 """
 
