@@ -17,6 +17,8 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   SDK floor, 4/2 bare spans: nothing but empty spans where ours go (module or predictor, format, LM, parse; or
                  module/predictor and LM), made current, behind the same BatchSpanProcessor: what the OpenTelemetry
                  SDK alone costs for our span model, the part no instrumentation code can remove
+  SDK floor, 2 spans+attrs  the same two spans carrying the attributes ours carry (captured from one real call):
+                 what the SDK charges for the data itself (it validates and copies every attribute)
 Each on one Predict and on a four-module program, against an in-process LM (no HTTP).
 Prints microseconds per program call, the added overhead and our added overhead as a share of the others'.
 """
@@ -88,8 +90,28 @@ def _from_instrumentor(name, factory):
     return Variant(name, on, off)
 
 
-def _sdk_floor(name: str, with_adapter: bool) -> Variant:
-    """Bare spans (no attributes, no processor of ours) at the places ours go."""
+def _our_attributes() -> dict[str, dict]:
+    """The attributes instrument() (default options, a budget active) puts on one Predict call's spans, by span
+    kind: what the SDK floor "+attrs" variant sets, so it charges the SDK's attribute handling for the same data."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
+    try:
+        with otel_dspy_cost.budget(limit_usd=1e9, label="bench"):
+            one_predict()(question="what the spans carry")
+    finally:
+        otel_dspy_cost.uninstrument()
+        provider.shutdown()
+    return {span.attributes.get("dspy.span.kind"): dict(span.attributes) for span in exporter.get_finished_spans()}
+
+
+def _sdk_floor(name: str, with_adapter: bool, attributes: bool = False) -> Variant:
+    """Bare spans (no processor of ours) at the places ours go; with `attributes`, carrying our attributes."""
     targets = [(dspy.Module, "__call__"), (dspy.BaseLM, "__call__")]
     if with_adapter:
         targets += [(dspy.ChatAdapter, "format"), (dspy.ChatAdapter, "parse")]
@@ -99,9 +121,13 @@ def _sdk_floor(name: str, with_adapter: bool) -> Variant:
     def on():
         holder["provider"] = batch_provider()
         tracer = holder["provider"].get_tracer("sdk-floor")
+        if "attrs" not in holder:  # captured once: it runs our instrumentation for one call
+            holder["attrs"] = _our_attributes() if attributes else {}
+        attrs = holder["attrs"]
 
         def span_around(wrapped, instance, args, kwargs):
-            with tracer.start_as_current_span("floor"):
+            kind = "lm" if isinstance(instance, dspy.BaseLM) else "predictor"
+            with tracer.start_as_current_span("floor", attributes=attrs.get(kind)):
                 return wrapped(*args, **kwargs)
 
         for owner, attr in targets:
@@ -122,7 +148,8 @@ def variants() -> list[Variant]:
            _ours("ours, adapter spans", adapter_spans=True), _ours("ours, lean", adapter_spans=False),
            _ours("ours, no genai hist", genai_metrics=False),
            _ours("ours, sampled out", sampled=False), _ours("sampled, no metrics", sampled=False, metrics=False),
-           _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False)]
+           _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False),
+           _sdk_floor("SDK floor, 2 spans+attrs", False, attributes=True)]
     try:
         from openinference.instrumentation.dspy import DSPyInstrumentor as OpenInference
 
@@ -151,12 +178,12 @@ def main() -> None:
     for pname in programs:
         base = results[(pname, "baseline")]
         print(f"\n{pname}: baseline {base * 1e6:,.0f} us/call")
-        print(f"  {'variant':20s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
+        print(f"  {'variant':24s} {'us/call':>9s} {'added us':>9s} {'ratio':>6s}")
         added = {}
         for v in vs:
             t = results[(pname, v.name)]
             added[v.name] = t - base
-            print(f"  {v.name:20s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
+            print(f"  {v.name:24s} {t * 1e6:9,.0f} {added[v.name] * 1e6:9,.0f} {t / base:6.2f}x")
         # genai-dspy wraps only dspy.LM.__call__ (no span for a BaseLM subclass like this LM, no cost):
         # a share of its near-zero overhead says nothing, so ours is compared with OpenInference's.
         if added.get("openinference", 0) > 0:
@@ -165,7 +192,7 @@ def main() -> None:
         print(f"  accounting alone (sampled out, budget active): {added['ours, sampled out'] * 1e6:,.0f} us with "
               f"metrics, {added['sampled, no metrics'] * 1e6:,.0f} us without")
         for ours, floor in (("otel-dspy-cost", "SDK floor, 2 spans"), ("ours, adapter spans", "SDK floor, 4 spans"),
-                            ("ours, lean", "SDK floor, 2 spans")):
+                            ("ours, lean", "SDK floor, 2 spans"), ("otel-dspy-cost", "SDK floor, 2 spans+attrs")):
             print(f"  {ours}: {added[floor] * 1e6:,.0f} us of its {added[ours] * 1e6:,.0f} us are the SDK's own "
                   f"spans ({floor}); {(added[ours] - added[floor]) * 1e6:,.0f} us are ours")
 

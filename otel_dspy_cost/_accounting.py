@@ -18,12 +18,13 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _context
 from ._cost import CallCost, Usage
 from ._ledger import InFlight
+from .budget import BudgetExceededError, ForkedBudgetError, UnpricedModelError
 from .report import SpendAggregator
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class LMCall:
     # -- admission --
     reserved_usd: float = 0.0
     term: str | None = None
-    holds: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
     started: float = 0.0
     # -- settlement --
     outcome: str = ""
@@ -82,7 +83,7 @@ class LMCall:
     usage_missing: bool = False
     error_type: str | None = None
     duration_s: float | None = None
-    fired: list[tuple[Budget, str]] = dataclasses.field(default_factory=list)
+    fired: tuple[tuple[Budget, str], ...] = ()  # (budget, "warn" | "exceeded") crossings this call caused
     trace_id: int = 0
     span_id: int = 0
     ts: float = 0.0  # wall-clock start, for the cost log
@@ -96,6 +97,29 @@ class LMCall:
         return [b.label for b in self.budgets]
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Plan:
+    """How one set of active budgets is reserved in: worked out once per set (a `budget()` block), not per call."""
+
+    budgets: tuple[Budget, ...]
+    groups: tuple[tuple[Any, list[str], list[Budget]], ...]  # (ledger, its accounts, their budgets), all or nothing
+    in_process: tuple[Budget, ...]  # budgets a forked child must not spend against (see `_refuse_forked`)
+    labels: tuple[str, ...]
+    run_label: str  # the innermost run budget (not a scope): the metrics' budget label
+
+
+def _plan(budgets: tuple[Budget, ...]) -> _Plan:
+    by_ledger: dict[int, tuple[Any, list[str], list[Budget]]] = {}
+    for b in budgets:
+        by_ledger.setdefault(id(b.ledger), (b.ledger, [], []))
+        by_ledger[id(b.ledger)][1].append(b.account)
+        by_ledger[id(b.ledger)][2].append(b)
+    runs = [b for b in budgets if not b.is_scope]
+    return _Plan(budgets, tuple(by_ledger.values()),
+                 tuple(b for b in budgets if not getattr(b.ledger, "shared", False)),
+                 tuple(b.label for b in budgets), runs[-1].label if runs else "")
+
+
 class Accountant:
     """Admission, settlement and the per-process tallies (spend report, metrics, cost-log sinks)."""
 
@@ -106,10 +130,20 @@ class Accountant:
         self._sinks: tuple[Callable[[LMCall], None], ...] = ()
         self._sinks_lock = threading.Lock()
         self._in_flight = InFlight()  # admitted, not yet settled or released
+        self._plans: dict[int, _Plan] = {}  # by id() of the budgets tuple (the plan holds the tuple: no id reuse)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no admitted call is still running; False if some were at the timeout."""
         return self._in_flight.wait(timeout_s)
+
+    def _plan_for(self, budgets: tuple[Budget, ...]) -> _Plan:
+        plan = self._plans.get(id(budgets))
+        if plan is None or plan.budgets is not budgets:
+            plan = _plan(budgets)
+            if len(self._plans) >= 1024:  # budget blocks come and go: keep the cache bounded
+                self._plans.clear()
+            self._plans[id(budgets)] = plan
+        return plan
 
     # -- sinks (record_run's cost log) ---------------------------------------------------------------
     def add_sink(self, sink: Callable[[LMCall], None]) -> None:
@@ -128,8 +162,6 @@ class Accountant:
         raised before any request is made. Any other exception is our bug: nothing stays reserved, and the
         caller logs it and goes on with `admit_unbudgeted`.
         """
-        from .budget import UnpricedModelError
-
         call.started = time.perf_counter()
         call.ts = time.time()
         budgets = call.budgets
@@ -138,29 +170,28 @@ class Accountant:
                 self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
             self._in_flight.add()
             return
-        _refuse_forked(budgets, call.model)
+        plan = self._plan_for(budgets)
+        if plan.in_process:
+            _refuse_forked(plan.in_process, call.model)
         amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
         if amount is None:  # no price known: a USD cap cannot be kept for this call
             capped = [b for b in budgets if b.caps_usd]
             if capped:
                 raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
             amount = 0.0
-        by_ledger: dict[int, list[Budget]] = {}
-        for b in budgets:
-            by_ledger.setdefault(id(b.ledger), []).append(b)
         held: list[tuple[Any, Any]] = []
         try:
-            for group in by_ledger.values():
-                outcome = group[0].ledger.reserve([b.account for b in group], amount, call.phase)
+            for ledger, accounts, group in plan.groups:
+                outcome = ledger.reserve(accounts, amount, call.phase)
                 if not getattr(outcome, "reason", None):  # a Reservation (a Refusal always has a reason)
-                    held.append((group[0].ledger, outcome))
+                    held.append((ledger, outcome))
                     continue
                 call.outcome = REFUSED
                 raise _refusal(group, outcome, amount, term, call.model)
         except BaseException:
             _give_back(held)  # all or nothing: what this call already holds goes back
             raise
-        call.holds = held
+        call.holds = tuple(held)
         call.reserved_usd = amount
         call.term = term
         for b in budgets:
@@ -170,7 +201,7 @@ class Accountant:
     def admit_unbudgeted(self, call: LMCall) -> None:
         """Our own admission failed (a bug, logged by the caller): the call goes ahead, and is still counted
         in the spend report, metrics and cost log when it settles (not in a ledger: nothing was reserved)."""
-        call.holds = []
+        call.holds = ()
         call.budgets = ()
         if not call.started:
             call.started = time.perf_counter()
@@ -180,7 +211,7 @@ class Accountant:
     def release(self, call: LMCall) -> None:
         """The call was admitted but never sent: give its reservations back, count nothing."""
         _give_back(call.holds)
-        call.holds = []
+        call.holds = ()
         for b in call.budgets:
             b._call_finished()
         self._in_flight.done()
@@ -193,20 +224,24 @@ class Accountant:
             return
         if call.started:
             call.duration_s = time.perf_counter() - call.started
+        budgets = call.budgets
         try:
             for ledger, reservation in call.holds:
                 ledger.settle(reservation, cost.usd, cost.economic_usd)
-            call.holds = []
-            for b in call.budgets:
-                call.fired.extend((b, kind) for kind in b._after_settle())
+            call.holds = ()
+            for b in budgets:
+                kinds = b._after_settle()
+                if kinds:
+                    call.fired += tuple((b, kind) for kind in kinds)
         finally:
-            for b in call.budgets:
+            for b in budgets:
                 b._call_finished()
             self._in_flight.done()
+        plan = self._plan_for(budgets) if budgets else None
         usage = call.billed
         self.aggregator.record(
             module=call.module or "(no module)", model=call.model or "(unknown model)", phase=call.phase,
-            budgets=call.budget_labels, trial=call.trial_key,
+            budgets=plan.labels if plan is not None else (), trial=None if call.trial is None else call.trial_key,
             values={"calls": 1, "usd": cost.usd, "economic_usd": cost.economic_usd,
                     "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
                     "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
@@ -215,13 +250,12 @@ class Accountant:
         metrics = self.metrics
         if metrics is not None:
             try:
-                runs = [b for b in call.budgets if not b.is_scope]
                 metrics.record_call(
                     module=call.module, model=call.model, provider=call.provider, operation=call.operation,
-                    phase=call.phase, budget_label=runs[-1].label if runs else "", optimizer=call.optimizer,
-                    usd=cost.usd, economic_usd=cost.economic_usd, input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens, cache_hit=call.cache_hit, unknown=cost.unknown,
-                    duration_s=call.duration_s)
+                    phase=call.phase, budget_label=plan.run_label if plan is not None else "",
+                    optimizer=call.optimizer, usd=cost.usd, economic_usd=cost.economic_usd,
+                    input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cache_hit=call.cache_hit,
+                    unknown=cost.unknown, duration_s=call.duration_s)
             except Exception:  # telemetry must never break the run
                 logger.debug("otel-dspy-cost: metrics failed", exc_info=True)
         for sink in self._sinks:
@@ -231,7 +265,7 @@ class Accountant:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
 
 
-def _give_back(holds: list[tuple[Any, Any]]) -> None:
+def _give_back(holds: Iterable[tuple[Any, Any]]) -> None:
     """Release reservations of a call that will not be made (a release that fails is left to expire)."""
     for ledger, reservation in holds:
         try:
@@ -242,8 +276,6 @@ def _give_back(holds: list[tuple[Any, Any]]) -> None:
 
 def _refusal(group: list[Budget], outcome: Any, amount: float, term: str | None, model: str) -> BaseException:
     """The stop a refusal raises. Built defensively: a bug while wording it must still stop the call."""
-    from .budget import BudgetExceededError
-
     try:
         culprit = next(b for b in group if b.account == outcome.account)
         return culprit._refused(outcome, requested_usd=amount, term=term, model=model)
@@ -256,13 +288,11 @@ def _refusal(group: list[Budget], outcome: Any, amount: float, term: str | None,
 
 
 def _refuse_forked(budgets: tuple[Budget, ...], model: str) -> None:
-    """A forked child must not silently get a fresh copy of an in-process budget: each child would spend
-    the whole cap while the parent's ledger counts nothing."""
+    """A forked child must not silently get a fresh copy of an in-process budget (`budgets` are those on
+    in-process ledgers): each child would spend the whole cap while the parent's ledger counts nothing."""
     generation = _context.fork_generation()
     for b in budgets:
-        if b._fork_generation != generation and not getattr(b.ledger, "shared", False):
-            from .budget import ForkedBudgetError
-
+        if b._fork_generation != generation:
             raise ForkedBudgetError(
                 f"Budget {b.label!r} refused a call to {model}: this process was forked from the one that entered "
                 f"the budget, and an in-process budget cannot count a child's spend (each child would spend the "

@@ -30,8 +30,9 @@ class RunContext:
 # RunContext is frozen, so a shared default instance is safe.
 _RUN: contextvars.ContextVar[RunContext] = contextvars.ContextVar(
     "otel_dspy_cost_run", default=RunContext())  # noqa: B039
-# (module instance, module path) of the innermost DSPy module being called: the parent for paths.
-CURRENT_MODULE: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+# (module instance, module path, adapter timings) of the innermost DSPy module being called: the parent for
+# paths; the timings list exists while its span records (see `_dspy_patches._timed_adapter_op`).
+CURRENT_MODULE: contextvars.ContextVar[tuple[Any, str, list[Any] | None] | None] = contextvars.ContextVar(
     "otel_dspy_cost_module", default=None)
 # The LM call in progress (an `_accounting.LMCall`): DSPy's finalisation hooks fill in its usage.
 CURRENT_CALL: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_lm_call", default=None)

@@ -71,36 +71,61 @@ def _get(obj: Any, name: str) -> Any:
 
 
 def _int(value: Any) -> int:
+    if type(value) is int:  # the common case, without the conversions below
+        return value if value > 0 else 0
     try:
         return max(0, int(value or 0))
     except (TypeError, ValueError):
         return 0
 
 
+class _Attrs:
+    """An object's attributes read like a dict's keys (LiteLLM's usage objects)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self.obj, name, default)
+
+
+_NOTHING: Mapping[str, Any] = {}
+
+
+def _fields(obj: Any) -> Any:
+    """Something with `.get` over obj's fields: a dict as it is (DSPy 3.4's usage: C-level lookups, this runs
+    once per LM call), nothing for None, an object's attributes otherwise."""
+    if obj is None:
+        return _NOTHING
+    if type(obj) is dict or isinstance(obj, Mapping):
+        return obj
+    return _Attrs(obj)
+
+
 def usage_from_openai(usage: Any) -> Usage | None:
     """Reads an OpenAI-shaped usage (dict or object, as DSPy and LiteLLM normalise it); None if empty."""
     if not usage:
         return None
-    prompt = _get(usage, "prompt_tokens")
-    completion = _get(usage, "completion_tokens")
+    u = _fields(usage)
+    prompt, completion = u.get("prompt_tokens"), u.get("completion_tokens")
     if prompt is None and completion is None:
-        prompt, completion = _get(usage, "input_tokens"), _get(usage, "output_tokens")
+        prompt, completion = u.get("input_tokens"), u.get("output_tokens")
         if prompt is None and completion is None:
             return None
-    if not _int(prompt) and not _int(completion):
+    inputs, outputs = _int(prompt), _int(completion)
+    if not inputs and not outputs:
         return None  # LiteLLM reports all-zero usage when the provider sent none: that is "missing"
-    pdetails = _get(usage, "prompt_tokens_details") or _get(usage, "input_tokens_details")
-    cdetails = _get(usage, "completion_tokens_details") or _get(usage, "output_tokens_details")
+    p = _fields(u.get("prompt_tokens_details") or u.get("input_tokens_details"))
+    c = _fields(u.get("completion_tokens_details") or u.get("output_tokens_details"))
     # LiteLLM: prompt_tokens_details.cache_creation_token_details; Anthropic's own: usage.cache_creation.
-    ttl = _get(pdetails, "cache_creation_token_details") or _get(usage, "cache_creation")
-    return Usage(
-        input_tokens=_int(prompt),
-        output_tokens=_int(completion),
-        cache_read_tokens=_int(_get(pdetails, "cached_tokens")),
-        cache_creation_tokens=_int(_get(pdetails, "cache_creation_tokens") or _get(pdetails, "cache_write_tokens")),
-        reasoning_tokens=_int(_get(cdetails, "reasoning_tokens")),
-        cache_write_1h_tokens=_int(_get(ttl, "ephemeral_1h_input_tokens")),
-    )
+    ttl = _fields(p.get("cache_creation_token_details") or u.get("cache_creation"))
+    read, created = p.get("cached_tokens"), p.get("cache_creation_tokens") or p.get("cache_write_tokens")
+    reasoning, created_1h = c.get("reasoning_tokens"), ttl.get("ephemeral_1h_input_tokens")
+    # `_int` only for a value that is there: most are 0 or absent
+    return Usage(inputs, outputs, _int(read) if read else 0, _int(created) if created else 0,
+                 _int(reasoning) if reasoning else 0, _int(created_1h) if created_1h else 0)
 
 
 # Providers whose own counters leave cache reads/writes out of input tokens, and thinking out of output
@@ -132,10 +157,13 @@ def usage_from_verbatim(counters: Any, provider_prefix: str, ttl_1h: int = 0) ->
     return Usage(total_in, total_out, read, write, reasoning, min(ttl_1h, write))
 
 
+MONEY_DIGITS = 12
+
+
 def money(value: float) -> float:
     """USD as written out (span attributes, reports, summaries, the cost log): 12 decimals, a thousandth of a
     nano-dollar, so sums read 2.61e-05 and not 2.6099999999999997e-05. Sums are kept unrounded inside."""
-    return round(value, 12)
+    return round(value, MONEY_DIGITS)
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -149,13 +177,16 @@ def _rate(value: float | None, fallback: float | None) -> float:
     return fallback or 0.0
 
 
-def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, cache_hit: bool = False) -> CallCost:
+def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, cache_hit: bool = False,
+                 rates: Rates | None = None) -> CallCost:
     """Actual and economic cost. DSPy cache hits and local models spend 0 actual dollars.
 
     The economic cost is what the same usage costs without any cache: every input token at the input
     rate (of the tier and prompt size), so a DSPy cache hit is worth what its first call would have
-    cost uncached."""
-    rates = entry.rates_for(tier, usage.input_tokens)
+    cost uncached. `rates`, when given, are `entry.rates_for(tier, usage.input_tokens)` worked out
+    beforehand (the cost engine keeps them per model)."""
+    if rates is None:
+        rates = entry.rates_for(tier, usage.input_tokens)
     cached = min(usage.cache_read_tokens, usage.input_tokens)
     written = min(usage.cache_creation_tokens, usage.input_tokens - cached)
     written_1h = min(usage.cache_write_1h_tokens, written)
@@ -163,14 +194,16 @@ def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, ca
     reasoning = min(usage.reasoning_tokens, usage.output_tokens)
     visible_out = usage.output_tokens - reasoning
 
-    in_rate = _rate(rates.input, 0.0)
-    out_rate = _rate(rates.output, 0.0)
+    # `_rate`'s fallbacks written inline: this runs once per LM call
+    in_rate = rates.input or 0.0
+    out_rate = rates.output or 0.0
     input_usd = plain_in * in_rate / _M
-    write_rate = _rate(rates.cache_write, in_rate)
-    cached_input_usd = (cached * _rate(rates.cached_input, in_rate) + (written - written_1h) * write_rate
-                        + written_1h * _rate(rates.cache_write_1h, write_rate)) / _M
+    write_rate = rates.cache_write if rates.cache_write is not None else in_rate
+    cached_rate = rates.cached_input if rates.cached_input is not None else in_rate
+    write_1h_rate = rates.cache_write_1h if rates.cache_write_1h is not None else write_rate
+    cached_input_usd = (cached * cached_rate + (written - written_1h) * write_rate + written_1h * write_1h_rate) / _M
     output_usd = visible_out * out_rate / _M
-    reasoning_usd = reasoning * _rate(rates.reasoning, out_rate) / _M
+    reasoning_usd = reasoning * (rates.reasoning if rates.reasoning is not None else out_rate) / _M
     billed = input_usd + cached_input_usd + output_usd + reasoning_usd
     economic = (usage.input_tokens * in_rate) / _M + output_usd + reasoning_usd
     free = cache_hit or entry.local
@@ -196,9 +229,14 @@ def worst_case_usd(entry: PriceEntry, input_tokens_bound: int, max_output_tokens
     """(total, input part, output part) a call can cost at most: the budget reserves this up front."""
     if entry.local:
         return 0.0, 0.0, 0.0
-    rates: Rates = entry.rates_for(tier, input_tokens_bound)
-    in_rate = max(_rate(rates.input, 0.0), _rate(rates.cache_write, 0.0), _rate(rates.cache_write_1h, 0.0))
-    out_rate = max(_rate(rates.output, 0.0), _rate(rates.reasoning, 0.0))
+    in_rate, out_rate = worst_rates(entry.rates_for(tier, input_tokens_bound))
     input_part = input_tokens_bound * in_rate / _M
     output_part = max_output_tokens * out_rate / _M
     return input_part + output_part, input_part, output_part
+
+
+def worst_rates(rates: Rates) -> tuple[float, float]:
+    """(per input token, per output token) at most, USD per 1M: a prompt token may be a cache write, an
+    output token a reasoning one."""
+    return (max(_rate(rates.input, 0.0), _rate(rates.cache_write, 0.0), _rate(rates.cache_write_1h, 0.0)),
+            max(_rate(rates.output, 0.0), _rate(rates.reasoning, 0.0)))

@@ -6,6 +6,7 @@ priced the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ._catalog_edit import add_entry
-from ._cost import UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd
+from ._cost import _M, UNKNOWN_COST, CallCost, Usage, compute_cost, worst_case_usd, worst_rates
 from .budget import UnpricedModelError
 from .pricing import (
     _RATE_FIELDS,
@@ -30,6 +31,19 @@ logger = logging.getLogger("otel_dspy_cost.pricing")
 
 POLICIES = ("error", "warn", "prompt")
 DEFAULT_MAX_OUTPUT_TOKENS = 16_384  # reservation when neither the call nor the catalog says
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class _PriceCard:
+    """What pricing one call to a model needs, worked out on its first call (two lookups, the tier's rates
+    and the worst-case rates would otherwise be redone for every call)."""
+
+    entry: PriceEntry
+    tier: str | None
+    rates: Rates  # the tier's rates below any long-context threshold
+    long_above: int | None  # prompts above this many tokens are priced at long-context rates (rates do not apply)
+    worst_in: float  # USD per 1M prompt tokens at most (a prompt token may be a cache write)
+    worst_out: float  # USD per 1M output tokens at most (an output token may be a reasoning one)
 
 
 def default_policy() -> str:
@@ -63,6 +77,7 @@ class CostEngine:
         self._lock = threading.Lock()
         self._said: set[tuple[str, str]] = set()
         self._entries: dict[str, PriceEntry | None] = {}
+        self._cards: dict[str, _PriceCard] = {}
 
     def _once(self, kind: str, model: str, message: str, *args: object) -> None:
         with self._lock:
@@ -127,26 +142,47 @@ class CostEngine:
         self.resolver.reload_user_catalog(self.user_catalog)
         return self.resolver.lookup(model, tier=self.tier)
 
+    def _card(self, model: str) -> _PriceCard | None:
+        """The model's price card, or None when no price is known (raises like `entry_for`)."""
+        card = self._cards.get(model)
+        if card is not None:
+            return card
+        entry = self.entry_for(model)
+        if entry is None:
+            return None
+        tier = self.tier_for(model)  # after entry_for: it learns whether the model lacks the tier
+        rates = entry.rates_for(tier, 0)
+        long_above = entry.long_context_threshold if entry.long_context_rates is not None else None
+        card = _PriceCard(entry, tier, rates, long_above, *worst_rates(rates))
+        self._cards[model] = card
+        return card
+
     def cost(self, model: str, usage: Usage, *, cache_hit: bool = False) -> CallCost:
         try:
-            entry = self.entry_for(model)
+            card = self._card(model)
         except UnpricedModelError:
             # After the call the money is spent: never raise here, record the cost as unknown.
             return UNKNOWN_COST
-        if entry is None:
+        if card is None:
             return UNKNOWN_COST
-        return compute_cost(usage, entry, tier=self.tier_for(model), cache_hit=cache_hit)
+        short = card.long_above is None or usage.input_tokens <= card.long_above  # else long-context rates
+        return compute_cost(usage, card.entry, tier=card.tier, cache_hit=cache_hit, rates=card.rates if short else None)
 
     def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None, n: int = 1
                    ) -> tuple[float | None, str | None]:
         """(USD to reserve, the term that dominates it) for a call about to be made; (None, None) when no
         price is known. `n` completions are `n` times the call."""
-        entry = self.entry_for(model)
-        if entry is None:
+        card = self._card(model)
+        if card is None:
             return None, None
+        entry = card.entry
         unset = max_tokens is None
         out = max_tokens if max_tokens is not None else (entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS)
-        total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out, self.tier_for(model))
+        if entry.local or (card.long_above is not None and input_tokens_bound > card.long_above):
+            total, in_part, out_part = worst_case_usd(entry, input_tokens_bound, out, card.tier)
+        else:  # worst_case_usd's arithmetic on the card's rates
+            in_part, out_part = input_tokens_bound * card.worst_in / _M, out * card.worst_out / _M
+            total = in_part + out_part
         # n completions: DSPy 3.4's native engine sends n requests (each billed for the prompt), LiteLLM one
         # request with n choices (prompt billed once). The bound covers both: the whole call, n times.
         copies = max(1, n)

@@ -200,6 +200,7 @@ def _module_begin(instance, args, kwargs):
         return None
     try:
         path = _module_path(instance)  # also when unsampled: the path labels the LM call's cost
+        timings = None
         if unsampled(rt):
             span, token = skipped()
         else:
@@ -207,20 +208,22 @@ def _module_begin(instance, args, kwargs):
             attrs = {A.SPAN_KIND: kind, A.MODULE_PATH: path, A.MODULE_CLASS: type(instance).__qualname__,
                      A.PHASE: _context.current().phase}
             span, token = start(rt.tracer, f"{'predict' if kind == 'predictor' else 'module'} {path}", attrs)
-        return span, token, CURRENT_MODULE.set((instance, path)), "." not in path
+            if span.is_recording():
+                timings = [None, None, None, span]  # adapter format/parse seconds, its name (`_timed_adapter_op`)
+        return span, token, CURRENT_MODULE.set((instance, path, timings)), "." not in path, timings
     except Exception:
         internal_error("module span start")
         return None
 
 
 def _module_end(state, result, exc):
-    span, token, mod_token, top_level = state
+    span, token, mod_token, top_level, timings = state
     CURRENT_MODULE.reset(mod_token)
     if exc is not None and top_level and isinstance(exc, Exception):
         errors = _EVAL_ERRORS.get()
         if errors is not None:
             errors[0] += 1
-    finish(span, token, exc)
+    finish(span, token, exc, _adapter_attributes(timings) if timings is not None and timings[2] else None)
 
 
 def _lm_begin(instance, args, kwargs):
@@ -569,26 +572,51 @@ _adapter_wrappers = {
 }
 
 
+_ADAPTER_KEYS = ("dspy.adapter.format.duration_s", "dspy.adapter.parse.duration_s")
+
+
+def _adapter_attributes(timings: list[Any]) -> dict[str, Any]:
+    attrs: dict[str, Any] = {key: t for key, t in zip(_ADAPTER_KEYS, timings[:2], strict=True) if t is not None}
+    attrs["dspy.adapter.name"] = timings[2]
+    return attrs
+
+
 def _timed_adapter_op(op: str) -> Wrappers:
     """`adapter_spans="attributes"`: the adapter's format/parse timed onto the enclosing (predictor) span instead
     of a span each: `dspy.adapter.<op>.duration_s` (summed when a predictor formats or parses more than once,
     e.g. a JSONAdapter fallback), `dspy.adapter.name`, and a `dspy.adapter.<op>.error` event for a failure
-    DSPy may catch itself. A span costs ~35 us in the SDK here; a timing and two attributes, a few."""
-    key = f"dspy.adapter.{op}.duration_s"
+    DSPy may catch itself. A span costs ~35 us in the SDK here; a timing and two attributes, a few.
+
+    Inside a module span of ours (the usual case) the timings are kept with it and written with its roll-up
+    when it ends: one attribute write per span instead of a read and a write per format/parse. Outside one
+    (an adapter called directly), they go onto the current span at once."""
+    index = _ADAPTER_KEYS.index(f"dspy.adapter.{op}.duration_s")
+    key = _ADAPTER_KEYS[index]
 
     def begin(instance, args, kwargs):
         if _runtime.active() is None or _IN_ADAPTER_OP.get():
             return None
+        module = CURRENT_MODULE.get()
+        if module is not None and module[2] is not None:  # our recording module span: timings kept with it
+            return None, module[2], instance, _IN_ADAPTER_OP.set(True), time.perf_counter()
+        if module is not None:
+            return None  # our module span here records nothing (sampled out): neither does its adapter
         span = trace.get_current_span()  # not recording covers `unsampled` (dropped trace, no-op tracer) too
         if not span.is_recording():
             return None
-        return span, instance, _IN_ADAPTER_OP.set(True), time.perf_counter()
+        return span, None, instance, _IN_ADAPTER_OP.set(True), time.perf_counter()
 
     def end(state, result, exc):
-        span, instance, guard_token, started = state
+        span, timings, instance, guard_token, started = state
         _IN_ADAPTER_OP.reset(guard_token)
         try:
             elapsed = time.perf_counter() - started
+            if timings is not None:
+                timings[index] = (timings[index] or 0.0) + elapsed
+                timings[2] = type(instance).__name__
+                if exc is not None:
+                    timings[3].add_event(f"dspy.adapter.{op}.error", {A.ERROR_TYPE: type(exc).__qualname__})
+                return
             before = getattr(span, "attributes", None) or {}
             span.set_attributes({key: before.get(key, 0.0) + elapsed, "dspy.adapter.name": type(instance).__name__})
             if exc is not None:

@@ -78,6 +78,7 @@ class CostMetrics:
         # update per call instead of three SDK measurements (each hashes its attribute set).
         self._sums: dict[tuple[str, ...], list[float]] = {}
         self._genai_labels: dict[tuple[str, str, str], tuple[dict[str, str], ...]] = {}
+        self._slots: dict[tuple[Any, ...], tuple[list[float], tuple[dict[str, str], ...]]] = {}
         self._sums_lock = threading.Lock()
         # (input tokens, output tokens, duration or None, label sets, span context) per call, to record
         self._pending: list[tuple[int, int, float | None, tuple[dict[str, str], ...], Any]] = []
@@ -131,28 +132,41 @@ class CostMetrics:
                     output_tokens: int, cache_hit: bool, unknown: bool, duration_s: float | None) -> None:
         if not self._live and not self._went_live():
             return
-        model_label = self._model(model or "unknown")
-        key = (self.module_label(module), model_label, phase, self._label(budget_label or "none"),
-               self._optimizer(optimizer or "none"), "true" if cache_hit else "false", "true" if unknown else "false")
+        raw = (module, model, phase, budget_label, optimizer, cache_hit, unknown, operation, provider)
         with self._sums_lock:
-            row = self._sums.get(key)
-            if row is None:
-                row = self._sums[key] = [0.0, 0.0, 0]
+            slot = self._slots.get(raw)
+            if slot is None:
+                slot = self._slot(raw)
+            row = slot[0]
             row[0] += usd
             row[1] += economic_usd
             row[2] += 1
-        if not self._histograms:
-            return
-        genai_key = (operation, provider, model_label)
-        label_sets = self._genai_labels.get(genai_key)
-        if label_sets is None:
-            label_sets = self._genai_label_sets(*genai_key)
-        item = (input_tokens, output_tokens, duration_s, label_sets, trace.get_current_span().get_span_context())
-        with self._sums_lock:
+            if not self._histograms:
+                return
+            item = (input_tokens, output_tokens, duration_s, slot[1], trace.get_current_span().get_span_context())
             if len(self._pending) < _MAX_PENDING:
                 self._pending.append(item)
                 return
         self._record(item)  # nothing has collected for a long while: record as they come
+
+    def _slot(self, raw: tuple[Any, ...]) -> tuple[list[float], tuple[dict[str, str], ...]]:
+        """(sums row, GenAI label sets) of a call's raw labels, bounded on the way (caller holds the lock).
+        Kept per raw label set, so a call is one dict lookup and three additions."""
+        module, model, phase, budget_label, optimizer, cache_hit, unknown, operation, provider = raw
+        model_label = self._model(model or "unknown")
+        key = (self.module_label(module), model_label, phase, self._label(budget_label or "none"),
+               self._optimizer(optimizer or "none"), "true" if cache_hit else "false", "true" if unknown else "false")
+        row = self._sums.get(key)
+        if row is None:
+            row = self._sums[key] = [0.0, 0.0, 0]
+        genai_key = (operation, provider, model_label)
+        label_sets = self._genai_labels.get(genai_key)
+        if label_sets is None:
+            label_sets = self._genai_label_sets(*genai_key)
+        slot = (row, label_sets)
+        if len(self._slots) < 4096:  # past that, labels are bounded per call (slower, same series)
+            self._slots[raw] = slot
+        return slot
 
     def _record(self, item: tuple[int, int, float | None, tuple[dict[str, str], ...], Any]) -> None:
         input_tokens, output_tokens, duration_s, label_sets, span_context = item

@@ -93,13 +93,18 @@ class RollupTree:
         node.inp, node.out, node.calls, node.unknown = usage.input_tokens, usage.output_tokens, 1, int(cost.unknown)
         self.add_to_parent(node)
 
-    def write(self, span: Span) -> None:
-        """Our span is about to end: write its totals once."""
+    def write(self, span: Span, extra: dict[str, Any] | None = None) -> None:
+        """Our span is about to end: write its totals once (with `extra` attributes, in the same write)."""
         node = self._live.get(span.get_span_context().span_id)
-        if node is None or not node.calls:
+        if node is not None and node.calls:
+            with self._lock:
+                attrs = node.rollup_attributes()
+            if extra:
+                attrs.update(extra)
+        elif extra:
+            attrs = extra
+        else:
             return
-        with self._lock:
-            attrs = node.rollup_attributes()
         span.set_attributes(attrs)
 
     def add_to_parent(self, node: Node) -> None:

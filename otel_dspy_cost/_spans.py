@@ -72,17 +72,18 @@ def mark_refused(span: Span, stop: BaseException) -> None:
     record_error(span, stop)
 
 
-def finish(span: Span, token: object, exc: BaseException | None = None) -> None:
+def finish(span: Span, token: object, exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> None:
+    """End a span made current by `start`; `extra` attributes are written with its roll-up, in one go."""
     if token is None:  # a span we did not make (unsampled)
         return
     try:
         otel_context.detach(token)
     except Exception:
         internal_error("context detach")
-    finish_detached(span, exc)
+    finish_detached(span, exc, extra)
 
 
-def finish_detached(span: Span, exc: BaseException | None = None) -> None:
+def finish_detached(span: Span, exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> None:
     """End a span that was never made current (a trial's summary span in the compile trace)."""
     try:
         if exc is not None:
@@ -91,5 +92,10 @@ def finish_detached(span: Span, exc: BaseException | None = None) -> None:
         internal_error("span error status")
     rt = _runtime.active()
     if rt is not None and rt.processor is not None:
-        rt.processor.write_rollup(span)  # guarded inside
+        rt.processor.write_rollup(span, extra)  # guarded inside
+    elif extra:
+        try:
+            span.set_attributes(extra)
+        except Exception:
+            internal_error("span attributes")
     span.end()

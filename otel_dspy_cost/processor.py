@@ -161,12 +161,12 @@ class BudgetSpanProcessor(SpanProcessor):
         if node is not None:
             node.call = call
 
-    def write_rollup(self, span: Span) -> None:
-        """Called by our wrappers just before one of our spans ends: its roll-up attributes are written
-        once instead of after every LM call below it (an optimizer's LM call sits under five or six of
-        our spans, and each rewrite is five attributes the SDK validates and copies)."""
+    def write_rollup(self, span: Span, extra: dict[str, Any] | None = None) -> None:
+        """Called by our wrappers just before one of our spans ends: its roll-up attributes (and `extra`, the
+        wrapper's own) are written once instead of after every LM call below it (an optimizer's LM call sits
+        under five or six of our spans, and each rewrite is five attributes the SDK validates and copies)."""
         try:
-            self.tree.write(span)
+            self.tree.write(span, extra)
         except Exception:
             self._internal_error("write_rollup")
 

@@ -31,3 +31,17 @@ def test_benchmark_runs(script, args, expect):
                          timeout=300, cwd=BENCH)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout
+
+
+def test_instruction_count_benchmark_runs():
+    """benchmarks/instructions.py under valgrind (tests/install-system-deps.sh installs it): one variant, one
+    program, two calls. Starting Python under valgrind takes minutes, hence the one small run."""
+    assert shutil.which("valgrind"), "valgrind is missing: tests/install-system-deps.sh installs it"
+    env = {**os.environ, "PYTHONPATH": str(BENCH)}
+    out = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--calls", "2", "--programs", "one Predict",
+                          "--only", "ours, sampled out"], capture_output=True, text=True, env=env, timeout=1500,
+                         cwd=BENCH)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ours, sampled out" in out.stdout and "of the baseline call" in out.stdout, out.stdout
+    per_call = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith("  baseline")}
+    assert float(per_call["baseline"][1].replace(",", "")) > 100_000  # a DSPy call is millions of instructions

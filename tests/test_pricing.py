@@ -55,6 +55,24 @@ def test_anthropic_cache_write_and_long_context(resolver):
     assert long.usd == pytest.approx((250_000 * 6.0 + 1_000 * 22.5) / 1e6)
 
 
+@pytest.mark.parametrize("tier", [None, "batch"])
+def test_the_engine_prices_like_the_arithmetic_on_both_sides_of_the_long_context_threshold(resolver, tier):
+    """CostEngine keeps each model's rates from its first call: every later call, short or long, in any tier,
+    must price exactly as compute_cost/worst_case_usd do from the entry."""
+    from otel_dspy_cost._cost import worst_case_usd
+
+    engine = CostEngine(resolver, unknown_model="error", tier=tier)
+    model = "anthropic/claude-sonnet-4-20250514"
+    entry = resolver.lookup(model, tier=tier)
+    for usage in (Usage(3_000, 100, cache_read_tokens=1_000, cache_creation_tokens=1_000), Usage(250_000, 1_000),
+                  Usage(2_000, 50), Usage(300_000, 10, cache_read_tokens=100_000)):
+        assert engine.cost(model, usage) == compute_cost(usage, entry, tier=tier)
+    for bound, max_tokens in ((1_000, 512), (250_000, 512), (10, None), (199_000, 64_000)):
+        total, _, _ = worst_case_usd(entry, bound, max_tokens or entry.max_output_tokens or 16_384, tier)
+        assert engine.worst_case(model, bound, max_tokens)[0] == total
+        assert engine.worst_case(model, bound, max_tokens, n=3)[0] == total * 3
+
+
 def test_batch_tier(resolver):
     entry = resolver.lookup("openai/gpt-4o-mini", tier="batch")
     cost = compute_cost(Usage(1_000_000, 1_000_000), entry, tier="batch")

@@ -410,3 +410,50 @@ def test_a_ledger_password_never_reaches_the_refusal(otel, server):
     with pytest.raises(otel_dspy_cost.LedgerUnavailableError) as info, guard, dspy.context(lm=lm):
         dspy.Predict("question -> answer")(question="down")
     assert "hunter2pw" not in str(info.value) and "127.0.0.1" in str(info.value) and server.count == 0
+
+
+def test_a_shared_budget_holds_sampled_out_in_a_pool_and_a_plain_thread(ledger_url, server, lm):
+    """The accounting-without-tracing matrix of test_accounting, on the shared ledgers: an ALWAYS_OFF sampler
+    (no span of ours records), calls from a thread pool and from a plain thread. Every request the simulator
+    saw is counted once in the ledger, and spend never passes the cap."""
+    import concurrent.futures
+    import threading
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    limit = 0.004  # room for the five callers' worst cases at once (0.0004 each); spend fills the rest
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
+
+    def one(_):
+        with dspy.context(lm=lm):
+            dspy.Predict("question -> answer")(question="what does a sampled-out call cost?")
+
+    try:
+        before = server.count
+        with pytest.raises(otel_dspy_cost.BudgetExceededError) as raised:
+            with otel_dspy_cost.budget(limit_usd=limit, label="sampled-out", ledger=ledger_url) as b:
+                stopped: list[BaseException] = []
+
+                def plain():
+                    try:
+                        for i in range(100):
+                            one(i)
+                    except otel_dspy_cost.BudgetExceededError as exc:
+                        stopped.append(exc)
+
+                thread = threading.Thread(target=plain)
+                thread.start()
+                with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+                    list(pool.map(one, range(400)))
+                thread.join()
+                assert stopped, "the plain thread was stopped by the same cap"
+        sent = server.count - before
+        assert raised.value.reason in ("limit_usd", "tripped"), raised.value
+        assert sent > 5 and b.call_count == sent, str(raised.value)
+        assert b.spent_usd <= limit
+    finally:
+        otel_dspy_cost.uninstrument()
+        provider.shutdown()

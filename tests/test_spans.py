@@ -520,6 +520,27 @@ def test_adapter_timings_as_attributes_of_the_predictor_span(server):
         otel_dspy_cost.uninstrument()
 
 
+def test_adapter_timings_outside_a_module_go_onto_the_current_span():
+    """An adapter called directly (no module span of ours around it) times onto whatever span is current,
+    at once; two formats sum."""
+    exporter, provider = _instrumented()
+    try:
+        signature = dspy.Signature("question -> answer")
+        adapter = dspy.ChatAdapter()
+        with provider.get_tracer("user").start_as_current_span("user work"):
+            adapter.format(signature, demos=[], inputs={"question": "one"})
+            adapter.format(signature, demos=[], inputs={"question": "two"})
+        (span,) = exporter.get_finished_spans()
+        assert span.name == "user work" and span.attributes["dspy.adapter.name"] == "ChatAdapter"
+        assert 0 < span.attributes["dspy.adapter.format.duration_s"] < 1
+        assert "dspy.adapter.parse.duration_s" not in span.attributes
+        exporter.clear()
+        adapter.format(signature, demos=[], inputs={"question": "no span"})  # nothing current: nothing written
+        assert exporter.get_finished_spans() == ()
+    finally:
+        otel_dspy_cost.uninstrument()
+
+
 def test_evaluate_counts_examples_that_raised(otel, lm):
     exporter, _ = otel
 
