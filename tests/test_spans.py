@@ -527,9 +527,12 @@ def test_adapter_timings_outside_a_module_go_onto_the_current_span():
     try:
         signature = dspy.Signature("question -> answer")
         adapter = dspy.ChatAdapter()
-        with provider.get_tracer("user").start_as_current_span("user work"):
+        key = "dspy.adapter.format.duration_s"
+        with provider.get_tracer("user").start_as_current_span("user work") as live:
             adapter.format(signature, demos=[], inputs={"question": "one"})
+            first = live.attributes[key]  # written at once, not when the span ends
             adapter.format(signature, demos=[], inputs={"question": "two"})
+            assert live.attributes[key] > first
         (span,) = exporter.get_finished_spans()
         assert span.name == "user work" and span.attributes["dspy.adapter.name"] == "ChatAdapter"
         assert 0 < span.attributes["dspy.adapter.format.duration_s"] < 1
