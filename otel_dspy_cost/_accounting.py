@@ -111,9 +111,9 @@ class _Plan:
 def _plan(budgets: tuple[Budget, ...]) -> _Plan:
     by_ledger: dict[int, tuple[Any, list[str], list[Budget]]] = {}
     for b in budgets:
-        by_ledger.setdefault(id(b.ledger), (b.ledger, [], []))
-        by_ledger[id(b.ledger)][1].append(b.account)
-        by_ledger[id(b.ledger)][2].append(b)
+        _, accounts, group = by_ledger.setdefault(id(b.ledger), (b.ledger, [], []))
+        accounts.append(b.account)
+        group.append(b)
     runs = [b for b in budgets if not b.is_scope]
     return _Plan(budgets, tuple(by_ledger.values()),
                  tuple(b for b in budgets if not getattr(b.ledger, "shared", False)),

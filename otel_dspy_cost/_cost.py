@@ -60,16 +60,6 @@ class CallCost:
 UNKNOWN_COST = CallCost(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "unknown", -1, None, unknown=True)
 
 
-def _get(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if type(obj) is dict:  # the common case, without the (slower) ABC check below
-        return obj.get(name)
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
 def _int(value: Any) -> int:
     if type(value) is int:  # the common case, without the conversions below
         return value if value > 0 else 0
@@ -144,11 +134,12 @@ def usage_from_verbatim(counters: Any, provider_prefix: str, ttl_1h: int = 0) ->
     """
     if counters is None:
         return None
-    inputs, outputs = _get(counters, "input_tokens"), _get(counters, "output_tokens")
+    c = _fields(counters)
+    inputs, outputs = c.get("input_tokens"), c.get("output_tokens")
     if inputs is None and outputs is None:
         return None
-    read, write = _int(_get(counters, "cache_read_tokens")), _int(_get(counters, "cache_write_tokens"))
-    reasoning = _int(_get(counters, "reasoning_tokens"))
+    read, write = _int(c.get("cache_read_tokens")), _int(c.get("cache_write_tokens"))
+    reasoning = _int(c.get("reasoning_tokens"))
     total_in, total_out = _int(inputs), _int(outputs)
     if provider_prefix in _DISJOINT_CACHE:
         total_in += read + write

@@ -590,8 +590,8 @@ def _timed_adapter_op(op: str) -> Wrappers:
     Inside a module span of ours (the usual case) the timings are kept with it and written with its roll-up
     when it ends: one attribute write per span instead of a read and a write per format/parse. Outside one
     (an adapter called directly), they go onto the current span at once."""
-    index = _ADAPTER_KEYS.index(f"dspy.adapter.{op}.duration_s")
-    key = _ADAPTER_KEYS[index]
+    key = f"dspy.adapter.{op}.duration_s"
+    index = _ADAPTER_KEYS.index(key)  # its slot in the module span's timings
 
     def begin(instance, args, kwargs):
         if _runtime.active() is None or _IN_ADAPTER_OP.get():
