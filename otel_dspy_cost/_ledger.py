@@ -164,6 +164,10 @@ class InProcessLedger:
                 st, lim = self._accounts[name], self._limits[name]
                 refusal = check_limits(name, lim, amount_usd, phase, st)
                 if refusal is not None:
+                    # The stop is sticky from this instant, under the lock: a smaller call in another thread
+                    # cannot slip in between the refusal and the budget tripping the account afterwards.
+                    if st.tripped is None:
+                        st.tripped = refusal.reason
                     return refusal
             for name in accounts:
                 st = self._accounts[name]

@@ -275,6 +275,9 @@ class RedisLedger(SharedAccounts):
         reason = _text(out[1])
         if reason == "window_mismatch":
             return self._mismatch(name, _text(out[2]))
+        # Sticky in this process at once (the budget trips it too, a little later). A thread whose script is
+        # already on its way to the server can still be admitted by a cap it fits under.
+        self._tripped.setdefault(name, reason)
         lim = self._limits[name]
         limit = {"max_calls": lim.max_calls, "limit_usd": lim.limit_usd}.get(reason, lim.phase_limits.get(phase))
         if reason == "max_calls":

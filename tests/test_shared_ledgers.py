@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
 from conftest import MODEL
 
 import otel_dspy_cost
-from otel_dspy_cost._ledger import Limits
+from otel_dspy_cost._ledger import Limits, Refusal
 from otel_dspy_cost._shared_ledgers import ledger_from_url
 
 WORKER = str(Path(__file__).resolve().parent / "ledger_worker.py")
@@ -224,6 +225,61 @@ def test_a_locked_sqlite_ledger_is_unavailable_not_ignored(otel, server, tmp_pat
     with guard, dspy.context(lm=lm):
         dspy.Predict("question -> answer")(question="unlocked")
     assert guard.call_count == 1 == server.count
+
+
+@pytest.mark.parametrize("where", ["in-process", "sqlite", "redis"])
+def test_a_refusal_is_sticky_from_the_ledger_step_that_refused(where, tmp_path):
+    """The stop is taken in the same locked step as the refusal, not when the budget gets round to tripping
+    the account: a smaller call from another thread right after the refusal is refused as well (it fits
+    under the cap, so without the sticky step it would be admitted after the breach)."""
+    if where == "in-process":
+        ledger: Any = otel_dspy_cost._ledger.InProcessLedger()
+    elif where == "sqlite":
+        ledger = ledger_from_url(f"sqlite:///{tmp_path / 'sticky.db'}").inner
+    else:
+        server = RedisServer(tmp_path).start()
+        ledger = ledger_from_url(server.url).inner
+    try:
+        account = ledger.key("sticky") if hasattr(ledger, "key") else "sticky"
+        ledger.open(account, Limits(1.0, None, {}, True))
+        first = ledger.reserve([account], 0.7, "infer")
+        assert not isinstance(first, Refusal)
+        refused = ledger.reserve([account], 0.5, "infer")
+        assert isinstance(refused, Refusal) and refused.reason == "limit_usd"
+        after = ledger.reserve([account], 0.1, "infer")  # fits in the 0.3 left
+        assert isinstance(after, Refusal) and after.reason == "tripped", after
+        ledger.release(first)
+    finally:
+        if where == "redis":
+            server.kill()
+
+
+def test_threads_opening_a_new_sqlite_ledger_at_once_all_get_in(tmp_path):
+    """Five pool threads and a plain one make their first reservation on a fresh file together (the start of
+    any parallel evaluate): SQLite refuses the losers' switch to WAL at once, without its busy timeout, which
+    must not read as an unavailable ledger (fail_closed would refuse a healthy run)."""
+    import threading
+
+    failures: list[Refusal] = []
+    for trial in range(120):  # the race loses in ~1 first open of 20 without the retry
+        ledger = ledger_from_url(f"sqlite:///{tmp_path / f'fresh{trial}.db'}")
+        ledger.open(ledger.key("fresh"), Limits(1.0, None, {}, False))  # in memory: the file is untouched
+        start = threading.Barrier(6)
+
+        def first(ledger=ledger, start=start):
+            start.wait()
+            held = ledger.reserve([ledger.key("fresh")], 0.001, "infer")
+            if isinstance(held, Refusal):
+                failures.append(held)
+            else:
+                ledger.release(held)
+
+        threads = [threading.Thread(target=first) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
 
 
 def test_a_redis_account_in_the_per_call_layout_is_folded_into_buckets(redis_server):
