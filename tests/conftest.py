@@ -19,6 +19,10 @@ import otel_dspy_cost  # noqa: E402
 from otel_dspy_cost.simulator import SimulatedLM, SimulatorServer  # noqa: E402
 
 MODEL = "openai/gpt-4o-mini"
+# A string signature is parsed with ast.parse, which on CPython before 3.11.8 can raise "SystemError: AST
+# constructor recursion depth mismatch" when threads parse at once (python/cpython#106905; this machine has
+# 3.11.7). Tests that build predictors inside threads use this one parsed signature.
+QA = dspy.Signature("question -> answer")
 
 
 @pytest.fixture

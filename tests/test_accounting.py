@@ -14,7 +14,7 @@ import time
 
 import dspy
 import pytest
-from conftest import MODEL, ResearchAgent, metric_points
+from conftest import MODEL, QA, ResearchAgent, metric_points
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -54,7 +54,7 @@ def _provider(variant, monkeypatch):
 
 def _one(lm, i):
     with dspy.context(lm=lm):
-        return dspy.Predict("question -> answer")(question="what does a sampled-out call cost?")
+        return dspy.Predict(QA)(question="what does a sampled-out call cost?")
 
 
 def _run(mode, lm, n=200):

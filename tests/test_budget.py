@@ -6,7 +6,7 @@ import threading
 
 import dspy
 import pytest
-from conftest import MODEL, ResearchAgent
+from conftest import MODEL, QA, ResearchAgent
 
 import otel_dspy_cost
 from otel_dspy_cost import BudgetExceededError, ScopeExhaustedError
@@ -138,7 +138,7 @@ def test_sixteen_threads_never_overshoot(otel, server):
     stops = []
 
     def worker(b):
-        predict = dspy.Predict("question -> answer")
+        predict = dspy.Predict(QA)
         try:
             with dspy.context(lm=lm):
                 for i in range(1000):
@@ -451,7 +451,7 @@ def test_one_budget_entered_in_many_threads_and_tasks_at_once(otel, lm, server):
         try:
             for i in range(3):
                 with b, dspy.context(lm=lm):
-                    dspy.Predict("question -> answer")(question=f"thread {k} call {i}")
+                    dspy.Predict(QA)(question=f"thread {k} call {i}")
         except BaseException as exc:  # noqa: BLE001 - any escape is the failure we look for
             errors.append(exc)
 

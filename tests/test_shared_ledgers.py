@@ -14,7 +14,7 @@ from typing import Any
 
 import dspy
 import pytest
-from conftest import MODEL
+from conftest import MODEL, QA
 
 import otel_dspy_cost
 from otel_dspy_cost._ledger import Limits, Refusal
@@ -159,7 +159,12 @@ def test_rolling_window_rolls_over_with_an_injected_clock(tmp_path):
     assert isinstance(ledger.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
     now[0] += 2 * 60  # 61 minutes after the spend: it no longer counts
     assert guard.spent_usd == 0
-    assert not isinstance(ledger.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
+    # The refusal stopped this process's budget for good (sticky); another process on the same file, which
+    # never was refused, has the whole window again.
+    assert ledger.reserve([account], 0.2, "infer").reason == "tripped"
+    other = ledger_from_url(f"sqlite:///{tmp_path / 'w.db'}", clock=lambda: now[0])
+    otel_dspy_cost.budget(limit_usd=1.0, label="hourly", ledger=other, window="1h")
+    assert not isinstance(other.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
     start, end = guard.window_bounds()
     assert end - start == dt.timedelta(hours=1)
 
@@ -485,7 +490,7 @@ def test_a_shared_budget_holds_sampled_out_in_a_pool_and_a_plain_thread(ledger_u
 
     def one(_):
         with dspy.context(lm=lm):
-            dspy.Predict("question -> answer")(question="what does a sampled-out call cost?")
+            dspy.Predict(QA)(question="what does a sampled-out call cost?")
 
     try:
         before = server.count
