@@ -194,8 +194,10 @@ class Accountant:
         call.holds = tuple(held)
         call.reserved_usd = amount
         call.term = term
-        for b in budgets:
-            b._call_started(amount)
+        for b in budgets:  # Budget._call_started, inline: this runs per budget per LM call
+            b._in_flight.add()
+            if amount > b.max_reserved_usd:
+                b.max_reserved_usd = amount  # a plain max: a lost race only under-reports a hint
         self._in_flight.add()
 
     def admit_unbudgeted(self, call: LMCall) -> None:
@@ -230,23 +232,23 @@ class Accountant:
                 ledger.settle(reservation, cost.usd, cost.economic_usd)
             call.holds = ()
             for b in budgets:
-                kinds = b._after_settle()
-                if kinds:
-                    call.fired += tuple((b, kind) for kind in kinds)
+                # Budget._after_settle's own first test, inline: once a budget has nothing left to fire (no
+                # warn threshold or already warned; a stop, or an exceed already fired), it costs no call.
+                if (b.warn_at is not None and not b._warned) or (b.action == "warn" and not b._exceeded):
+                    kinds = b._after_settle()
+                    if kinds:
+                        call.fired += tuple((b, kind) for kind in kinds)
         finally:
-            for b in budgets:
-                b._call_finished()
+            for b in budgets:  # Budget._call_finished, inline
+                b._in_flight.done()
             self._in_flight.done()
         plan = self._plan_for(budgets) if budgets else None
         usage = call.billed
-        self.aggregator.record(
-            module=call.module or "(no module)", model=call.model or "(unknown model)", phase=call.phase,
-            budgets=plan.labels if plan is not None else (), trial=None if call.trial is None else call.trial_key,
-            values={"calls": 1, "usd": cost.usd, "economic_usd": cost.economic_usd,
-                    "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
-                    "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
-                    "unknown_cost_calls": int(cost.unknown), "estimated_calls": int(call.estimated),
-                    "cache_hits": int(call.cache_hit)})
+        self.aggregator.add(
+            (call.module or "(no module)", call.model or "(unknown model)", call.phase,
+             plan.labels if plan is not None else (), None if call.trial is None else call.trial_key),
+            1, cost.usd, cost.economic_usd, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens,
+            usage.reasoning_tokens, int(cost.unknown), int(call.estimated), int(call.cache_hit))
         metrics = self.metrics
         if metrics is not None:
             try:

@@ -99,19 +99,21 @@ class InFlight:
     def __init__(self) -> None:
         self._count = 0
         self._waiting = 0
-        # A plain lock, not the Condition's default RLock: add/done run twice per LM call each.
-        self._idle = threading.Condition(threading.Lock())
+        # A plain lock, not the Condition's default RLock: add/done run twice per LM call each, and take the
+        # lock itself (the Condition's __enter__/__exit__ are two Python calls more around the same lock).
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     @property
     def count(self) -> int:
         return self._count
 
     def add(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count += 1
 
     def done(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count = max(0, self._count - 1)
             if not self._count and self._waiting:
                 self._idle.notify_all()

@@ -28,9 +28,11 @@ class SpendAggregator:
         self.max_keys = max_keys
         self._by: dict[str, dict[str, dict[str, float]]] = {d: {} for d in DIMENSIONS}
         self._total = _blank()
-        # (module, model, phase, budgets, trial) -> the rows that call adds to: looked up once per distinct
-        # key, so a call is one dict lookup and the additions (this runs once per LM call).
+        # (module, model, phase, budgets, trial) -> the rows that key adds to (the total and one per dimension).
         self._rows: dict[tuple[Any, ...], list[dict[str, float]]] = {}
+        # A call adds its ten figures to its key's sums only; they are folded into the rows of every dimension
+        # when the report is read. Reads are rare and calls are many: one row per call instead of six.
+        self._sums: dict[tuple[Any, ...], list[float]] = {}
 
     def _rows_for(self, key: tuple[Any, ...]) -> list[dict[str, float]]:
         module, model, phase, budgets, trial = key
@@ -53,16 +55,42 @@ class SpendAggregator:
 
     def record(self, *, module: str, model: str, phase: str, budgets: Iterable[str], trial: str | None,
                values: dict[str, float]) -> None:
-        key = (module, model, phase, tuple(budgets), trial)
+        self.add((module, model, phase, tuple(budgets), trial), *(values.get(f, 0) for f in _FIELDS))
+
+    def add(self, key: tuple[Any, ...], calls: int, usd: float, economic_usd: float, input_tokens: int,
+            cached_input_tokens: int, output_tokens: int, reasoning_tokens: int, unknown_cost_calls: int,
+            estimated_calls: int, cache_hits: int) -> None:
+        """One call's figures in `_FIELDS` order, under `key` = (module, model, phase, budgets, trial)."""
         with self._lock:
+            sums = self._sums.get(key)
+            if sums is None:
+                if len(self._sums) >= 4 * self.max_keys:  # bounded: past that, a key's sums are folded at once
+                    self._fold()
+                sums = self._sums[key] = [0] * len(_FIELDS)
+            sums[0] += calls
+            sums[1] += usd
+            sums[2] += economic_usd
+            sums[3] += input_tokens
+            sums[4] += cached_input_tokens
+            sums[5] += output_tokens
+            sums[6] += reasoning_tokens
+            sums[7] += unknown_cost_calls
+            sums[8] += estimated_calls
+            sums[9] += cache_hits
+
+    def _fold(self) -> None:
+        """Add every key's sums to its rows and forget them (caller holds the lock)."""
+        for key, sums in self._sums.items():
             rows = self._rows.get(key) or self._rows_for(key)
-            for f, v in values.items():
+            for f, v in zip(_FIELDS, sums, strict=True):
                 if v:
                     for row in rows:
                         row[f] += v
+        self._sums = {}
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            self._fold()
             return {"by_module": {k: dict(v) for k, v in self._by["module"].items()},
                     "by_model": {k: dict(v) for k, v in self._by["model"].items()},
                     "by_phase": {k: dict(v) for k, v in self._by["phase"].items()},
@@ -75,6 +103,7 @@ class SpendAggregator:
             self._by = {d: {} for d in DIMENSIONS}
             self._total = _blank()
             self._rows = {}
+            self._sums = {}
 
 
 def collapse_module(path: str, depth: int | None) -> str:

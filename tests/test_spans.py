@@ -293,14 +293,49 @@ def test_uninstrument_restores_dspy_exactly():
     otel_dspy_cost.uninstrument()
     before = _patch_points()
     otel_dspy_cost.instrument()
-    otel_dspy_cost.instrument()  # idempotent
+    first = _patch_points()
+    otel_dspy_cost.instrument()  # idempotent: no wrapper of ours wrapped again
     during = _patch_points()
     assert during != before
+    assert during.keys() == first.keys() and all(during[k] is first[k] for k in first)
     otel_dspy_cost.uninstrument()
     otel_dspy_cost.uninstrument()  # safe twice
     after = _patch_points()
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
+
+
+def test_a_patch_point_is_wrapped_once_and_restored():
+    """Our wrappers are known by identity (not by a wrapper subclass): wrapping a point that already holds
+    one of ours is a no-op, another library's wrapper is wrapped, and removal restores what was there."""
+    import wrapt
+
+    from otel_dspy_cost._dspy_patches import _Patches
+
+    class Owner:
+        def f(self, x):
+            return x
+
+    original = Owner.__dict__["f"]
+    calls = []
+
+    def ours(wrapped, instance, args, kwargs):
+        calls.append("ours")
+        return wrapped(*args, **kwargs)
+
+    patches = _Patches()
+    patches.wrap(Owner, "f", ours)
+    first = Owner.__dict__["f"]
+    patches.wrap(Owner, "f", ours)
+    assert Owner.__dict__["f"] is first and Owner().f(3) == 3 and calls == ["ours"]
+    patches.remove()
+    assert Owner.__dict__["f"] is original
+    theirs = wrapt.FunctionWrapper(original, lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs))
+    Owner.f = theirs
+    patches.wrap(Owner, "f", ours)
+    assert Owner.__dict__["f"] is not theirs and Owner().f(4) == 4 and calls == ["ours", "ours"]
+    patches.remove()
+    assert Owner.__dict__["f"] is theirs
 
 
 def test_planted_secret_never_exported(server, caplog):
