@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,3 +74,17 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Starting(threading.local):
+    """The attributes we are handing the SDK for a span of ours it is starting in this thread, else None.
+
+    The SDK calls our processor's `on_start` synchronously inside `start_span`; reading the three attributes
+    it needs from this plain dict instead of the span's `attributes` (a mapping proxy over the SDK's
+    `BoundedAttributes`, whose `get` and `len` are Python-level calls) saves ~7,000 instructions per span.
+    A thread-local, not a ContextVar: it is only ever set around one synchronous call."""
+
+    attributes: dict[str, Any] | None = None
+
+
+STARTING = _Starting()

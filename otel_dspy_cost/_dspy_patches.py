@@ -273,11 +273,8 @@ def _lm_begin(instance, args, kwargs):
     except BaseException as exc:  # KeyboardInterrupt and the like, before any request: close the span
         finish(span, token, exc)
         raise
-    try:
-        if call.budgets and span.is_recording():
-            span.set_attributes(_lm_span.admitted_attributes(call))
-    except Exception:
-        internal_error("LM span start")
+    # The admission's attributes (reservation, budget labels) are written with the end attributes, in one
+    # write: spans are exported when they end, and a second write per call costs the SDK's lock and loop.
     return rt, span, token, call, _context.CURRENT_CALL.set(call), prompt, messages
 
 
@@ -597,26 +594,25 @@ def _timed_adapter_op(op: str) -> Wrappers:
 
     Inside a module span of ours (the usual case) the timings are kept with it and written with its roll-up
     when it ends: one attribute write per span instead of a read and a write per format/parse. Outside one
-    (an adapter called directly), they go onto the current span at once."""
+    (an adapter called directly), they go onto the current span at once.
+
+    Written as its own (sync, async) pair rather than through `_around`: this runs twice per LM call, and
+    the begin/end calls `_around` makes cost two Python calls more each time."""
     key = f"dspy.adapter.{op}.duration_s"
     index = _ADAPTER_KEYS.index(key)  # its slot in the module span's timings
 
-    def begin(instance, args, kwargs):
+    def where() -> tuple[Any, Any] | None:
+        """(span, timings) to time onto, or None to run untimed."""
         if _runtime.active() is None or _IN_ADAPTER_OP.get():
             return None
         module = CURRENT_MODULE.get()
-        if module is not None and module[2] is not None:  # our recording module span: timings kept with it
-            return None, module[2], instance, _IN_ADAPTER_OP.set(True), time.perf_counter()
-        if module is not None:
-            return None  # our module span here records nothing (sampled out): neither does its adapter
+        if module is not None:  # our module span: timings kept with it, or nothing if it records nothing
+            return None if module[2] is None else (None, module[2])
         span = trace.get_current_span()  # not recording covers `unsampled` (dropped trace, no-op tracer) too
-        if not span.is_recording():
-            return None
-        return span, None, instance, _IN_ADAPTER_OP.set(True), time.perf_counter()
+        return (span, None) if span.is_recording() else None
 
-    def end(state, result, exc):
-        span, timings, instance, guard_token, started = state
-        _IN_ADAPTER_OP.reset(guard_token)
+    def timed(target: tuple[Any, Any], instance: Any, started: float, exc: BaseException | None) -> None:
+        span, timings = target
         try:
             elapsed = time.perf_counter() - started
             if timings is not None:
@@ -632,7 +628,67 @@ def _timed_adapter_op(op: str) -> Wrappers:
         except Exception:
             internal_error(f"adapter {op} timing")
 
-    return _around(begin, end)
+    def run_timed(target, wrapped, instance, args, kwargs):
+        guard = _IN_ADAPTER_OP.set(True)
+        started = time.perf_counter()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _IN_ADAPTER_OP.reset(guard)
+            timed(target, instance, started, exc)
+            raise
+        _IN_ADAPTER_OP.reset(guard)
+        timed(target, instance, started, None)
+        return result
+
+    def sync_wrapper(wrapped, instance, args, kwargs):
+        # `where()` and `timed()` inline for the usual case (inside a recording module span of ours, no
+        # error); anything else goes through them.
+        if _runtime.active() is None or _IN_ADAPTER_OP.get():
+            return wrapped(*args, **kwargs)
+        module = CURRENT_MODULE.get()
+        if module is None:
+            target = where()
+            return wrapped(*args, **kwargs) if target is None else run_timed(target, wrapped, instance, args, kwargs)
+        timings = module[2]
+        if timings is None:  # our module span here records nothing (sampled out): neither does its adapter
+            return wrapped(*args, **kwargs)
+        guard = _IN_ADAPTER_OP.set(True)
+        started = time.perf_counter()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _IN_ADAPTER_OP.reset(guard)
+            timed((None, timings), instance, started, exc)
+            raise
+        _IN_ADAPTER_OP.reset(guard)
+        try:
+            timings[index] = (timings[index] or 0.0) + (time.perf_counter() - started)
+            timings[2] = type(instance).__name__
+        except Exception:
+            internal_error(f"adapter {op} timing")
+        return result
+
+    async def run_async(wrapped, instance, args, kwargs):
+        target = where()
+        if target is None:
+            return await wrapped(*args, **kwargs)
+        guard = _IN_ADAPTER_OP.set(True)
+        started = time.perf_counter()
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _IN_ADAPTER_OP.reset(guard)
+            timed(target, instance, started, exc)
+            raise
+        _IN_ADAPTER_OP.reset(guard)
+        timed(target, instance, started, None)
+        return result
+
+    def async_wrapper(wrapped, instance, args, kwargs):
+        return run_async(wrapped, instance, args, kwargs)
+
+    return sync_wrapper, async_wrapper
 
 
 _timed_adapter_wrappers = {"format": _timed_adapter_op("format"), "parse": _timed_adapter_op("parse")}

@@ -190,12 +190,6 @@ def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: 
     return attrs
 
 
-def admitted_attributes(call: LMCall) -> dict[str, Any]:
-    if not call.budgets:
-        return {}
-    return {A.BUDGET_RESERVED_USD: call.reserved_usd, A.BUDGET_LABEL: ",".join(call.budget_labels)}
-
-
 def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -> None:
     """Usage and cost of a call the provider answered; tokens estimated when it reported none.
 
@@ -264,6 +258,9 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
         A.GEN_AI_CACHE_READ_TOKENS: billed.cache_read_tokens,
         A.GEN_AI_CACHE_CREATION_TOKENS: billed.cache_creation_tokens,
         A.GEN_AI_REASONING_TOKENS: billed.reasoning_tokens}
+    if call.budgets:  # what admission reserved, under which budgets
+        attrs[A.BUDGET_RESERVED_USD] = call.reserved_usd
+        attrs[A.BUDGET_LABEL] = ",".join(call.budget_labels)
     if call.estimate_reason:
         attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
     cost = call.cost

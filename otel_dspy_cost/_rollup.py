@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import Span
 
 from . import _attributes as A
 from ._accounting import LMCall
+from ._context import STARTING
 from ._cost import money
 
 
@@ -63,10 +64,12 @@ class RollupTree:
         self._lock = threading.Lock()
 
     def track(self, span: Span) -> Node:
-        attrs = span.attributes or {}
+        ours = getattr(span.instrumentation_scope, "name", None) == A.SCOPE_NAME
+        attrs = STARTING.attributes if ours else None  # ours, being started: the dict we gave the SDK
+        if attrs is None:
+            attrs = span.attributes or {}
         parent_ctx = span.parent
         parent = self._live.get(parent_ctx.span_id) if parent_ctx is not None else None
-        ours = getattr(span.instrumentation_scope, "name", None) == A.SCOPE_NAME
         node = Node(span, parent, is_lm(attrs), ours)
         if parent is not None:
             node.lm_ancestor = parent if parent.is_lm else parent.lm_ancestor

@@ -17,6 +17,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from . import _attributes as A
 from . import _redact, _runtime
+from ._context import STARTING
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -46,7 +47,11 @@ def unsampled(rt: Any) -> bool:
 
 def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any],
           kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> tuple[Span, object]:
-    span = tracer.start_span(name, attributes=attributes, kind=kind)
+    STARTING.attributes = attributes  # what our processor's on_start reads for this span (see _context)
+    try:
+        span = tracer.start_span(name, attributes=attributes, kind=kind)
+    finally:
+        STARTING.attributes = None
     token = otel_context.attach(trace.set_span_in_context(span))
     return span, token
 
