@@ -596,8 +596,9 @@ def _timed_adapter_op(op: str) -> Wrappers:
     when it ends: one attribute write per span instead of a read and a write per format/parse. Outside one
     (an adapter called directly), they go onto the current span at once.
 
-    Written as its own (sync, async) pair rather than through `_around`: this runs twice per LM call, and
-    the begin/end calls `_around` makes cost two Python calls more each time."""
+    The usual case (inside a recording module span of ours) runs inline in its own sync wrapper rather
+    than through `_around`: this runs twice per LM call, and the begin/end calls `_around` makes cost two
+    Python calls more each time. Everything else goes through `_around`."""
     key = f"dspy.adapter.{op}.duration_s"
     index = _ADAPTER_KEYS.index(key)  # its slot in the module span's timings
 
@@ -628,28 +629,25 @@ def _timed_adapter_op(op: str) -> Wrappers:
         except Exception:
             internal_error(f"adapter {op} timing")
 
-    def run_timed(target, wrapped, instance, args, kwargs):
-        guard = _IN_ADAPTER_OP.set(True)
-        started = time.perf_counter()
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _IN_ADAPTER_OP.reset(guard)
-            timed(target, instance, started, exc)
-            raise
+    def begin(instance, args, kwargs):
+        target = where()
+        return None if target is None else (target, instance, _IN_ADAPTER_OP.set(True), time.perf_counter())
+
+    def end(state, result, exc):
+        target, instance, guard, started = state
         _IN_ADAPTER_OP.reset(guard)
-        timed(target, instance, started, None)
-        return result
+        timed(target, instance, started, exc)
+
+    # Every case but the usual one (and every async call) through the shared `_around` mechanism.
+    general_sync, async_wrapper = _around(begin, end)
 
     def sync_wrapper(wrapped, instance, args, kwargs):
-        # `where()` and `timed()` inline for the usual case (inside a recording module span of ours, no
-        # error); anything else goes through them.
+        # `begin()`/`end()` inline for the usual case (inside a recording module span of ours).
         if _runtime.active() is None or _IN_ADAPTER_OP.get():
             return wrapped(*args, **kwargs)
         module = CURRENT_MODULE.get()
         if module is None:
-            target = where()
-            return wrapped(*args, **kwargs) if target is None else run_timed(target, wrapped, instance, args, kwargs)
+            return general_sync(wrapped, instance, args, kwargs)
         timings = module[2]
         if timings is None:  # our module span here records nothing (sampled out): neither does its adapter
             return wrapped(*args, **kwargs)
@@ -668,25 +666,6 @@ def _timed_adapter_op(op: str) -> Wrappers:
         except Exception:
             internal_error(f"adapter {op} timing")
         return result
-
-    async def run_async(wrapped, instance, args, kwargs):
-        target = where()
-        if target is None:
-            return await wrapped(*args, **kwargs)
-        guard = _IN_ADAPTER_OP.set(True)
-        started = time.perf_counter()
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _IN_ADAPTER_OP.reset(guard)
-            timed(target, instance, started, exc)
-            raise
-        _IN_ADAPTER_OP.reset(guard)
-        timed(target, instance, started, None)
-        return result
-
-    def async_wrapper(wrapped, instance, args, kwargs):
-        return run_async(wrapped, instance, args, kwargs)
 
     return sync_wrapper, async_wrapper
 
