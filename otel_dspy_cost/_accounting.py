@@ -194,7 +194,7 @@ class Accountant:
         call.holds = tuple(held)
         call.reserved_usd = amount
         call.term = term
-        for b in budgets:  # Budget._call_started, inline: this runs per budget per LM call
+        for b in budgets:  # each budget counts its calls in flight (a stop drains them); runs per LM call
             b._in_flight.add()
             if amount > b.max_reserved_usd:
                 b.max_reserved_usd = amount  # a plain max: a lost race only under-reports a hint
@@ -215,7 +215,7 @@ class Accountant:
         _give_back(call.holds)
         call.holds = ()
         for b in call.budgets:
-            b._call_finished()
+            b._in_flight.done()
         self._in_flight.done()
 
     def settle(self, call: LMCall) -> None:
@@ -239,7 +239,7 @@ class Accountant:
                     if kinds:
                         call.fired += tuple((b, kind) for kind in kinds)
         finally:
-            for b in budgets:  # Budget._call_finished, inline
+            for b in budgets:
                 b._in_flight.done()
             self._in_flight.done()
         plan = self._plan_for(budgets) if budgets else None

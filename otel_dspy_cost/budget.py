@@ -246,14 +246,6 @@ class Budget:
                 f"calls={self.call_count}, status={self.status!r})")
 
     # -- called by the accounting station -------------------------------------------------------
-    def _call_started(self, reserved_usd: float) -> None:
-        self._in_flight.add()
-        if reserved_usd > self.max_reserved_usd:
-            self.max_reserved_usd = reserved_usd  # a plain max: a lost race only under-reports a hint
-
-    def _call_finished(self) -> None:
-        self._in_flight.done()
-
     def _scope(self, name: str, **kwargs: Any) -> Budget:
         with self._scopes_lock:
             existing = self._scopes.get(name)
