@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 from overhead import _ours, _sdk_floor  # noqa: E402
 
-from otel_dspy_cost._metrics import CostMetrics  # noqa: E402
+from otel_dspy_cost.telemetry.metrics import CostMetrics  # noqa: E402
 
 
 def record_call_us(meter_provider, n: int) -> float:

@@ -35,6 +35,7 @@ _UNDER = "OTEL_DSPY_COST_BENCH_UNDER_CALLGRIND"  # set for the run inside valgri
 
 def _outside(argv: list[str]) -> int:
     """Re-run this script under callgrind, then print the table from its dumps."""
+    _parser().parse_args(argv)  # --help and bad arguments answer here, not minutes later under valgrind
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2

@@ -29,8 +29,9 @@ import time
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from otel_dspy_cost._ledger import NANO, Limits, Refusal, to_nano  # noqa: E402
-from otel_dspy_cost._shared_ledgers import ledger_from_url, parse_window  # noqa: E402
+from otel_dspy_cost.ledgers.protocol import NANO, Limits, Refusal, to_nano  # noqa: E402
+from otel_dspy_cost.ledgers.urls import ledger_from_url  # noqa: E402
+from otel_dspy_cost.ledgers.windows import parse_window
 
 WINDOW = parse_window("1d")
 AMOUNT = 0.0002  # USD per call, reserved and settled

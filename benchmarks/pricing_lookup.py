@@ -16,9 +16,9 @@ warnings.simplefilter("ignore")
 
 from _common import MODEL, InProcessLM, dspy, one_predict, time_per_call  # noqa: E402
 
-from otel_dspy_cost._cost import Usage, compute_cost  # noqa: E402
-from otel_dspy_cost._costing import CostEngine  # noqa: E402
-from otel_dspy_cost.pricing import PricingResolver  # noqa: E402
+from otel_dspy_cost.pricing.cost import Usage, compute_cost  # noqa: E402
+from otel_dspy_cost.pricing.engine import CostEngine  # noqa: E402
+from otel_dspy_cost.pricing.resolver import PricingResolver  # noqa: E402
 
 
 def per_call(fn, n: int) -> float:

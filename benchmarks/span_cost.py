@@ -16,7 +16,7 @@ import time
 from _common import batch_provider
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_dspy_cost.processor import BudgetSpanProcessor
+from otel_dspy_cost.telemetry.processor import BudgetSpanProcessor
 
 ATTRS = {"dspy.span.kind": "module", "dspy.module.path": "Agent.step", "dspy.phase": "infer",
          "dspy.instrumentation": "otel-dspy-cost", "dspy.module.class": "Predict"}

@@ -5,36 +5,36 @@
     with otel_dspy_cost.budget(limit_usd=5.0, label="compile") as b:
         optimizer.compile(program, trainset=train)
 
-Data flow: DSPy call points (wrappers, `_dspy_patches`; threads, `_threads`; optimizer trials,
-`_optimizers`) -> one `LMCall` per provider call (`_lm_span`) -> the accounting station (`_accounting`:
-worst case priced by `_costing`/`pricing`, reserved in each budget's ledger, `_ledger` /
-`_shared_ledgers`, then settled; spend report, metrics `_metrics`, `record_run`'s cost log) -> the span
-(`BudgetSpanProcessor`: roll-up tree, and the budget gate for other instrumentations' LM spans) -> the
-tracer provider's exporters. See docs/architecture.md.
+Data flow, one package per station (docs/architecture.md has the picture): DSPy call points wrapped by
+`instrumentation` (its `patches`, thread hand-offs, optimizer hooks from `optimizers`) -> one `LMCall` per
+provider call -> the accounting station in `budgets` (worst case priced by `pricing`, reserved in each
+budget's ledger from `ledgers`, then settled; spend totals, metrics, `record_run`'s cost log) -> the span,
+where `telemetry`'s `BudgetSpanProcessor` rolls cost up the tree (and gates other instrumentations' LM
+spans) -> the tracer provider's exporters. `reports` and `cli` read what the stations recorded.
 """
 
 import os as _os
 
-# LiteLLM fetches its price map online at import unless told otherwise; we never want that.
+# LiteLLM fetches its price map online at import unless told otherwise; we never want that. The one place it
+# is set: every module of this package (and `python -m otel_dspy_cost.cli`) runs this file first.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from . import pricing  # noqa: E402
-from .artifacts import record_run  # noqa: E402
-from .budget import (  # noqa: E402
-    Budget,
+from otel_dspy_cost import pricing  # noqa: E402
+from otel_dspy_cost.budgets.budget import Budget, budget, scope  # noqa: E402
+from otel_dspy_cost.errors import (
     BudgetExceededError,
     ForkedBudgetError,
     LedgerUnavailableError,
+    NothingUsableError,
     ScopeExhaustedError,
     UnpricedModelError,
-    budget,
-    scope,
 )
-from .estimate import Estimate, estimate  # noqa: E402
-from .guarded import CompileResult, NothingUsableError, guarded_compile  # noqa: E402
-from .instrumentor import DSPyCostInstrumentor, instrument, uninstrument  # noqa: E402
-from .processor import BudgetSpanProcessor  # noqa: E402
-from .report import spend_report  # noqa: E402
+from otel_dspy_cost.instrumentation.instrumentor import DSPyCostInstrumentor, instrument, uninstrument  # noqa: E402
+from otel_dspy_cost.optimizers.estimate import Estimate, estimate  # noqa: E402
+from otel_dspy_cost.optimizers.guarded import CompileResult, guarded_compile  # noqa: E402
+from otel_dspy_cost.reports.artifacts import record_run  # noqa: E402
+from otel_dspy_cost.reports.spend import spend_report  # noqa: E402
+from otel_dspy_cost.telemetry.processor import BudgetSpanProcessor  # noqa: E402
 
 __all__ = [
     "Budget",

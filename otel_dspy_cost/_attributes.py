@@ -8,6 +8,16 @@ budget gate (processor) can read LM spans from any instrumentation that follows 
 # Instrumentation scope of our tracer and meter: how our spans are told from other instrumentations'.
 SCOPE_NAME = "otel_dspy_cost"
 
+
+def scope_version() -> str:
+    """The instrumentation scope's version: the installed distribution's, "0.0.0" from a source tree."""
+    try:
+        from importlib.metadata import version
+
+        return version("otel-dspy-cost")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.0.0"
+
 # --- span model -------------------------------------------------------------------------
 SPAN_KIND = "dspy.span.kind"  # compile|evaluate|module|predictor|adapter.format|lm|adapter.parse|tool|retriever
 MODULE_PATH = "dspy.module.path"

@@ -1,7 +1,7 @@
 """Run state that follows the code path, in one place: every ContextVar this package uses lives here.
 
 Why one module: threads started by the user, DSPy's worker pool and our own hand-offs carry run state
-as one `contextvars.copy_context()` (see `_threads`), so nothing can be forgotten in a list of
+as one `contextvars.copy_context()` (see `instrumentation.threads`), so nothing can be forgotten in a list of
 variables to copy. Async tasks inherit the context for free.
 """
 
@@ -14,7 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .budget import Budget
+    from otel_dspy_cost.budgets.budget import Budget
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,10 +32,10 @@ class RunContext:
 _RUN: contextvars.ContextVar[RunContext] = contextvars.ContextVar(
     "otel_dspy_cost_run", default=RunContext())  # noqa: B039
 # (module instance, module path, adapter timings) of the innermost DSPy module being called: the parent for
-# paths; the timings list exists while its span records (see `_dspy_patches._timed_adapter_op`).
+# paths; the timings list exists while its span records (see `instrumentation.patches._timed_adapter_op`).
 CURRENT_MODULE: contextvars.ContextVar[tuple[Any, str, list[Any] | None] | None] = contextvars.ContextVar(
     "otel_dspy_cost_module", default=None)
-# The LM call in progress (an `_accounting.LMCall`): DSPy's finalisation hooks fill in its usage.
+# The LM call in progress (a `budgets.accounting.LMCall`): DSPy's finalisation hooks fill in its usage.
 CURRENT_CALL: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_lm_call", default=None)
 # Inside an adapter format/parse span: a nested twin (a subclass calling super()) makes no second span.
 IN_ADAPTER_OP: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_dspy_cost_adapter_op", default=False)
@@ -44,7 +44,7 @@ IN_COMPILE: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("ot
 # Per Evaluate call: [examples whose program call raised] (Evaluate scores them as failures and goes on).
 EVAL_ERRORS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("otel_dspy_cost_eval_errors",
                                                                               default=None)
-# The optimizer run (`_optimizers.CompileRun`) and the trial span open here.
+# The optimizer run (`optimizers.runs.CompileRun`) and the trial span open here.
 COMPILE_RUN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_compile_run", default=None)
 TRIAL_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_trial_span", default=None)
 

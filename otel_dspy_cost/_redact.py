@@ -108,11 +108,11 @@ class ScrubbingFilter(logging.Filter):
 
 
 def install_log_filter() -> None:
-    """Every `otel_dspy_cost*` logger gets the filter (loggers propagate records, not filters)."""
-    for name in ("otel_dspy_cost", "otel_dspy_cost.processor", "otel_dspy_cost.budget", "otel_dspy_cost.pricing"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, ScrubbingFilter) for f in log.filters):
-            log.addFilter(ScrubbingFilter())
+    """The package's one logger gets the filter: every module logs through `logging.getLogger("otel_dspy_cost")`
+    (one name, because a logger's filters do not apply to records of its child loggers)."""
+    log = logging.getLogger("otel_dspy_cost")
+    if not any(isinstance(f, ScrubbingFilter) for f in log.filters):
+        log.addFilter(ScrubbingFilter())
 
 
 def server_address(api_base: Any) -> tuple[str, int | None] | None:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from .report import SpendAggregator
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-    from ._accounting import Accountant
-    from ._costing import CostEngine
-    from .budget import Budget
-    from .processor import BudgetSpanProcessor
+    from otel_dspy_cost.budgets.accounting import Accountant
+    from otel_dspy_cost.budgets.budget import Budget
+    from otel_dspy_cost.pricing.engine import CostEngine
+    from otel_dspy_cost.telemetry.processor import BudgetSpanProcessor
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -41,7 +40,10 @@ class Runtime:
 
 
 _active: Runtime | None = None
-_fallback_aggregator = SpendAggregator()
+# How `budget()` switches accounting on when it is entered before `instrument()`, set by the instrumentor
+# when it is imported. A hook rather than an import: budgets sit below instrumentation in the package
+# layering (docs/architecture.md), and `otel_dspy_cost/__init__` always imports the instrumentor.
+_implicit_start: Callable[[], None] | None = None
 
 
 def active() -> Runtime | None:
@@ -53,10 +55,20 @@ def set_active(runtime: Runtime | None) -> None:
     _active = runtime
 
 
-def aggregator() -> SpendAggregator:
+def set_implicit_start(start: Callable[[], None]) -> None:
+    global _implicit_start
+    _implicit_start = start
+
+
+def start_implicit() -> None:
+    """Accounting only, no spans exported: what a budget entered before `instrument()` needs."""
     if _active is not None:
-        return _active.accountant.aggregator
-    return _fallback_aggregator
+        return
+    if _implicit_start is None:  # cannot happen once the package is imported; said loudly if it does
+        logger.error("otel-dspy-cost: budget entered before the instrumentor was imported: budgets are not "
+                     "enforced; call otel_dspy_cost.instrument() at start-up")
+        return
+    _implicit_start()
 
 
 def budget_event(budget: Budget, kind: str) -> None:
@@ -86,7 +98,7 @@ def ledger_outage(url: str, policy: str, detail: str) -> None:
     try:
         from opentelemetry import trace
 
-        from . import _redact
+        from otel_dspy_cost import _redact
 
         trace.get_current_span().add_event("dspy.budget.ledger_unavailable", {
             "dspy.budget.ledger": _redact.scrub(url), "dspy.budget.on_unavailable": policy,

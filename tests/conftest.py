@@ -1,6 +1,8 @@
 """Fixtures: a real OpenTelemetry SDK pipeline and a real OpenAI-compatible HTTP server on 127.0.0.1."""
 
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -16,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 import otel_dspy_cost  # noqa: E402
+from otel_dspy_cost import _attributes as A  # noqa: E402
 from otel_dspy_cost.simulator import SimulatedLM, SimulatorServer  # noqa: E402
 
 MODEL = "openai/gpt-4o-mini"
@@ -104,3 +107,47 @@ def tree(spans):
     by_id = {s.context.span_id: s for s in spans}
     return by_id, [(s.name, by_id[s.parent.span_id].name if s.parent and s.parent.span_id in by_id else None)
                    for s in spans]
+
+
+def lm_spans(exporter):
+    return [s for s in exporter.get_finished_spans() if s.attributes.get(A.SPAN_KIND) == "lm"
+            and not s.attributes.get(A.BUDGET_REFUSED)]
+
+
+def assert_rollups_match(exporter):
+    """Every span's roll-up equals the sum of the LM spans below it."""
+    spans = exporter.get_finished_spans()
+    by_id = {s.context.span_id: s for s in spans}
+    below: dict[int, list] = {s.context.span_id: [] for s in spans}
+    for s in spans:
+        if s.attributes.get(A.SPAN_KIND) != "lm":
+            continue
+        parent = by_id.get(s.parent.span_id) if s.parent else None
+        while parent is not None:
+            below[parent.context.span_id].append(s)
+            parent = by_id.get(parent.parent.span_id) if parent.parent else None
+    checked = 0
+    for s in spans:
+        lms = below[s.context.span_id]
+        if not lms:
+            continue
+        checked += 1
+        assert s.attributes[A.LM_CALLS] == len(lms), s.name
+        assert s.attributes[A.TOTAL_USD] == pytest.approx(sum(x.attributes[A.COST_USD] for x in lms)), s.name
+        assert s.attributes[A.TOTAL_ECONOMIC_USD] == pytest.approx(
+            sum(x.attributes[A.COST_ECONOMIC_USD] for x in lms))
+        assert s.attributes[A.TOTAL_INPUT_TOKENS] == sum(x.attributes[A.GEN_AI_INPUT_TOKENS] for x in lms)
+        assert s.attributes[A.TOTAL_OUTPUT_TOKENS] == sum(x.attributes[A.GEN_AI_OUTPUT_TOKENS] for x in lms)
+    assert checked > 0
+
+
+def examples(n, prefix="q"):
+    """`n` training examples of one question each, as the artifact and estimate tests use them."""
+    return [dspy.Example(question=f"{prefix} {i} about the cost of things", answer="a").with_inputs("question")
+            for i in range(n)]
+
+
+def run_cli(*args, env=None):
+    """The `otel-dspy-cost` command in a child process (as a user runs it)."""
+    return subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)

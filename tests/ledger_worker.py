@@ -35,8 +35,8 @@ class TinyLM(dspy.BaseLM):
 
 def main() -> None:
     if sys.argv[1] == "--hold":
-        from otel_dspy_cost._ledger import Limits
-        from otel_dspy_cost._shared_ledgers import ledger_from_url
+        from otel_dspy_cost.ledgers.protocol import Limits
+        from otel_dspy_cost.ledgers.urls import ledger_from_url
 
         ledger = ledger_from_url(sys.argv[2], reservation_timeout_s=float(sys.argv[3]))
         account = ledger.key("held")

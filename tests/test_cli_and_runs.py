@@ -17,7 +17,7 @@ from conftest import MODEL
 
 import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.artifacts import read_costs
+from otel_dspy_cost.reports.artifacts import read_costs
 
 ENV = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
 
@@ -319,3 +319,26 @@ def test_a_dead_collector_delays_exit_by_at_most_the_shutdown_bound():
     assert elapsed - baseline < 4.0, (elapsed, baseline)  # the SDK alone retried for 11-15 s here
     said = [line for line in result.stderr.splitlines() if "export" in line or "telemetry" in line]
     assert len(said) <= 2 and any("not delivered within" in line for line in said), result.stderr
+
+
+def test_demo_runs_fast_and_matches_its_artifacts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", "demo", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    elapsed = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert elapsed < 60
+    text = out.stdout
+    assert "estimate, compile" in text and "BUDGET STOP" in text and "trials: cost next to score" in text
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    spent = float(re.search(r"spent \$([0-9.]+) of", text.split("BUDGET STOP")[1]).group(1))
+    requests = int(re.search(r"provider requests made: (\d+)", text).group(1))
+    assert summary["total_cost_usd"] == pytest.approx(spent, abs=1e-6)  # printed with 6 decimals: one unit of the last
+    assert summary["calls"] == requests == len(read_costs(tmp_path / "demo"))
+    assert summary["budget"]["cancelled_reason"] == "budget_exceeded" and summary["total_cost_usd"] <= 0.012
+    assert len(summary["trials"]) >= 2
+    estimate_ = summary["estimate"]
+    # The budget cut the run short, so the actual sits below the projection, which warned it might not fit.
+    assert summary["calls"] <= estimate_["calls_high"] and estimate_["exceeds_budget"] is True
+    assert "estimate, whole run" in text

@@ -14,7 +14,7 @@ from conftest import MODEL
 import otel_dspy_cost
 from otel_dspy_cost import BudgetExceededError, LedgerUnavailableError, UnpricedModelError
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.artifacts import read_costs
+from otel_dspy_cost.reports.artifacts import read_costs
 
 SECRET = "sk-planted-SECRET-0123456789abcdef"
 
@@ -156,7 +156,7 @@ def test_tool_schemas_are_in_the_input_bound(otel, server):
 
 
 def test_images_count_at_the_provider_maximum():
-    from otel_dspy_cost._lm_span import IMAGE_TOKENS_BOUND, input_tokens_bound
+    from otel_dspy_cost.instrumentation.lm_call import IMAGE_TOKENS_BOUND, input_tokens_bound
 
     text = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}]}]
     image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
@@ -225,10 +225,10 @@ def test_a_call_cancelled_before_its_request_left_is_given_back_not_counted(otel
             for i in range(20):
                 task = asyncio.ensure_future(dspy.Predict("question -> answer").acall(question=f"q {tmp_path} {i}"))
                 for _ in range(2000):  # until it is admitted (its reservation held), then cancel at once
-                    if b._in_flight.count or task.done():
+                    if b.in_flight.count or task.done():
                         break
                     await asyncio.sleep(0)
-                admitted = bool(b._in_flight.count)
+                admitted = bool(b.in_flight.count)
                 task.cancel()
                 try:
                     await task
@@ -284,8 +284,8 @@ def test_a_corrupt_sqlite_ledger_follows_on_unavailable(otel, server, tmp_path):
 def test_redis_fail_open_keeps_the_cap_without_a_warn_read(otel, server, tmp_path):
     from test_shared_ledgers import RedisServer
 
-    from otel_dspy_cost._ledger import Limits
-    from otel_dspy_cost._shared_ledgers import ledger_from_url
+    from otel_dspy_cost.ledgers.protocol import Limits
+    from otel_dspy_cost.ledgers.urls import ledger_from_url
 
     redis_server = RedisServer(tmp_path).start()
     try:

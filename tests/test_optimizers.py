@@ -4,9 +4,10 @@ import inspect
 
 import dspy
 import pytest
-from conftest import MODEL
+from conftest import MODEL, ResearchAgent, lm_spans
 
 import otel_dspy_cost
+from otel_dspy_cost import BudgetExceededError
 from otel_dspy_cost import _attributes as A
 
 
@@ -285,3 +286,79 @@ def test_guarded_compile_does_not_absorb_an_enclosing_budgets_stop(otel, lm):
         otel_dspy_cost.guarded_compile(optimizer, dspy.ChainOfThought("question -> answer"), budget=10.0,
                                        trainset=_data(8))
     assert info.value.label == "daily"
+
+
+def test_stop_escapes_bootstrap_fewshot(otel, lm, server):
+    train = [dspy.Example(question=f"train q{i}", answer="x").with_inputs("question") for i in range(20)]
+    optimizer = dspy.BootstrapFewShot(metric=lambda e, p, t=None: True, max_bootstrapped_demos=20,
+                                      max_labeled_demos=0, max_rounds=1)
+    with pytest.raises(BudgetExceededError) as info:
+        with otel_dspy_cost.budget(limit_usd=0.0015, label="compile") as b, dspy.context(lm=lm):
+            optimizer.compile(ResearchAgent(), trainset=train)
+    assert info.value.label == "compile"
+    assert b.spent_usd <= 0.0015 and b.call_count == server.count > 0
+    assert otel_dspy_cost.spend_report(by="phase")["train"]["calls"] == server.count
+
+
+def test_stop_escapes_miprov2_candidate_evaluation(otel, lm, server):
+    """MIPROv2 (auto="light", Optuna) catches Exception in eval_candidate_program; the stop must get out."""
+    import inspect
+
+    exporter, _ = otel
+    train = [dspy.Example(question=f"mipro question {i}", answer="a").with_inputs("question") for i in range(12)]
+    optimizer = dspy.MIPROv2(metric=lambda e, p, t=None: float(len(p.answer) % 3 == 0), auto="light",
+                             num_threads=2, verbose=False, prompt_model=lm, task_model=lm)
+    kwargs = {"requires_permission_to_run": False} \
+        if "requires_permission_to_run" in inspect.signature(optimizer.compile).parameters else {}
+    limit = 0.006  # a full light run against the simulator costs ~$0.0086: the cap lands in the trials
+    with pytest.raises(BudgetExceededError) as info:
+        with otel_dspy_cost.budget(limit_usd=limit, label="mipro-compile") as b, dspy.context(lm=lm):
+            optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=train, **kwargs)
+    refused = _assert_stopped_cleanly(exporter, server, b, limit, info.value)
+    # The first refusal happened inside a candidate evaluation of the compile, in the train phase.
+    first = min(refused, key=lambda s: s.start_time)
+    assert "evaluate" in _ancestor_kinds(exporter, first) and "compile" in _ancestor_kinds(exporter, first)
+    assert first.attributes[A.PHASE] == "train"
+
+
+def test_stop_escapes_gepa(otel, lm, server):
+    exporter, _ = otel
+    data = [dspy.Example(question=f"gepa question {i}", answer="a").with_inputs("question") for i in range(8)]
+
+    def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+        return dspy.Prediction(score=float(len(pred.answer) % 3 == 0), feedback="answer in fewer words")
+
+    optimizer = dspy.GEPA(metric=metric, max_metric_calls=60, reflection_lm=lm, num_threads=2)
+    limit = 0.003  # a full run here costs ~$0.007
+    with pytest.raises(BudgetExceededError) as info:
+        with otel_dspy_cost.budget(limit_usd=limit, label="gepa-compile") as b, dspy.context(lm=lm):
+            optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=data[:4], valset=data[4:])
+    _assert_stopped_cleanly(exporter, server, b, limit, info.value)
+    assert otel_dspy_cost.spend_report(by="phase")["train"]["calls"] == b.call_count
+
+
+def _ancestor_kinds(exporter, span):
+    """Kinds up the tree; a trial's trace continues, through its link, at its summary in the compile trace."""
+    by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    kinds = []
+    while True:
+        up = span.parent or next((link.context for link in span.links
+                                  if link.attributes.get(A.LINK_RELATION) == "compile"), None)
+        if up is None or up.span_id not in by_id:
+            return kinds
+        span = by_id[up.span_id]
+        kinds.append(span.attributes.get(A.SPAN_KIND))
+
+
+def _assert_stopped_cleanly(exporter, server, b, limit, err):
+    """The error names the budget; spend <= limit; the server saw exactly the calls the budget counted,
+    all reserved before the first refusal; nothing more arrives afterwards."""
+    import time
+
+    assert err.label == b.label and err.limit == limit and err.spent_usd <= limit and b.spent_usd <= limit
+    seen = server.count
+    time.sleep(1.0)
+    assert server.count == seen == b.call_count > 0
+    refused = [s for s in exporter.get_finished_spans() if s.attributes.get(A.BUDGET_REFUSED)]
+    assert refused and all(s.start_time < min(r.start_time for r in refused) for s in lm_spans(exporter))
+    return refused

@@ -15,8 +15,8 @@ import dspy
 import pytest
 
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost._cost import Usage, compute_cost
-from otel_dspy_cost.pricing import PricingResolver, lookup
+from otel_dspy_cost.pricing.cost import Usage, compute_cost
+from otel_dspy_cost.pricing.resolver import PricingResolver, lookup
 from otel_dspy_cost.simulator import SimulatedLM, SimulatorServer
 
 

@@ -5,16 +5,11 @@ import json
 
 import pytest
 
-from otel_dspy_cost._cost import Usage, compute_cost
-from otel_dspy_cost._costing import CostEngine
-from otel_dspy_cost.budget import UnpricedModelError
-from otel_dspy_cost.pricing import (
-    Catalog,
-    CatalogError,
-    PricingResolver,
-    UnknownModelError,
-    default_catalog_path,
-)
+from otel_dspy_cost.errors import CatalogError, UnknownModelError, UnpricedModelError
+from otel_dspy_cost.pricing.catalog import Catalog, default_catalog_path
+from otel_dspy_cost.pricing.cost import Usage, compute_cost
+from otel_dspy_cost.pricing.engine import CostEngine
+from otel_dspy_cost.pricing.resolver import PricingResolver
 
 UTC = dt.UTC
 
@@ -59,7 +54,7 @@ def test_anthropic_cache_write_and_long_context(resolver):
 def test_the_engine_prices_like_the_arithmetic_on_both_sides_of_the_long_context_threshold(resolver, tier):
     """CostEngine keeps each model's rates from its first call: every later call, short or long, in any tier,
     must price exactly as compute_cost/worst_case_usd do from the entry."""
-    from otel_dspy_cost._cost import worst_case_usd
+    from otel_dspy_cost.pricing.cost import worst_case_usd
 
     engine = CostEngine(resolver, unknown_model="error", tier=tier)
     model = "anthropic/claude-sonnet-4-20250514"
@@ -262,7 +257,7 @@ def test_prompt_policy_asks_on_a_tty_and_appends_to_the_user_catalog(tmp_path):
 
     user = tmp_path / "user.json"
     code = ("import datetime as dt\n"
-            "from otel_dspy_cost._costing import CostEngine\n"
+            "from otel_dspy_cost.pricing.engine import CostEngine\n"
             "from otel_dspy_cost.pricing import PricingResolver\n"
             "engine = CostEngine(PricingResolver(use_litellm=False), unknown_model='prompt')\n"
             "entry = engine.entry_for('acme/asked-1')\n"

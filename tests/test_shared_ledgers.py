@@ -17,8 +17,9 @@ import pytest
 from conftest import MODEL, QA
 
 import otel_dspy_cost
-from otel_dspy_cost._ledger import Limits, Refusal
-from otel_dspy_cost._shared_ledgers import ledger_from_url
+from otel_dspy_cost.ledgers.in_process import InProcessLedger
+from otel_dspy_cost.ledgers.protocol import Limits, Refusal
+from otel_dspy_cost.ledgers.urls import ledger_from_url
 
 WORKER = str(Path(__file__).resolve().parent / "ledger_worker.py")
 PER_CALL = (40 * 0.15 + 10 * 0.6) / 1e6  # TinyLM's usage at gpt-4o-mini prices
@@ -107,7 +108,7 @@ def test_a_killed_process_reservation_is_released_after_the_timeout(ledger_url):
     assert ledger.inner.state(account).reserved_usd == pytest.approx(0.25)  # held by a dead process...
     time.sleep(1.8)
     assert ledger.inner.state(account).reserved_usd == 0  # ...until its reservation expires
-    assert not isinstance(ledger.reserve([account], 1.0, "infer"), otel_dspy_cost._ledger.Refusal)
+    assert not isinstance(ledger.reserve([account], 1.0, "infer"), Refusal)
 
 
 def test_redis_killed_fail_closed_refuses_naming_the_ledger(otel, redis_server, server):
@@ -156,7 +157,7 @@ def test_rolling_window_rolls_over_with_an_injected_clock(tmp_path):
     ledger.settle(res, 0.9, 0.9)
     now[0] += 59 * 60
     assert guard.spent_usd == pytest.approx(0.9)
-    assert isinstance(ledger.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
+    assert isinstance(ledger.reserve([account], 0.2, "infer"), Refusal)
     now[0] += 2 * 60  # 61 minutes after the spend: it no longer counts
     assert guard.spent_usd == 0
     # The refusal stopped this process's budget for good (sticky); another process on the same file, which
@@ -164,7 +165,7 @@ def test_rolling_window_rolls_over_with_an_injected_clock(tmp_path):
     assert ledger.reserve([account], 0.2, "infer").reason == "tripped"
     other = ledger_from_url(f"sqlite:///{tmp_path / 'w.db'}", clock=lambda: now[0])
     otel_dspy_cost.budget(limit_usd=1.0, label="hourly", ledger=other, window="1h")
-    assert not isinstance(other.reserve([account], 0.2, "infer"), otel_dspy_cost._ledger.Refusal)
+    assert not isinstance(other.reserve([account], 0.2, "infer"), Refusal)
     start, end = guard.window_bounds()
     assert end - start == dt.timedelta(hours=1)
 
@@ -238,7 +239,7 @@ def test_a_refusal_is_sticky_from_the_ledger_step_that_refused(where, tmp_path):
     the account: a smaller call from another thread right after the refusal is refused as well (it fits
     under the cap, so without the sticky step it would be admitted after the breach)."""
     if where == "in-process":
-        ledger: Any = otel_dspy_cost._ledger.InProcessLedger()
+        ledger: Any = InProcessLedger()
     elif where == "sqlite":
         ledger = ledger_from_url(f"sqlite:///{tmp_path / 'sticky.db'}").inner
     else:
@@ -307,9 +308,9 @@ def test_a_redis_account_in_the_per_call_layout_is_folded_into_buckets(redis_ser
     assert inner.state(guard.account).reserved_usd == pytest.approx(1e-6)
     assert not inner.client.exists(f"{guard.account}:ts", f"{guard.account}:amt")
     res = guard.ledger.reserve([guard.account], 0.001, "infer")
-    assert not isinstance(res, otel_dspy_cost._ledger.Refusal)
+    assert not isinstance(res, Refusal)
     refused = guard.ledger.reserve([guard.account], 1.0, "infer")
-    assert isinstance(refused, otel_dspy_cost._ledger.Refusal) and refused.spent_usd == pytest.approx(0.0006)
+    assert isinstance(refused, Refusal) and refused.spent_usd == pytest.approx(0.0006)
     assert refused.reserved_usd == pytest.approx(0.001 + 1e-6)
 
 
@@ -460,7 +461,7 @@ def test_a_sqlite_ledger_in_the_per_call_layout_is_folded_into_buckets(tmp_path)
     guard = otel_dspy_cost.budget(limit_usd=0.7, label="legacy", ledger=url, window="1d")
     assert guard.spent_usd == pytest.approx(0.5) and guard.call_count == 5
     assert guard.spent_by_phase() == pytest.approx({"train": 0.2, "infer": 0.3})
-    assert isinstance(guard.ledger.reserve([guard.account], 0.3, "infer"), otel_dspy_cost._ledger.Refusal)
+    assert isinstance(guard.ledger.reserve([guard.account], 0.3, "infer"), Refusal)
     assert status() == pytest.approx(0.5)  # without --window: by the window the ledger now keeps
 
 

@@ -310,7 +310,7 @@ def test_a_patch_point_is_wrapped_once_and_restored():
     one of ours is a no-op, another library's wrapper is wrapped, and removal restores what was there."""
     import wrapt
 
-    from otel_dspy_cost._dspy_patches import _Patches
+    from otel_dspy_cost.instrumentation.patches import _Patches
 
     class Owner:
         def f(self, x):
@@ -389,14 +389,14 @@ def test_user_exception_propagates_unchanged_with_error_type(otel, lm):
 
 
 def test_internal_errors_are_logged_never_raised(otel, lm, monkeypatch, caplog):
+    from otel_dspy_cost.instrumentation import lm_call
     exporter, provider = otel
-    from otel_dspy_cost import _lm_span
 
     def broken(*a, **k):
         raise RuntimeError("planted bug in end_attributes")
 
-    monkeypatch.setattr(_lm_span, "end_attributes", broken)
-    monkeypatch.setattr("otel_dspy_cost.processor.BudgetSpanProcessor._end_lm", broken)
+    monkeypatch.setattr(lm_call, "end_attributes", broken)
+    monkeypatch.setattr("otel_dspy_cost.telemetry.processor.BudgetSpanProcessor._end_lm", broken)
     caplog.set_level(logging.WARNING)
     with dspy.context(lm=lm):
         out = dspy.Predict("question -> answer")(question="still works?")
@@ -443,7 +443,7 @@ def test_entry_point_registered():
     from importlib.metadata import entry_points
 
     eps = entry_points(group="opentelemetry_instrumentor")
-    assert any(ep.value == "otel_dspy_cost.instrumentor:DSPyCostInstrumentor" for ep in eps)
+    assert any(ep.value == "otel_dspy_cost.instrumentation.instrumentor:DSPyCostInstrumentor" for ep in eps)
 
 
 def test_no_provider_no_endpoint_works_offline_without_hanging(tmp_path, server):

@@ -1,0 +1,354 @@
+"""The accounting station: every LM call is priced, reserved against its budgets, and settled here.
+
+Why a station of its own, apart from span processing: the OpenTelemetry SDK runs span processors
+only for *recording* spans. A sampler that drops a trace, `OTEL_SDK_DISABLED=true`, a no-op or
+foreign tracer provider, or a `ConcurrentMultiSpanProcessor` (hooks on a pool thread, without our
+ContextVars) would each turn budgets off if enforcement lived in a processor. Our LM wrapper calls
+`admit` before the provider call and `settle` (or `release`) after it, whatever the span does; the
+spend report, metrics and the run's cost log are fed from `settle`, so they count every call,
+sampled or not. `BudgetSpanProcessor` uses the same station for LM spans of other instrumentations.
+
+One call is one `LMCall`: made by the wrapper, filled by DSPy's finalisation hooks, settled here,
+then written onto the span and read by the roll-up tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from otel_dspy_cost import _context
+from otel_dspy_cost.budgets.spend import SpendAggregator
+from otel_dspy_cost.errors import BudgetExceededError, ForkedBudgetError, UnpricedModelError
+from otel_dspy_cost.ledgers.in_process import InFlight
+from otel_dspy_cost.ledgers.protocol import Refusal
+from otel_dspy_cost.pricing.cost import CallCost, Usage
+
+if TYPE_CHECKING:
+    from otel_dspy_cost.budgets.budget import Budget
+    from otel_dspy_cost.pricing.engine import CostEngine
+
+logger = logging.getLogger("otel_dspy_cost")
+
+# Outcomes of a call, as `LMCall.outcome` and the `dspy.lm.outcome` span attribute.
+OK = "ok"  # the provider answered; usage as reported (or estimated from the text when it sent none)
+UNKNOWN = "unknown"  # the request may have left and no answer came back: settled at the reserved worst case
+REJECTED = "rejected"  # the provider answered with a client error (4xx): nothing billed
+REFUSED = "refused"  # a budget refused the call before it was sent: nothing spent
+NOT_SENT = "not_sent"  # raised after admission but before DSPy handed the request to a client: nothing counted
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class LMCall:
+    """One provider call, from our wrapper's first look at it to its settled cost."""
+
+    model: str
+    provider: str = ""
+    operation: str = "chat"
+    input_tokens_bound: int = 0
+    max_tokens: int | None = None
+    n: int = 1  # completions asked for: the whole worst case is reserved n times
+    module: str = ""
+    phase: str = "infer"
+    optimizer: str = ""
+    trial: int | None = None
+    role: str | None = None
+    budgets: tuple[Budget, ...] = ()
+    lm: Any = None
+    # -- what DSPy's finalisation reported (the usage hooks fill these in) --
+    captured: bool = False
+    usage: Usage | None = None
+    original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
+    cache_hit: bool = False
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    # Whether the request was handed to the provider's client: None when we cannot tell (a path our marker
+    # does not cover), False until DSPy starts an attempt, True from then on. A call that raised while still
+    # False never left the process: its reservation is given back and nothing is counted.
+    sent: bool | None = None
+    # -- admission --
+    reserved_usd: float = 0.0
+    term: str | None = None
+    holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
+    started: float = 0.0
+    # -- settlement --
+    outcome: str = ""
+    cost: CallCost | None = None
+    billed: Usage = dataclasses.field(default_factory=Usage)  # usage as billed: zero on a DSPy cache hit
+    estimated: bool = False
+    estimate_reason: str | None = None
+    usage_missing: bool = False
+    error_type: str | None = None
+    duration_s: float | None = None
+    fired: tuple[tuple[Budget, str], ...] = ()  # (budget, "warn" | "exceeded") crossings this call caused
+    trace_id: int = 0
+    span_id: int = 0
+    ts: float = 0.0  # wall-clock start, for the cost log
+
+    @property
+    def trial_key(self) -> str | None:
+        return None if self.trial is None else f"{self.optimizer or 'optimizer'}#{self.trial}"
+
+    @property
+    def budget_labels(self) -> list[str]:
+        return [b.label for b in self.budgets]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Plan:
+    """How one set of active budgets is reserved in: worked out once per set (a `budget()` block), not per call."""
+
+    budgets: tuple[Budget, ...]
+    groups: tuple[tuple[Any, list[str], list[Budget]], ...]  # (ledger, its accounts, their budgets), all or nothing
+    in_process: tuple[Budget, ...]  # budgets a forked child must not spend against (see `_refuse_forked`)
+    labels: tuple[str, ...]
+    run_label: str  # the innermost run budget (not a scope): the metrics' budget label
+
+
+def _plan(budgets: tuple[Budget, ...]) -> _Plan:
+    by_ledger: dict[int, tuple[Any, list[str], list[Budget]]] = {}
+    for b in budgets:
+        _, accounts, group = by_ledger.setdefault(id(b.ledger), (b.ledger, [], []))
+        accounts.append(b.account)
+        group.append(b)
+    runs = [b for b in budgets if not b.is_scope]
+    return _Plan(budgets, tuple(by_ledger.values()),
+                 tuple(b for b in budgets if not getattr(b.ledger, "shared", False)),
+                 tuple(b.label for b in budgets), runs[-1].label if runs else "")
+
+
+class Accountant:
+    """Admission, settlement and the per-process tallies (spend report, metrics, cost-log sinks)."""
+
+    def __init__(self, engine: CostEngine, aggregator: SpendAggregator | None = None):
+        self.engine = engine
+        self.aggregator = aggregator or SpendAggregator()
+        self.metrics: Any = None  # telemetry.metrics.CostMetrics when a meter provider is available
+        self._sinks: tuple[Callable[[LMCall], None], ...] = ()
+        self._sinks_lock = threading.Lock()
+        self._in_flight = InFlight()  # admitted, not yet settled or released
+        self._plans: dict[int, _Plan] = {}  # by id() of the budgets tuple (the plan holds the tuple: no id reuse)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted call is still running; False if some were at the timeout."""
+        return self._in_flight.wait(timeout_s)
+
+    def _plan_for(self, budgets: tuple[Budget, ...]) -> _Plan:
+        plan = self._plans.get(id(budgets))
+        if plan is None or plan.budgets is not budgets:
+            plan = _plan(budgets)
+            if len(self._plans) >= 1024:  # budget blocks come and go: keep the cache bounded
+                self._plans.clear()
+            self._plans[id(budgets)] = plan
+        return plan
+
+    # -- sinks (record_run's cost log) ---------------------------------------------------------------
+    def add_sink(self, sink: Callable[[LMCall], None]) -> None:
+        with self._sinks_lock:
+            self._sinks = (*self._sinks, sink)
+
+    def remove_sink(self, sink: Callable[[LMCall], None]) -> None:
+        with self._sinks_lock:
+            self._sinks = tuple(s for s in self._sinks if s is not sink)
+
+    # -- before the provider call ---------------------------------------------------------------------
+    def admit(self, call: LMCall) -> None:
+        """Reserve the call's worst case against every active budget, all or nothing, or refuse.
+
+        Raises `BudgetExceededError` (or a subclass) or `UnpricedModelError`: both are deliberate stops,
+        raised before any request is made. Any other exception is our bug: nothing stays reserved, and the
+        caller logs it and goes on with `admit_unbudgeted`.
+        """
+        call.started = time.perf_counter()
+        call.ts = time.time()
+        budgets = call.budgets
+        if not budgets:
+            if self.engine.policy != "warn":
+                self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
+            self._in_flight.add()
+            return
+        plan = self._plan_for(budgets)
+        if plan.in_process:
+            _refuse_forked(plan.in_process, call.model)
+        amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+        if amount is None:  # no price known: a USD cap cannot be kept for this call
+            capped = [b for b in budgets if b.caps_usd]
+            if capped:
+                raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
+            amount = 0.0
+        held: list[tuple[Any, Any]] = []
+        try:
+            for ledger, accounts, group in plan.groups:
+                outcome = ledger.reserve(accounts, amount, call.phase)
+                if not isinstance(outcome, Refusal):  # a Reservation
+                    held.append((ledger, outcome))
+                    continue
+                call.outcome = REFUSED
+                raise _refusal(group, outcome, amount, term, call.model)
+        except BaseException:
+            _give_back(held)  # all or nothing: what this call already holds goes back
+            raise
+        call.holds = tuple(held)
+        call.reserved_usd = amount
+        call.term = term
+        for b in budgets:  # each budget counts its calls in flight (a stop drains them); runs per LM call
+            b.in_flight.add()
+            if amount > b.max_reserved_usd:
+                b.max_reserved_usd = amount  # a plain max: a lost race only under-reports a hint
+        self._in_flight.add()
+
+    def admit_unbudgeted(self, call: LMCall) -> None:
+        """Our own admission failed (a bug, logged by the caller): the call goes ahead, and is still counted
+        in the spend report, metrics and cost log when it settles (not in a ledger: nothing was reserved)."""
+        call.holds = ()
+        call.budgets = ()
+        if not call.started:
+            call.started = time.perf_counter()
+        self._in_flight.add()
+
+    # -- after it ---------------------------------------------------------------------------------------
+    def release(self, call: LMCall) -> None:
+        """The call was admitted but never sent: give its reservations back, count nothing."""
+        _give_back(call.holds)
+        call.holds = ()
+        for b in call.budgets:
+            b.in_flight.done()
+        self._in_flight.done()
+
+    def settle(self, call: LMCall) -> None:
+        """Count a call that was sent: ledgers, warn/exceed crossings, spend report, metrics, cost log."""
+        cost = call.cost
+        if cost is None:
+            self.release(call)
+            return
+        if call.started:
+            call.duration_s = time.perf_counter() - call.started
+        budgets = call.budgets
+        try:
+            for ledger, reservation in call.holds:
+                ledger.settle(reservation, cost.usd, cost.economic_usd)
+            call.holds = ()
+            for b in budgets:
+                # Once a budget has nothing left to fire (no warn threshold or already warned; a stop, or an
+                # exceed already fired), it costs no call here.
+                if b.events_pending:
+                    kinds = b.after_settle()
+                    if kinds:
+                        call.fired += tuple((b, kind) for kind in kinds)
+        finally:
+            for b in budgets:
+                b.in_flight.done()
+            self._in_flight.done()
+        plan = self._plan_for(budgets) if budgets else None
+        usage = call.billed
+        self.aggregator.add(
+            (call.module or "(no module)", call.model or "(unknown model)", call.phase,
+             plan.labels if plan is not None else (), None if call.trial is None else call.trial_key),
+            1, cost.usd, cost.economic_usd, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens,
+            usage.reasoning_tokens, int(cost.unknown), int(call.estimated), int(call.cache_hit))
+        metrics = self.metrics
+        if metrics is not None:
+            try:
+                metrics.record_call(
+                    module=call.module, model=call.model, provider=call.provider, operation=call.operation,
+                    phase=call.phase, budget_label=plan.run_label if plan is not None else "",
+                    optimizer=call.optimizer, usd=cost.usd, economic_usd=cost.economic_usd,
+                    input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cache_hit=call.cache_hit,
+                    unknown=cost.unknown, duration_s=call.duration_s)
+            except Exception:  # telemetry must never break the run
+                logger.debug("otel-dspy-cost: metrics failed", exc_info=True)
+        for sink in self._sinks:
+            try:
+                sink(call)
+            except Exception:
+                logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+def _give_back(holds: Iterable[tuple[Any, Any]]) -> None:
+    """Release reservations of a call that will not be made (a release that fails is left to expire)."""
+    for ledger, reservation in holds:
+        try:
+            ledger.release(reservation)
+        except Exception:
+            logger.debug("otel-dspy-cost: release failed", exc_info=True)
+
+
+def _refusal(group: list[Budget], outcome: Any, amount: float, term: str | None, model: str) -> BaseException:
+    """The stop a refusal raises. Built defensively: a bug while wording it must still stop the call."""
+    try:
+        culprit = next(b for b in group if b.account == outcome.account)
+        return culprit.refusal_error(outcome, requested_usd=amount, term=term, model=model)
+    except Exception:  # noqa: BLE001
+        logger.exception("otel-dspy-cost: internal error while wording a budget refusal (the call is refused)")
+        label = group[0].label
+        return BudgetExceededError(f"Budget {label!r} refused a call to {model} ({outcome.reason})", label=label,
+                                   spent_usd=0.0, limit=float(getattr(outcome, "limit", 0.0) or 0.0),
+                                   reason=str(outcome.reason), requested_usd=amount, term=term)
+
+
+def _refuse_forked(budgets: tuple[Budget, ...], model: str) -> None:
+    """A forked child must not silently get a fresh copy of an in-process budget (`budgets` are those on
+    in-process ledgers): each child would spend the whole cap while the parent's ledger counts nothing."""
+    generation = _context.fork_generation()
+    for b in budgets:
+        if b._fork_generation != generation:
+            raise ForkedBudgetError(
+                f"Budget {b.label!r} refused a call to {model}: this process was forked from the one that entered "
+                f"the budget, and an in-process budget cannot count a child's spend (each child would spend the "
+                f"whole cap again). Use a shared ledger, e.g. budget(..., ledger='sqlite:///budgets.db'), or "
+                f"enter a budget of its own in the child.",
+                label=b.label, spent_usd=0.0, limit=b.limit_usd or 0.0, reason="forked")
+
+
+def _unpriced_message(model: str, b: Budget) -> str:
+    return (f"Budget {b.label!r} refused a call to {model}: no price is known for {model!r}, so a USD cap cannot be "
+            f"kept (an unpriced call is never reserved or counted as $0). Add its price with "
+            f"`otel-dspy-cost pricing add {model} --input R --output R` (USD per 1M tokens) or "
+            f"instrument(pricing_overrides={{...}}), or opt into a fallback price with "
+            f"instrument(unknown_model_price={{'input': R, 'output': R}}).")
+
+
+# DSPy 3.4's typed errors for answers the provider gave without billing (its 3.3 and LiteLLM errors carry a
+# `status_code` instead).
+_REJECTED_ERRORS = frozenset({"LMAuthError", "LMBillingError", "LMRateLimitError", "LMInvalidRequestError",
+                              "ContextWindowExceededError", "LMUnsupportedModelError", "AuthenticationError",
+                              "RateLimitError", "BadRequestError", "PermissionDeniedError", "NotFoundError"})
+
+
+def _status(err: BaseException) -> int | None:
+    for value in (getattr(err, "status_code", None), getattr(err, "status", None),
+                  getattr(getattr(err, "response", None), "status_code", None)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """(outcome, reason) of a call that raised. A provider's client error (4xx but 408) was answered and
+    not billed; anything else (timeout, cancellation, dropped connection, 5xx, an unknown error) may have
+    been billed after the request left, so it settles at the worst case."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = _status(err)
+        if status is not None and 400 <= status < 500 and status != 408:
+            return REJECTED, f"provider answered {status}"
+        if status is None and type(err).__name__ in _REJECTED_ERRORS:
+            return REJECTED, f"provider answered: {type(err).__name__}"
+        err = err.__cause__ or err.__context__
+    name = type(exc).__name__
+    lowered = f"{name} {str(exc)[:300]}".lower()
+    if "cancel" in lowered:
+        reason = "cancelled"
+    elif "timeout" in lowered or "timed out" in lowered:
+        reason = "timeout"
+    elif "connection" in lowered or "transport" in lowered:
+        reason = "connection"
+    else:
+        reason = f"error: {name}"
+    return UNKNOWN, reason

@@ -1,0 +1,67 @@
+"""Every exception this package raises to the user's code, in one place, so one import catches them.
+
+Why the budget errors derive from `BaseException`: DSPy catches `Exception` in callbacks, `Evaluate`,
+`ParallelExecutor`, BootstrapFewShot, MIPROv2's candidate evaluation, ReAct tools, BestOfN and Refine.
+An `Exception` raised there would be logged and the run would carry on (and keep spending). A
+`BaseException` passes through all of them, like `KeyboardInterrupt` does. Catch it by name:
+`except otel_dspy_cost.BudgetExceededError:`; a bare `except Exception` will not.
+"""
+
+from __future__ import annotations
+
+
+class BudgetExceededError(BaseException):
+    """A budget refused a provider call. Raised before the call: nothing past the cap was spent."""
+
+    def __init__(self, message: str, *, label: str, spent_usd: float, limit: float, reason: str,
+                 requested_usd: float = 0.0, term: str | None = None):
+        super().__init__(message)
+        self.label = label
+        self.spent_usd = spent_usd
+        self.limit = limit
+        self.limit_usd = limit
+        self.reason = reason
+        self.requested_usd = requested_usd
+        self.term = term
+
+
+class ScopeExhaustedError(BudgetExceededError):
+    """A `scope()` sub-limit ran out; the scope's `with` block ends, the enclosing run goes on."""
+
+
+class LedgerUnavailableError(BudgetExceededError):
+    """The shared ledger could not be reached and the policy is fail_closed: the call was not made."""
+
+
+class ForkedBudgetError(BudgetExceededError):
+    """An in-process budget was inherited through `os.fork`: the child cannot count against the parent's cap."""
+
+
+class UnpricedModelError(BaseException):
+    """A call to a model with no known price was about to be made under a USD budget (or under the
+    unknown-model policy `error`): refused before it was sent."""
+
+
+class NothingUsableError(RuntimeError):
+    """The budget stopped the compile before any candidate was evaluated or any demo gathered."""
+
+
+class LedgerUnavailable(ConnectionError):
+    """The shared ledger could not be reached."""
+
+
+class CatalogError(ValueError):
+    """A catalog file or override is malformed; the message names the file, the entry and the field."""
+
+
+class UnknownModelError(LookupError):
+    """No price is known for a model; the message names the nearest known models."""
+
+    def __init__(self, model: str, suggestions: list[str]):
+        self.model = model
+        self.suggestions = suggestions
+        hint = f" Nearest known models: {', '.join(suggestions)}." if suggestions else ""
+        super().__init__(
+            f"No price known for model {model!r}.{hint} Add it with `otel-dspy-cost pricing add`, pass "
+            f"pricing_overrides= to instrument(), or set OTEL_DSPY_COST_PRICING_FILE."
+        )

@@ -1,0 +1,406 @@
+"""One LM call as an `LMCall`: its request bounds before the call, its usage and cost after, its span attributes.
+
+Usage comes from DSPy's own finalisation step (3.4: `execution.finalize`; 3.3:
+`BaseLM._process_lm_response` / `_finalize_lm_response`), captured into the call in progress held in
+a ContextVar, because `on_lm_end` carries no usage and `lm.history[-1]` is racy across threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from otel_dspy_cost import _attributes as A
+from otel_dspy_cost import _context, _redact
+from otel_dspy_cost._runtime import Runtime
+from otel_dspy_cost.budgets.accounting import NOT_SENT, OK, REJECTED, LMCall, classify_failure
+from otel_dspy_cost.optimizers import runs as optimizer_runs
+from otel_dspy_cost.pricing.cost import (
+    MONEY_DIGITS,
+    UNKNOWN_COST,
+    CallCost,
+    Usage,
+    estimate_tokens,
+    usage_from_openai,
+    usage_from_verbatim,
+)
+
+# Tokens an image may cost at most, per image part of a prompt (OpenAI's high-detail tiling of a
+# 2048 px image and Anthropic's 1.15 MP cap both stay well below this; base64 bytes are counted too).
+IMAGE_TOKENS_BOUND = 6_000
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+# Request kwargs the provider turns into prompt tokens besides the messages.
+_SCHEMA_KWARGS = ("tools", "functions", "tool_choice", "response_format")
+
+_PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
+              "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "groq": "groq", "mistral": "mistral_ai",
+              "deepseek": "deepseek", "xai": "x_ai", "cohere": "cohere", "perplexity": "perplexity",
+              "databricks": "databricks", "ollama": "ollama", "ollama_chat": "ollama"}
+_OPERATIONS = {"chat": "chat", "text": "text_completion", "responses": "chat"}
+# Where the first call's usage rides on a DSPy cache hit (set by the cache patch in `instrumentation.patches`).
+CACHED_USAGE_ATTR = "_otel_dspy_cost_usage"
+
+
+def _str_len(value: str) -> int:
+    """UTF-8 bytes of a string (every token is at least one byte): ASCII text needs no encoding pass."""
+    return len(value) if value.isascii() else len(value.encode("utf-8", "ignore"))
+
+
+def _text_len(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return _str_len(value)
+    if isinstance(value, dict):
+        return sum(_text_len(v) for k, v in value.items() if k not in ("role", "type"))
+    if isinstance(value, (list, tuple)):
+        return sum(_text_len(v) for v in value)
+    return len(str(value).encode("utf-8", "ignore"))
+
+
+def _images(value: Any) -> int:
+    if isinstance(value, dict):
+        own = 1 if value.get("type") in _IMAGE_PARTS else 0
+        return own + sum(_images(v) for v in value.values() if isinstance(v, (list, dict)))
+    if isinstance(value, (list, tuple)):
+        return sum(_images(v) for v in value)
+    return 0
+
+
+def input_tokens_bound(prompt: Any, messages: Any, request: dict[str, Any] | None = None) -> int:
+    """An upper bound on prompt tokens: every token is at least one UTF-8 byte, plus chat overhead, plus
+    tool/function and response-format schemas, plus `IMAGE_TOKENS_BOUND` per image.
+
+    A tokenizer count would be tighter but is model-specific (and tiktoken fetches its tables online);
+    a bound is what keeps the no-overshoot guarantee true for every provider.
+    """
+    msgs = messages if messages is not None else [prompt]
+    if type(msgs) is not list:
+        return _bound_extras(_text_len(msgs) + 8 + 16, request)
+    bound = 8 * len(msgs) + 16
+    multimodal = False
+    for m in msgs:  # DSPy's chat shape ({"role": str, "content": str}) inline: this runs once per LM call
+        if isinstance(m, dict):
+            for k, v in m.items():
+                if k == "role" or k == "type":
+                    continue
+                if type(v) is str:
+                    bound += _str_len(v)
+                else:
+                    bound += _text_len(v)
+                    multimodal = multimodal or (k == "content" and v is not None)
+        else:
+            bound += _text_len(m)
+    if multimodal:
+        bound += IMAGE_TOKENS_BOUND * _images(msgs)  # multimodal content parts: only then is it worth a walk
+    return _bound_extras(bound, request)
+
+
+def _bound_extras(bound: int, request: dict[str, Any] | None) -> int:
+    """Tool/function and response-format schemas: the provider turns them into prompt tokens too."""
+    if request:
+        for key in _SCHEMA_KWARGS:
+            value = request.get(key)
+            if value:  # schemas count their keys too: json text, as the provider receives it
+                bound += len(json.dumps(value, default=str).encode("utf-8", "ignore")) + 16
+    return bound
+
+
+def _completions(request: dict[str, Any]) -> int:
+    for key in ("n", "num_generations", "candidate_count"):
+        value = request.get(key)
+        if value is not None and isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return 1
+
+
+def provider_of(model: str) -> str:
+    if "/" in model:
+        return _PROVIDERS.get(model.split("/", 1)[0].lower(), model.split("/", 1)[0].lower())
+    return "openai"
+
+
+# (model, model_type) -> (provider, operation): the same few per process, asked for on every call.
+_NAMES: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _names(model: str, model_type: str) -> tuple[str, str]:
+    names = _NAMES.get((model, model_type))
+    if names is None:
+        names = (provider_of(model), _OPERATIONS.get(model_type, "chat"))
+        if len(_NAMES) < 4096:
+            _NAMES[(model, model_type)] = names
+    return names
+
+
+def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tuple[LMCall, dict[str, Any]]:
+    """The call about to be made, with everything admission needs; also the merged request kwargs."""
+    model = str(getattr(lm, "model", "") or type(lm).__name__)
+    lm_kwargs = getattr(lm, "kwargs", None) or {}
+    merged = {**lm_kwargs, **kwargs} if kwargs else lm_kwargs
+    max_tokens = merged.get("max_tokens") or merged.get("max_completion_tokens") or merged.get("max_output_tokens")
+    state = _context.current()
+    module = _context.CURRENT_MODULE.get()
+    provider, operation = _names(model, getattr(lm, "model_type", "chat"))
+    call = LMCall(
+        model, provider, operation, input_tokens_bound(prompt, messages, merged),
+        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
+        _completions(merged), module[1] if module is not None else "", state.phase, state.optimizer or "",
+        state.trial, optimizer_runs.role_for(lm) or state.lm_role, state.budgets, lm)
+    return call, merged
+
+
+def request_model(model: str) -> str:
+    """`gen_ai.request.model`: the model name without DSPy's (LiteLLM's) provider prefix, which the
+    conventions put in `gen_ai.provider.name`."""
+    return model.split("/", 1)[1] if "/" in model else model
+
+
+def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: Any, messages: Any
+                     ) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        A.SPAN_KIND: "lm", A.GEN_AI_OPERATION: call.operation, A.GEN_AI_PROVIDER: call.provider,
+        A.GEN_AI_REQUEST_MODEL: request_model(call.model), A.LM_MODEL: call.model,
+        A.INPUT_TOKENS_BOUND: call.input_tokens_bound, A.PHASE: call.phase,
+    }
+    if call.max_tokens is not None:
+        attrs[A.GEN_AI_REQUEST_MAX_TOKENS] = call.max_tokens
+    if call.n > 1:
+        attrs[A.GEN_AI_REQUEST_CHOICE_COUNT] = call.n
+    temperature = merged.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        attrs[A.GEN_AI_REQUEST_TEMPERATURE] = float(temperature)
+    if call.module:
+        attrs[A.MODULE_PATH] = call.module
+    if call.trial is not None:
+        attrs[A.OPTIMIZER_TRIAL] = call.trial
+    if call.optimizer:
+        attrs[A.OPTIMIZER_NAME] = call.optimizer
+    if call.role:
+        attrs[A.LM_ROLE] = call.role
+    server = _redact.server_address(merged.get("api_base") or merged.get("base_url"))
+    if server:
+        attrs["server.address"] = server[0]
+        if server[1]:
+            attrs["server.port"] = server[1]
+    if rt.capture_content:
+        secrets = _redact.secrets_of(merged)
+        payload = messages if messages is not None else [{"role": "user", "content": prompt}]
+        attrs[A.GEN_AI_INPUT_MESSAGES] = _redact.scrub(json.dumps(payload, default=str), secrets)
+    return attrs
+
+
+def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -> None:
+    """Usage and cost of a call the provider answered; tokens estimated when it reported none.
+
+    A DSPy cache hit bills nothing; its economic cost is its first call's usage priced uncached (or,
+    where that usage is gone, estimated from the text like a call without usage)."""
+    usage = call.original_usage if call.cache_hit else call.usage
+    if usage is None:
+        call.estimated = True
+        call.estimate_reason = "cache hit without usage" if call.cache_hit else "usage missing"
+        usage = Usage(input_tokens=estimate_tokens(_text_len(messages if messages is not None else prompt)),
+                      output_tokens=estimate_tokens(_text_len(outputs)))
+        if not call.cache_hit:
+            rt.engine.warn_estimated(call.model)
+    call.usage_missing = call.usage is None and not call.cache_hit
+    call.billed = usage if not call.cache_hit else Usage()
+    call.cost = rt.engine.cost(call.model, usage, cache_hit=call.cache_hit)
+    call.outcome = OK
+
+
+def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
+    """A call that raised: a provider's client error costs nothing; any other outcome is unknown, so the
+    call is settled at the worst case reserved for it (marked estimated, with the reason)."""
+    outcome, reason = classify_failure(exc)
+    call.outcome = outcome
+    call.error_type = type(exc).__qualname__
+    call.usage_missing = True
+    if outcome == REJECTED:
+        call.cost = dataclasses.replace(UNKNOWN_COST, unknown=False, source="none", version=0)
+        return
+    amount = call.reserved_usd
+    if not call.budgets:  # nothing was reserved: the same worst case, priced now
+        try:
+            worst, _ = engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+        except BaseException:  # noqa: BLE001 - an unknown price after the fact is an unknown cost, never a stop
+            worst = None
+        if worst is None:
+            call.estimated, call.estimate_reason, call.cost = True, reason, UNKNOWN_COST
+            return
+        amount = worst
+    settle_at_worst_case(call, reason, amount)
+
+
+def not_sent(call: LMCall, exc: BaseException) -> None:
+    """A call that raised before DSPy handed the request to a provider client: nothing to pay, nothing to
+    count (`settle` gives the reservation back)."""
+    call.outcome = NOT_SENT
+    call.error_type = type(exc).__qualname__
+    call.cost = None
+
+
+def settle_at_worst_case(call: LMCall, reason: str, amount: float | None = None) -> None:
+    """The call's cost is not known: it counts as its worst case (reserved, or given), marked estimated."""
+    amount = call.reserved_usd if amount is None else amount
+    call.estimated = True
+    call.estimate_reason = reason
+    call.cost = CallCost(amount, amount, 0.0, 0.0, 0.0, 0.0, "worst_case", 0, None)
+
+
+def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
+    """Usage, cost, outcome and response attributes of a settled call."""
+    billed = call.billed
+    attrs: dict[str, Any] = {
+        A.CACHE_HIT: call.cache_hit, A.USAGE_MISSING: call.usage_missing, A.COST_ESTIMATED: call.estimated,
+        A.LM_OUTCOME: call.outcome,
+        A.GEN_AI_INPUT_TOKENS: billed.input_tokens, A.GEN_AI_OUTPUT_TOKENS: billed.output_tokens,
+        A.GEN_AI_CACHE_READ_TOKENS: billed.cache_read_tokens,
+        A.GEN_AI_CACHE_CREATION_TOKENS: billed.cache_creation_tokens,
+        A.GEN_AI_REASONING_TOKENS: billed.reasoning_tokens}
+    if call.budgets:  # what admission reserved, under which budgets
+        attrs[A.BUDGET_RESERVED_USD] = call.reserved_usd
+        attrs[A.BUDGET_LABEL] = ",".join(call.budget_labels)
+    if call.estimate_reason:
+        attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
+    cost = call.cost
+    if call.outcome == NOT_SENT:
+        pass  # nothing was sent: no cost, known or not
+    elif cost is None or cost.unknown:
+        attrs[A.COST_UNKNOWN] = True
+        attrs[A.PRICING_SOURCE] = "unknown"
+    else:
+        d = MONEY_DIGITS  # `money()` written as round(): six calls fewer per LM call
+        usd = round(cost.usd, d)
+        attrs.update({A.COST_USD: usd, A.COST_ECONOMIC_USD: round(cost.economic_usd, d),
+                      A.COST_INPUT_USD: round(cost.input_usd, d),
+                      A.COST_CACHED_INPUT_USD: round(cost.cached_input_usd, d),
+                      A.COST_OUTPUT_USD: round(cost.output_usd, d), A.COST_REASONING_USD: round(cost.reasoning_usd, d),
+                      A.PRICING_SOURCE: cost.source, A.PRICING_VERSION: cost.version, A.OPENINFERENCE_COST_TOTAL: usd,
+                      A.GEN_AI_COST_AMOUNT: usd, A.GEN_AI_COST_CURRENCY: cost.currency})
+        if cost.tier:
+            attrs[A.PRICING_TIER] = cost.tier
+        if cost.fallback:
+            attrs[A.PRICING_FALLBACK] = cost.fallback
+    if billed.cache_write_1h_tokens:
+        attrs[A.CACHE_WRITE_1H_TOKENS] = billed.cache_write_1h_tokens
+    if rt.engine.tier and call.model in rt.engine.tier_missing:
+        attrs[A.PRICING_TIER_MISSING] = rt.engine.tier
+    if call.response_model:
+        attrs[A.GEN_AI_RESPONSE_MODEL] = call.response_model
+    if call.finish_reasons:
+        attrs[A.GEN_AI_FINISH_REASONS] = list(call.finish_reasons)
+    if rt.capture_content and outputs is not None:
+        secrets = _redact.secrets_of(getattr(call.lm, "kwargs", None) or {})
+        attrs[A.GEN_AI_OUTPUT_MESSAGES] = _redact.scrub(json.dumps(outputs, default=str), secrets)
+    return attrs
+
+
+# -- usage capture from DSPy's finalisation (version specific, feature-detected) ---------------------
+
+def _finish_reason_list(values: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in values if v)
+
+
+def _claim(lm: Any) -> LMCall | None:
+    """The LM call in progress on `lm`, the first time a usage hook reports it."""
+    rec = _context.CURRENT_CALL.get()
+    if rec is None or rec.captured or rec.lm is not lm:
+        return None
+    rec.captured = True
+    return rec
+
+
+def _store(rec: LMCall, usage: Usage | None, cache_hit: bool) -> None:
+    """Billed usage, or for a DSPy cache hit the first call's usage (what the hit is worth)."""
+    rec.cache_hit = cache_hit
+    if cache_hit:
+        rec.original_usage = usage
+    else:
+        rec.usage = usage
+
+
+def _prefix(model: str) -> str:
+    return model.split("/", 1)[0].lower() if "/" in model else "openai"
+
+
+def _ttl_1h(response: Any) -> int:
+    """Anthropic's 1-hour cache writes, from the provider's own usage that lm15 keeps in `provider_data`."""
+    data = getattr(response, "provider_data", None)
+    usage = data.get("usage") if isinstance(data, dict) else None
+    creation = usage.get("cache_creation") if isinstance(usage, dict) else None
+    return _int_or_0(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else 0
+
+
+def _int_or_0(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _native_usage(responses: Any, model: str) -> Usage | None:
+    """Usage of lm15 responses (DSPy 3.4's native engine; n completions are n responses), summed."""
+    total = None
+    for response in responses or ():
+        u = usage_from_verbatim(getattr(response, "usage", None), _prefix(model), _ttl_1h(response))
+        if u is not None:
+            total = u if total is None else total + u
+    return total
+
+
+def _stashed_usage(response: Any) -> Usage | None:
+    return usage_from_openai(getattr(response, CACHED_USAGE_ATTR, None)) if response is not None else None
+
+
+def capture_from_call_result(lm: Any, result: Any) -> None:
+    """DSPy 3.4 `execution.finalize(lm, call, result)`: result is a CallResult."""
+    rec = _claim(lm)
+    if rec is None:
+        return
+    cache_hit = bool(getattr(result, "cache_hit", False))
+    responses = getattr(result, "responses", ()) or ()
+    raw = getattr(result, "raw", None)
+    if cache_hit:  # DSPy cleared the usage: the native responses keep theirs, LiteLLM's rode along
+        usage = _native_usage(responses, rec.model) if responses else _stashed_usage(raw)
+    else:
+        usage = usage_from_openai(getattr(result, "usage", None))
+        if usage is not None and responses:
+            usage.cache_write_1h_tokens = min(usage.cache_creation_tokens, sum(_ttl_1h(r) for r in responses))
+    _store(rec, usage, cache_hit)
+    rec.response_model = getattr(result, "response_model", None)
+    if responses:
+        rec.finish_reasons = _finish_reason_list(getattr(r, "finish_reason", None) for r in responses)
+    if not rec.finish_reasons and raw is not None:
+        rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None)
+                                                 for c in (getattr(raw, "choices", None) or ()))
+
+
+def capture_from_provider_response(lm: Any, response: Any) -> None:
+    """DSPy 3.3 `BaseLM._process_lm_response`: an OpenAI-shaped (LiteLLM) response."""
+    rec = _claim(lm)
+    if rec is None:
+        return
+    cache_hit = bool(getattr(response, "cache_hit", False))
+    usage = _stashed_usage(response) if cache_hit else usage_from_openai(
+        response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None))
+    _store(rec, usage, cache_hit)
+    rec.response_model = getattr(response, "model", None)
+    choices = getattr(response, "choices", None) or ()
+    rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None) for c in choices)
+
+
+def capture_from_lm_response(lm: Any, response: Any) -> None:
+    """DSPy 3.3 `BaseLM._finalize_lm_response` (typed path): an LMResponse."""
+    rec = _claim(lm)
+    if rec is None:
+        return
+    cache_hit = bool(getattr(response, "cache_hit", False))
+    if cache_hit:
+        usage = _stashed_usage(getattr(response, "provider_response", None))
+    else:
+        usage_fn = getattr(response, "usage_as_dict", None)
+        usage = usage_from_openai(usage_fn() if callable(usage_fn) else getattr(response, "usage", None))
+    _store(rec, usage, cache_hit)
+    rec.response_model = getattr(response, "model", None)
+    reason = getattr(response, "finish_reason", None)
+    if reason:
+        rec.finish_reasons = (str(reason),)

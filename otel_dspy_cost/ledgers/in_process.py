@@ -1,0 +1,124 @@
+"""The in-process ledger (one lock over every account) and the in-flight call counter budgets wait on."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from otel_dspy_cost.ledgers.protocol import AccountState, Limits, Refusal, Reservation, check_limits
+
+
+class InFlight:
+    """A count of calls admitted and not yet settled, that one can wait on reaching zero.
+
+    One implementation for the three places that need it: the accounting station (record_run waits for
+    calls still running), each budget (a stop drains its own calls) and the foreign-span gate."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._waiting = 0
+        # A plain lock, not the Condition's default RLock: add/done run twice per LM call each, and take the
+        # lock itself (the Condition's __enter__/__exit__ are two Python calls more around the same lock).
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def done(self) -> None:
+        with self._lock:
+            self._count = max(0, self._count - 1)
+            if not self._count and self._waiting:
+                self._idle.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once nothing is in flight; False if something still was at the timeout."""
+        with self._idle:
+            self._waiting += 1
+            try:
+                return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
+            finally:
+                self._waiting -= 1
+
+
+class InProcessLedger:
+    """One lock over every account: a reservation against nested budgets is all-or-nothing."""
+
+    shared = False
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._accounts: dict[str, AccountState] = {}
+        self._limits: dict[str, Limits] = {}
+
+    def open(self, account: str, limits: Limits) -> None:
+        with self._lock:
+            self._accounts.setdefault(account, AccountState())
+            self._limits[account] = limits
+
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+        with self._lock:
+            for name in accounts:
+                st, lim = self._accounts[name], self._limits[name]
+                refusal = check_limits(name, lim, amount_usd, phase, st)
+                if refusal is not None:
+                    # The stop is sticky from this instant, under the lock: a smaller call in another thread
+                    # cannot slip in between the refusal and the budget tripping the account afterwards.
+                    if st.tripped is None:
+                        st.tripped = refusal.reason
+                    return refusal
+            for name in accounts:
+                st = self._accounts[name]
+                st.reserved_usd += amount_usd
+                st.reserved_calls += 1
+                st.phase_reserved[phase] = st.phase_reserved.get(phase, 0.0) + amount_usd
+            return Reservation(tuple(accounts), amount_usd, phase)
+
+    def _unreserve(self, reservation: Reservation) -> bool:
+        """Drops a reservation's hold (caller holds the lock); False if it was already given back."""
+        if reservation.settled:
+            return False
+        reservation.settled = True
+        ph = reservation.phase
+        for name in reservation.accounts:
+            st = self._accounts[name]
+            st.reserved_usd = max(0.0, st.reserved_usd - reservation.amount_usd)
+            st.reserved_calls = max(0, st.reserved_calls - 1)
+            st.phase_reserved[ph] = max(0.0, st.phase_reserved.get(ph, 0.0) - reservation.amount_usd)
+        return True
+
+    def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
+        with self._lock:
+            if not self._unreserve(reservation):
+                return
+            for name in reservation.accounts:
+                st = self._accounts[name]
+                st.spent_usd += actual_usd
+                st.economic_usd += economic_usd
+                st.calls += 1
+                st.phase_spent[reservation.phase] = st.phase_spent.get(reservation.phase, 0.0) + actual_usd
+
+    def release(self, reservation: Reservation) -> None:
+        """Gives a reservation back without counting a call (the call was never made)."""
+        with self._lock:
+            self._unreserve(reservation)
+
+    def trip(self, account: str, reason: str) -> None:
+        with self._lock:
+            st = self._accounts[account]
+            if st.tripped is None:
+                st.tripped = reason
+
+    def state(self, account: str) -> AccountState:
+        with self._lock:
+            st = self._accounts[account]
+            # A copy built field by field: dataclasses.replace() introspects the class on every call,
+            # and this runs once per LM call (the budget's warn check).
+            return AccountState(st.spent_usd, st.economic_usd, st.reserved_usd, st.calls, st.reserved_calls,
+                                dict(st.phase_spent), dict(st.phase_reserved), st.tripped)

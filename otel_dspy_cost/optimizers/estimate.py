@@ -1,0 +1,162 @@
+"""Pre-run estimates: how many LM calls and how many dollars a program, dataset and optimizer will take.
+
+A range, because the count depends on the answers (ReAct stops early or not; BootstrapFewShot stops
+once it has enough demos) and output length is unknown until the call:
+
+- calls: low assumes early stops (1 ReAct step, bootstrap demos found at once), high the caps
+  (`max_iters`, every example tried in every round);
+- prompt tokens per call come from formatting each predictor's real prompt with DSPy's ChatAdapter
+  (signature, instructions, demos) around inputs of `input_chars // 4` (low) to `2 * input_chars` (high)
+  characters;
+- output tokens: low a short answer per output field, high `max_tokens` (or the model's maximum);
+- USD: actual respects `cache_hit_rate` (DSPy cache hits are free), economic is uncached.
+
+MIPROv2 (auto light/medium/heavy or explicit), BootstrapFewShot (and RandomSearch), GEPA
+(`max_metric_calls` or auto) and plain `Evaluate` are understood. Tests run each optimizer for real
+against the simulator and assert the actual cost falls inside the range (docs/estimates.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from otel_dspy_cost.optimizers import registry as optimizers
+from otel_dspy_cost.pricing.cost import Usage, compute_cost, estimate_tokens
+
+_FIELD_OUTPUT_TOKENS = 12  # a short answer per output field, markers included, for the low end
+
+
+@dataclasses.dataclass
+class Estimate:
+    model: str
+    calls_low: int
+    calls_high: int
+    usd_low: float
+    usd_high: float
+    economic_usd_low: float
+    economic_usd_high: float
+    budget_usd: float | None
+    exceeds_budget: bool
+    stages: dict[str, dict[str, int]]
+    assumptions: list[str]
+
+    def __add__(self, other: Estimate) -> Estimate:
+        """Two stages of one run (a compile, then an evaluation) as one projection."""
+        budget = self.budget_usd if self.budget_usd is not None else other.budget_usd
+        high = self.usd_high + other.usd_high
+        return Estimate(self.model, self.calls_low + other.calls_low, self.calls_high + other.calls_high,
+                        self.usd_low + other.usd_low, high, self.economic_usd_low + other.economic_usd_low,
+                        self.economic_usd_high + other.economic_usd_high, budget,
+                        budget is not None and high > budget, {**self.stages, **other.stages},
+                        self.assumptions + [a for a in other.assumptions if a not in self.assumptions])
+
+    def summary(self) -> str:
+        verdict = ""
+        if self.budget_usd is not None:
+            verdict = (f"; budget ${self.budget_usd:.4f}: " +
+                       ("MAY EXCEED" if self.exceeds_budget else "fits"))
+        return (f"estimate for {self.model}: {self.calls_low}..{self.calls_high} LM calls, "
+                f"${self.usd_low:.6f}..${self.usd_high:.6f} actual "
+                f"(${self.economic_usd_low:.6f}..${self.economic_usd_high:.6f} uncached){verdict}")
+
+
+@dataclasses.dataclass
+class _CallShape:
+    prompt_tokens: int
+    outputs: int  # output fields
+
+
+def _predictor_shapes(program: Any, input_chars: int) -> list[tuple[Any, _CallShape, int, int]]:
+    """(predictor, shape, calls per program run low, high) for every predictor of the program."""
+    import dspy
+
+    adapter = dspy.ChatAdapter()
+    react_of: dict[int, Any] = {}
+    for _, module in program.named_sub_modules():
+        if isinstance(module, dspy.ReAct):
+            react_of[id(module.react)] = module
+    if isinstance(program, dspy.ReAct):
+        react_of[id(program.react)] = program
+    out = []
+    for _, predictor in program.named_predictors():
+        sig = predictor.signature
+        inputs = {name: "x" * input_chars for name in sig.input_fields}
+        if "trajectory" in inputs:
+            inputs["trajectory"] = "x" * (input_chars * 2)
+        try:
+            messages = adapter.format(sig, list(predictor.demos or []), inputs)
+        except Exception:  # a custom signature type the adapter cannot format: count its text
+            messages = [{"role": "user", "content": " ".join([sig.instructions, *inputs.values()])}]
+        prompt = sum(estimate_tokens(len(str(m.get("content", "")))) + 4 for m in messages)
+        react = react_of.get(id(predictor))
+        low, high = (1, react.max_iters) if react is not None else (1, 1)
+        out.append((predictor, _CallShape(prompt, len(sig.output_fields)), low, high))
+    return out
+
+
+def _runs(optimizer: Any, trainset_size: int, valset_size: int | None, devset_size: int, n_predictors: int
+          ) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Program runs (low, high) per stage, and extra single calls (proposals, reflections)."""
+    notes: list[str] = []
+    stages: dict[str, dict[str, int]] = {}
+    name = type(optimizer).__name__ if optimizer is not None else None
+    if name is None:
+        stages["evaluate"] = {"runs_low": devset_size, "runs_high": devset_size, "extra_calls": 0}
+    elif (module := optimizers.by_name(name)) is not None and hasattr(module, "estimate_stages"):
+        module.estimate_stages(optimizer, name, trainset_size, valset_size, n_predictors, stages, notes)
+    else:
+        stages["compile"] = {"runs_low": trainset_size, "runs_high": trainset_size * 3, "extra_calls": 0}
+        notes.append(f"{name}: not modelled precisely; assumed 1-3 program runs per training example")
+    if devset_size and name is not None:
+        stages["evaluate"] = {"runs_low": devset_size, "runs_high": devset_size, "extra_calls": 0}
+    return stages, notes
+
+
+def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: int = 0,
+             valset_size: int | None = None, devset_size: int = 0, max_tokens: int | None = None,
+             input_chars: int = 200, cache_hit_rate: float = 0.0, budget_usd: float | None = None,
+             resolver: Any = None) -> Estimate:
+    """Project LM calls and USD for compiling (if `optimizer`) and evaluating `program` on `model`."""
+    from otel_dspy_cost.pricing.resolver import default_resolver
+
+    entry = (resolver or default_resolver()).lookup(model)
+    max_out = max_tokens or entry.max_output_tokens or 4096
+    shapes = _predictor_shapes(program, input_chars)
+    short = {id(p): s.prompt_tokens for p, s, *_ in _predictor_shapes(program, max(1, input_chars // 4))}
+    stages, notes = _runs(optimizer, trainset_size, valset_size, devset_size, max(1, len(shapes)))
+    per_run_low = sum(low for *_, low, _high in shapes)
+    per_run_high = sum(high for *_, _low, high in shapes)
+
+    def run_usage(high: bool) -> tuple[Usage, int]:
+        inp = out = calls = 0
+        for predictor, shape, low, hi in shapes:
+            n = hi if high else low
+            calls += n
+            inp += (shape.prompt_tokens * 2 if high else short[id(predictor)]) * n
+            out += (max_out if high else _FIELD_OUTPUT_TOKENS * shape.outputs) * n
+        return Usage(inp, out), calls
+
+    low_usage, _ = run_usage(False)
+    high_usage, _ = run_usage(True)
+    avg_prompt = sum(s.prompt_tokens for _, s, *_ in shapes) // max(1, len(shapes))
+    calls_low = calls_high = 0
+    econ_low = econ_high = 0.0
+    for stage in stages.values():
+        extra_low = stage.get("extra_calls_low", stage["extra_calls"])
+        calls_low += stage["runs_low"] * per_run_low + extra_low
+        calls_high += stage["runs_high"] * per_run_high + stage["extra_calls"]
+        econ_low += stage["runs_low"] * compute_cost(low_usage, entry).economic_usd
+        econ_high += stage["runs_high"] * compute_cost(high_usage, entry).economic_usd
+        extra = Usage(avg_prompt * 2, _FIELD_OUTPUT_TOKENS * 4)
+        extra_high = Usage(avg_prompt * 4, max_out)
+        econ_low += extra_low * compute_cost(extra, entry).economic_usd
+        econ_high += stage["extra_calls"] * compute_cost(extra_high, entry).economic_usd
+    free = 1.0 if entry.local else 0.0
+    usd_low = econ_low * (1 - cache_hit_rate) * (1 - free)
+    usd_high = econ_high * (1 - free)  # a cold cache is the worst case
+    notes.append(f"prompt tokens from DSPy's ChatAdapter with {input_chars // 4}..{input_chars * 2}-character "
+                 f"inputs; output "
+                 f"{_FIELD_OUTPUT_TOKENS} tokens per field (low) to max_tokens={max_out} (high)")
+    return Estimate(model, calls_low, calls_high, round(usd_low, 8), round(usd_high, 8), round(econ_low, 8),
+                    round(econ_high, 8), budget_usd, budget_usd is not None and usd_high > budget_usd, stages, notes)

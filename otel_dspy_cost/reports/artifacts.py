@@ -1,0 +1,371 @@
+"""Run artifacts: `costs.jsonl` (one line per LM call, fed by the accounting station) and `summary.json`.
+
+    with otel_dspy_cost.record_run("runs/nightly", estimate=est) as run:
+        compiled = optimizer.compile(program, trainset=train)
+        run.score = evaluate(compiled).score
+    # runs/nightly/costs.jsonl, runs/nightly/summary.json; `otel-dspy-cost report runs/nightly`
+
+The log is fed by the accounting station as each call settles (so sampled-out calls are in it too):
+lines are appended in batches (never rewritten) and the file rotates at `max_bytes` keeping `backups`
+old files, so a long run cannot fill the disk. The summary is computed from the log itself, so the two
+always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import StatusCode
+
+from otel_dspy_cost import _attributes as A
+from otel_dspy_cost.budgets.accounting import LMCall
+from otel_dspy_cost.budgets.spend import SpendAggregator
+from otel_dspy_cost.pricing.cost import money
+from otel_dspy_cost.reports.spend import spend_report
+
+logger = logging.getLogger("otel_dspy_cost")
+SUMMARY_VERSION = 1
+_MODULE_KINDS = ("module", "predictor")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else money(value)
+
+
+def _rounded(data: Any) -> Any:
+    """Every float of a summary as `money` writes it (token counts are ints and stay as they are)."""
+    if isinstance(data, float):
+        return money(data)
+    if isinstance(data, dict):
+        return {k: _rounded(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rounded(v) for v in data]
+    return data
+
+
+def _line(call: LMCall) -> dict[str, Any]:
+    cost, usage = call.cost, call.billed
+    unknown = cost is None or cost.unknown
+    return {
+        "ts": _dt.datetime.fromtimestamp(call.ts or time.time(), _dt.UTC).isoformat(),
+        "trace_id": f"{call.trace_id:032x}", "span_id": f"{call.span_id:016x}",
+        "module": call.module, "phase": call.phase, "optimizer": call.optimizer or None, "trial": call.trial,
+        "role": call.role, "model": call.model, "tier": cost.tier if cost is not None else None,
+        "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
+        "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+        "usd": None if unknown else _round(cost.usd), "economic_usd": None if unknown else _round(cost.economic_usd),
+        "cache_hit": call.cache_hit, "estimated": call.estimated, "estimate_reason": call.estimate_reason,
+        "unknown_cost": unknown, "outcome": call.outcome,
+        "latency_s": round(call.duration_s or 0.0, 6),
+        "pricing_source": None if unknown else cost.source, "pricing_version": None if unknown else cost.version,
+        "budget": ",".join(call.budget_labels) or None, "error": call.error_type,
+    }
+
+
+class CostLog:
+    """Appends one JSON line per settled LM call to `path`; fed by the accounting station, so every call
+    is logged whether or not its span was recorded (sampled out, SDK disabled, a foreign provider).
+
+    Lines are buffered and written in batches (at `flush_lines` lines, or a second after the last write,
+    and at the end of the run): a write per call would be a syscall on the LM call's path. The file
+    rotates at `max_bytes`, keeping `backups` old files, so a long run cannot fill the disk."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 50 * 2**20, backups: int = 3,
+                 flush_lines: int = 64, flush_interval_s: float = 1.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.backups = max_bytes, backups
+        self.flush_lines, self.flush_interval_s = flush_lines, flush_interval_s
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
+
+    def __call__(self, call: LMCall) -> None:
+        line = json.dumps(_line(call), separators=(",", ":"))
+        with self._lock:
+            self._pending.append(line)
+            due = (len(self._pending) >= self.flush_lines
+                   or time.monotonic() - self._last_flush >= self.flush_interval_s)
+        if due:
+            self.flush()
+
+    def flush(self) -> bool:
+        with self._lock:
+            lines, self._pending = self._pending, []
+            self._last_flush = time.monotonic()
+            if not lines:
+                return True
+            data = ("\n".join(lines) + "\n").encode()
+            try:
+                self._rotate_if_needed(len(data))
+                with open(self.path, "ab") as fh:  # append-only: concurrent writers interleave whole lines
+                    fh.write(data)
+            except OSError:
+                logger.exception("otel-dspy-cost: could not write %s", self.path)
+                return False
+        return True
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + incoming <= self.max_bytes:
+            return
+        for i in range(self.backups, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+            if newer.exists():
+                os.replace(newer, older)
+
+
+class RunSpanExporter(SpanExporter):
+    """What only spans say about a run: program runs (top-level inference module calls) and trial scores."""
+
+    def __init__(self) -> None:
+        self.program_runs = 0  # completed: a run the budget refused, or that raised, made no program output
+        self.program_runs_failed = 0
+        self.trials: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            scope = span.instrumentation_scope
+            if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
+                continue
+            a = span.attributes or {}
+            kind = a.get(A.SPAN_KIND)
+            if kind in _MODULE_KINDS and a.get(A.PHASE) == "infer" and "." not in str(a.get(A.MODULE_PATH, ".")):
+                if span.status.status_code == StatusCode.ERROR:
+                    self.program_runs_failed += 1
+                else:
+                    self.program_runs += 1
+            if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
+                key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
+                self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
+                                    "usd": a.get(A.TOTAL_USD, 0.0), "calls": a.get(A.LM_CALLS, 0),
+                                    "eval": a.get(A.OPTIMIZER_EVAL),
+                                    "trace_id": a.get(A.OPTIMIZER_TRIAL_TRACE_ID) or f"{span.context.trace_id:032x}"}
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def read_costs(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every LM-call line of a run, oldest first (rotated files included)."""
+    base = Path(run_dir) / "costs.jsonl"
+    files = sorted(base.parent.glob("costs.jsonl.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit()
+                   else 0) + [base]
+    out = []
+    for path in files:
+        if path.exists():
+            out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return out
+
+
+def aggregate(lines: list[dict[str, Any]]) -> SpendAggregator:
+    """The log's calls fed to the same aggregator the live processor fills, so a report built from a
+    run's `costs.jsonl` is `spend_report()` of that run by construction."""
+    agg = SpendAggregator()
+    for line in lines:
+        trial = None if line["trial"] is None else f"{line['optimizer'] or 'optimizer'}#{line['trial']}"
+        agg.record(module=line["module"] or "(no module)", model=line["model"] or "(unknown model)",
+                   phase=line["phase"], budgets=[b for b in (line.get("budget") or "").split(",") if b], trial=trial,
+                   values={"calls": 1, "usd": line["usd"] or 0.0, "economic_usd": line["economic_usd"] or 0.0,
+                           "input_tokens": line["input_tokens"], "cached_input_tokens": line["cached_input_tokens"],
+                           "output_tokens": line["output_tokens"], "reasoning_tokens": line["reasoning_tokens"],
+                           "unknown_cost_calls": int(line["unknown_cost"]), "estimated_calls": int(line["estimated"]),
+                           "cache_hits": int(line["cache_hit"])})
+    return agg
+
+
+def totals(lines: list[dict[str, Any]], by: str = "module", depth: int | None = None) -> dict[str, dict[str, float]]:
+    """`spend_report(by, depth=depth)` of the calls in a log ({key: {...}, "total": {...}})."""
+    return spend_report(by, depth=depth or None, aggregator=aggregate(lines))
+
+
+def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, program_runs_failed: int = 0,
+                  trials: list[dict[str, Any]] = (),
+                  budget: Any = None, estimate: Any = None, score: float | None = None,
+                  cancelled_reason: str | None = None, started_at: str | None = None) -> dict[str, Any]:
+    agg = aggregate(read_costs(run_dir))
+    by_phase = spend_report("phase", aggregator=agg)
+    train, infer = by_phase.get("train", {}), by_phase.get("infer", {})
+    total = by_phase["total"]
+    summary: dict[str, Any] = {
+        "summary_version": SUMMARY_VERSION, "started_at": started_at,
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
+        "calls": total["calls"],
+        "train_prompt_tokens": train.get("input_tokens", 0),
+        "train_cached_prompt_tokens": train.get("cached_input_tokens", 0),
+        "train_completion_tokens": train.get("output_tokens", 0),
+        "infer_prompt_tokens": infer.get("input_tokens", 0),
+        "infer_cached_prompt_tokens": infer.get("cached_input_tokens", 0),
+        "infer_completion_tokens": infer.get("output_tokens", 0),
+        "train_cost_usd": train.get("usd", 0.0), "infer_cost_usd": infer.get("usd", 0.0),
+        "total_cost_usd": total["usd"],
+        "train_economic_cost_usd": train.get("economic_usd", 0.0),
+        "inference_economic_cost_usd": infer.get("economic_usd", 0.0),
+        "total_economic_cost_usd": total["economic_usd"],
+        "unknown_cost_calls": total["unknown_cost_calls"], "estimated_calls": total["estimated_calls"],
+        "program_runs": program_runs, "program_runs_failed": program_runs_failed,
+        # per completed run; what failed runs spent is in the numerator: when in doubt, count more
+        "program_cost_per_million_runs": (infer.get("usd", 0.0) / program_runs * 1e6) if program_runs else None,
+        "by_model": {k: v for k, v in spend_report("model", aggregator=agg).items() if k != "total"},
+        "by_module": {k: v for k, v in spend_report("module", depth=2, aggregator=agg).items() if k != "total"},
+        "trials": sorted(trials, key=lambda t: (t["optimizer"], t["trial"])),
+        "score": score,
+    }
+    if budget is not None:
+        from otel_dspy_cost.budgets.budget import EXCEEDED, STOPPED, WARNED
+
+        status = budget.status
+        if cancelled_reason is None and budget.action == "stop" and status in (EXCEEDED, STOPPED):
+            cancelled_reason = "budget_exceeded"  # stopped, and the caller caught the stop inside the run
+        summary["budget"] = {"label": budget.label, "limit_usd": budget.limit_usd, "spent_usd": budget.spent_usd,
+                             "status": status, "within_budget": status not in (EXCEEDED, STOPPED),
+                             "exceeded_threshold": status in (WARNED, EXCEEDED, STOPPED),
+                             "cancelled_reason": cancelled_reason}
+        bounds = budget.window_bounds() if hasattr(budget, "window_bounds") else None
+        if bounds is not None:
+            summary["budget"]["window"] = {"kind": budget.window.describe(), "start": bounds[0].isoformat(),
+                                           "end": bounds[1].isoformat()}
+    if estimate is not None:
+        summary["estimate"] = dataclasses.asdict(estimate) if dataclasses.is_dataclass(estimate) else dict(estimate)
+    return summary
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's summary; older summaries without cost fields read as zero cost, never as an error."""
+    path = Path(run_dir) / "summary.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("train_cost_usd", "infer_cost_usd", "total_cost_usd", "inference_economic_cost_usd"):
+        data.setdefault(key, 0.0)
+    data.setdefault("trials", [])
+    data.setdefault("by_model", {})
+    data.setdefault("by_module", {})
+    return data
+
+
+@dataclasses.dataclass
+class Run:
+    """The run being recorded: set `score` (e.g. the final Evaluate score) to put it next to cost.
+    `previous` is where an earlier run found in the folder was moved (None if there was none)."""
+
+    directory: Path
+    cost_log: CostLog
+    spans: RunSpanExporter
+    budget: Any = None
+    estimate: Any = None
+    score: float | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    previous: Path | None = None
+
+
+_RUN_FILES = ("costs.jsonl", "costs.jsonl.*", "summary.json")
+
+
+def _move_previous_run(directory: Path) -> Path | None:
+    """One folder, one run: an earlier run's files move to `previous/<its start>/` before a new run starts,
+    so neither the new summary nor `report` adds the old run's calls in (a folder re-used by a nightly job or
+    the demo would otherwise report 10, 20, 30 calls)."""
+    found = [p for pattern in _RUN_FILES for p in directory.glob(pattern) if p.is_file()]
+    if not found:
+        return None
+    try:
+        stamp = _dt.datetime.fromisoformat(json.loads((directory / "summary.json").read_text())["started_at"])
+    except (OSError, ValueError, TypeError, KeyError):  # no summary (a run that died), or not ours: file times
+        stamp = _dt.datetime.fromtimestamp(min(p.stat().st_mtime for p in found), _dt.UTC)
+    name = stamp.astimezone(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = directory / "previous" / name
+    n = 1
+    while target.exists():
+        target, n = directory / "previous" / f"{name}-{n}", n + 1
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    logger.info("otel-dspy-cost: %s held an earlier run; moved it to %s", directory, target)
+    return target
+
+
+@contextmanager
+def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate: Any = None,
+               tracer_provider: Any = None, max_bytes: int = 50 * 2**20,
+               drain_timeout_s: float = 10.0, append: bool = False) -> Iterator[Run]:
+    """Write `costs.jsonl` during the block and `summary.json` at its end (also when a budget stops it).
+
+    A folder holds one run: an earlier run found there is moved to `previous/<its start>/` first
+    (`run.previous`). `append=True` adds to the run already there instead (one run recorded by several
+    processes or steps), and the summary then covers every call in the folder.
+
+    Every LM call settled during the block is logged, sampled or not. Program runs and trial scores come
+    from spans, read on the instrumented tracer provider (or `tracer_provider`) when it is the SDK's."""
+    from otel_dspy_cost import _runtime
+    from otel_dspy_cost.instrumentation.instrumentor import ensure_accounting
+
+    ensure_accounting()
+    rt = _runtime.active()
+    provider = tracer_provider or (rt.tracer_provider if rt is not None else None) or trace.get_tracer_provider()
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = None if append else _move_previous_run(directory)
+    cost_log = CostLog(directory / "costs.jsonl", max_bytes=max_bytes)
+    span_exporter = RunSpanExporter()
+    processor = None
+    if hasattr(provider, "add_span_processor"):
+        processor = BatchSpanProcessor(span_exporter, max_queue_size=8192, schedule_delay_millis=1000)
+        provider.add_span_processor(processor)
+    accountant = rt.accountant if rt is not None else None
+    if accountant is not None:
+        accountant.add_sink(cost_log)
+    run = Run(directory, cost_log, span_exporter, budget, estimate, previous=previous)
+    started = _dt.datetime.now(_dt.UTC).isoformat()
+    cancelled = None
+    try:
+        yield run
+    except BaseException as exc:
+        from otel_dspy_cost.errors import BudgetExceededError
+
+        cancelled = "budget_exceeded" if isinstance(exc, BudgetExceededError) else type(exc).__name__
+        raise
+    finally:
+        _runtime.wait_for_calls(drain_timeout_s)  # so calls still in flight are in the log and the summary
+        if accountant is not None:
+            accountant.remove_sink(cost_log)
+        cost_log.flush()
+        if processor is not None:
+            processor.force_flush()
+            _detach(provider, processor)
+        try:
+            run.summary = build_summary(directory, program_runs=span_exporter.program_runs,
+                                        program_runs_failed=span_exporter.program_runs_failed,
+                                        trials=list(span_exporter.trials.values()), budget=budget, estimate=estimate,
+                                        score=run.score, cancelled_reason=cancelled, started_at=started)
+            run.summary = _rounded(run.summary)
+            (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")
+        except Exception:  # our bug must not mask the user's outcome
+            logger.exception("otel-dspy-cost: could not write %s/summary.json", directory)
+
+
+def _detach(provider: Any, processor: BatchSpanProcessor) -> None:
+    """The SDK cannot remove a span processor; take ours out of its (private) list if it can, else stop it."""
+    multi = getattr(provider, "_active_span_processor", None)
+    procs = getattr(multi, "_span_processors", None)
+    lock = getattr(multi, "_lock", None)
+    if isinstance(procs, tuple) and lock is not None:
+        with lock:
+            multi._span_processors = tuple(p for p in procs if p is not processor)
+    processor.shutdown()
