@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from otel_dspy_cost import _attributes as A
@@ -53,7 +54,7 @@ class _GEPAObserver:
             iteration = int(event["iteration"])
             number = runs.next_trial(self.run)
             self.trial = runs.open_trial(rt, self.run, f"iteration {iteration}", number, None,
-                                    {A.OPTIMIZER_ITERATION: iteration})
+                                         {A.OPTIMIZER_ITERATION: iteration})
         except Exception:
             internal_error("GEPA iteration start")
 
@@ -150,12 +151,12 @@ class _GEPABudgetStopper:
         return False
 
 
-def guard(optimizer: Any, guard: Budget):
-    """Stop GEPA gracefully before an iteration `guard` cannot afford; returns (stopper, undo), or None."""
+def guard(optimizer: Any, budget: Budget) -> tuple[_GEPABudgetStopper, Callable[[], None]] | None:
+    """Stop GEPA gracefully before an iteration `budget` cannot afford; returns (stopper, undo), or None."""
     kwargs = getattr(optimizer, "gepa_kwargs", None)
     if not isinstance(kwargs, dict) or type(optimizer).__name__ != "GEPA":
         return None
-    stopper = _GEPABudgetStopper(guard)
+    stopper = _GEPABudgetStopper(budget)
     had, before = "stop_callbacks" in kwargs, kwargs.get("stop_callbacks")
     existing = [] if before is None else list(before) if isinstance(before, (list, tuple)) else [before]
     kwargs["stop_callbacks"] = [*existing, stopper]
