@@ -151,3 +151,31 @@ def run_cli(*args, env=None):
     """The `otel-dspy-cost` command in a child process (as a user runs it)."""
     return subprocess.run([sys.executable, "-m", "otel_dspy_cost.cli", *args], capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def raw_client(**engine_options):
+    """(exporter, tracer, gate): a provider with our processor and no instrument(), and the tracer of a raw
+    LM client's own instrumentation, for the roll-up tree and the budget gate on SDK spans alone."""
+    from otel_dspy_cost.pricing.engine import CostEngine
+    from otel_dspy_cost.pricing.resolver import PricingResolver
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    gate = otel_dspy_cost.BudgetSpanProcessor(CostEngine(PricingResolver(), **engine_options))
+    provider.add_span_processor(gate)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, provider.get_tracer("a-raw-client"), gate
+
+
+def genai_chat(tracer, usage, model=MODEL, max_tokens=None):
+    """One LM call as a GenAI `chat` span of that client: request attributes at start, usage at the end."""
+    attributes = {A.GEN_AI_OPERATION: "chat", A.GEN_AI_REQUEST_MODEL: model}
+    if max_tokens is not None:
+        attributes[A.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+    with tracer.start_as_current_span("chat", attributes=attributes) as span:
+        span.set_attributes({A.GEN_AI_INPUT_TOKENS: usage[0], A.GEN_AI_OUTPUT_TOKENS: usage[1]})
+
+
+def catalog_usd(usage, model=MODEL):
+    """(input, output) tokens at the shipped catalog's standard rates (USD per 1M tokens)."""
+    rates = otel_dspy_cost.pricing.lookup(model).standard_rates
+    return (usage[0] * rates.input + usage[1] * rates.output) / 1e6

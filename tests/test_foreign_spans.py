@@ -2,7 +2,7 @@
 
 import dspy
 import pytest
-from conftest import MODEL, ResearchAgent
+from conftest import MODEL, ResearchAgent, catalog_usd, genai_chat, raw_client
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -121,51 +121,27 @@ def test_foreign_lm_spans_are_budgeted_while_they_record(server):
 
 # -- the budget gate on SDK spans alone: no DSPy call, no server, only a tracer and our processor -------------
 
-def _gate(**engine_options):
-    """A provider with our processor only (no instrument()): spans of a raw client's instrumentation."""
-    from otel_dspy_cost.pricing.engine import CostEngine
-    from otel_dspy_cost.pricing.resolver import PricingResolver
-
-    exporter, provider = InMemorySpanExporter(), TracerProvider()
-    gate = otel_dspy_cost.BudgetSpanProcessor(CostEngine(PricingResolver(), **engine_options))
-    provider.add_span_processor(gate)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter, provider.get_tracer("a-raw-client"), gate
-
-
-def _chat(tracer, model=MODEL, max_tokens=256, usage=(100, 200)):
-    with tracer.start_as_current_span(f"chat {model}", attributes={
-            A.GEN_AI_OPERATION: "chat", A.GEN_AI_REQUEST_MODEL: model,
-            A.GEN_AI_REQUEST_MAX_TOKENS: max_tokens}) as span:
-        span.set_attributes({A.GEN_AI_INPUT_TOKENS: usage[0], A.GEN_AI_OUTPUT_TOKENS: usage[1]})
-
-
-def _usd(usage):
-    rates = otel_dspy_cost.pricing.lookup(MODEL).standard_rates  # USD per 1M tokens, from the shipped catalog
-    return (usage[0] * rates.input + usage[1] * rates.output) / 1e6
-
-
 def test_the_gate_reserves_the_worst_case_and_settles_the_actual_cost():
-    exporter, tracer, gate = _gate()
+    exporter, tracer, gate = raw_client()
     try:
         with otel_dspy_cost.budget(limit_usd=1.0, label="gate-settle") as b:
-            _chat(tracer, usage=(100, 50))
-            assert b.spent_usd == pytest.approx(_usd((100, 50)))  # the actual usage, not the reservation
+            genai_chat(tracer, (100, 50), max_tokens=256)
+            assert b.spent_usd == pytest.approx(catalog_usd((100, 50)))  # the actual usage, not the reservation
             assert b.call_count == 1 and gate.accountant.wait_idle(0)  # nothing left reserved or in flight
             # A foreign span says nothing of its prompt's size when it starts: the reservation is its output
             # bound (max_tokens at the output rate), 256 tokens here, of which 50 were billed.
-            assert b.max_reserved_usd == pytest.approx(_usd((0, 256)))
+            assert b.max_reserved_usd == pytest.approx(catalog_usd((0, 256)))
     finally:
         otel_dspy_cost.uninstrument()
 
 
 def test_the_gate_refuses_a_call_whose_worst_case_does_not_fit_before_it_is_made():
-    exporter, tracer, gate = _gate()
-    worst = _usd((0, 4096))  # the output bound alone, at the output rate
+    exporter, tracer, gate = raw_client()
+    worst = catalog_usd((0, 4096))  # the output bound alone, at the output rate
     try:
         with otel_dspy_cost.budget(limit_usd=worst * 0.5, label="gate-refuse") as b:
             with pytest.raises(BudgetExceededError) as stop:
-                _chat(tracer, max_tokens=4096)
+                genai_chat(tracer, (100, 200), max_tokens=4096)
         assert stop.value.label == "gate-refuse" and stop.value.requested_usd >= worst
         assert b.spent_usd == 0 and b.call_count == 0
         (refused,) = exporter.get_finished_spans()  # closed at once, marked, still exported
@@ -175,27 +151,27 @@ def test_the_gate_refuses_a_call_whose_worst_case_does_not_fit_before_it_is_made
 
 
 def test_the_gate_refuses_an_unpriced_model_under_a_usd_budget():
-    exporter, tracer, gate = _gate(unknown_model="warn")
+    exporter, tracer, gate = raw_client(unknown_model="warn")
     try:
         with otel_dspy_cost.budget(limit_usd=1.0, label="gate-unpriced") as b:
             with pytest.raises(UnpricedModelError):
-                _chat(tracer, model="openai/no-such-model-anywhere")
+                genai_chat(tracer, (100, 200), model="openai/no-such-model-anywhere", max_tokens=256)
         assert b.call_count == 0 and b.spent_usd == 0
     finally:
         otel_dspy_cost.uninstrument()
 
 
 def test_nested_lm_spans_of_one_call_count_once_at_the_outermost():
-    exporter, tracer, gate = _gate()
+    exporter, tracer, gate = raw_client()
     try:
         with otel_dspy_cost.budget(limit_usd=1.0, label="gate-nested") as b:
             with tracer.start_as_current_span("request"):
                 with tracer.start_as_current_span("chat outer", attributes={
                         A.GEN_AI_OPERATION: "chat", A.GEN_AI_REQUEST_MODEL: MODEL, A.GEN_AI_REQUEST_MAX_TOKENS: 64}) \
                         as outer:
-                    _chat(tracer, usage=(10, 20))  # a client library's own span inside the framework's
+                    genai_chat(tracer, (10, 20), max_tokens=256)  # a client library's own span inside the framework's
                     outer.set_attributes({A.GEN_AI_INPUT_TOKENS: 10, A.GEN_AI_OUTPUT_TOKENS: 20})
-        assert b.call_count == 1 and b.spent_usd == pytest.approx(_usd((10, 20)))
+        assert b.call_count == 1 and b.spent_usd == pytest.approx(catalog_usd((10, 20)))
         (request,) = [s for s in exporter.get_finished_spans() if s.name == "request"]
         assert request.attributes[A.LM_CALLS] == 1
     finally:

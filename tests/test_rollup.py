@@ -6,12 +6,9 @@ import threading
 
 import dspy
 import pytest
-from conftest import MODEL, ResearchAgent, assert_rollups_match, lm_spans
+from conftest import MODEL, ResearchAgent, assert_rollups_match, catalog_usd, genai_chat, lm_spans, raw_client
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
@@ -60,35 +57,19 @@ def test_processor_bug_is_logged_program_continues(otel, lm, monkeypatch, caplog
 
 # -- the roll-up tree on SDK spans alone: no DSPy call, no server -----------------------------------------------
 
-def _tree():
-    from otel_dspy_cost.pricing.engine import CostEngine
-    from otel_dspy_cost.pricing.resolver import PricingResolver
-
-    exporter, provider = InMemorySpanExporter(), TracerProvider()
-    provider.add_span_processor(otel_dspy_cost.BudgetSpanProcessor(CostEngine(PricingResolver(), unknown_model="warn")))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter, provider.get_tracer("a-raw-client")
-
-
-def _lm(tracer, inp, out, model=MODEL):
-    with tracer.start_as_current_span("chat", attributes={A.GEN_AI_OPERATION: "chat",
-                                                          A.GEN_AI_REQUEST_MODEL: model}) as span:
-        span.set_attributes({A.GEN_AI_INPUT_TOKENS: inp, A.GEN_AI_OUTPUT_TOKENS: out})
-
-
 def _by_name(exporter):
     return {s.name: s for s in exporter.get_finished_spans() if s.name != "chat"}
 
 
 def test_each_span_carries_the_totals_of_the_lm_calls_below_it_across_threads():
-    exporter, tracer = _tree()
+    exporter, tracer, _ = raw_client(unknown_model="warn")
     with tracer.start_as_current_span("root"):
         with tracer.start_as_current_span("a"):
-            _lm(tracer, 100, 10)
-            _lm(tracer, 200, 20)
+            genai_chat(tracer, (100, 10))
+            genai_chat(tracer, (200, 20))
         with tracer.start_as_current_span("b"):
             ctx = otel_context.get_current()
-            worker = threading.Thread(target=lambda: (otel_context.attach(ctx), _lm(tracer, 400, 40)))
+            worker = threading.Thread(target=lambda: (otel_context.attach(ctx), genai_chat(tracer, (400, 40))))
             worker.start()
             worker.join()
     spans = _by_name(exporter)
@@ -97,12 +78,11 @@ def test_each_span_carries_the_totals_of_the_lm_calls_below_it_across_threads():
     assert (root[A.TOTAL_INPUT_TOKENS], root[A.TOTAL_OUTPUT_TOKENS]) == (700, 70)
     assert spans["root"].attributes[A.TOTAL_USD] == pytest.approx(
         spans["a"].attributes[A.TOTAL_USD] + spans["b"].attributes[A.TOTAL_USD])
-    rates = otel_dspy_cost.pricing.lookup(MODEL).standard_rates
-    assert spans["a"].attributes[A.TOTAL_USD] == pytest.approx((300 * rates.input + 30 * rates.output) / 1e6)
+    assert spans["a"].attributes[A.TOTAL_USD] == pytest.approx(catalog_usd((300, 30)))
 
 
 def test_a_call_ending_after_its_parent_rolls_up_to_the_nearest_open_ancestor():
-    exporter, tracer = _tree()
+    exporter, tracer, _ = raw_client(unknown_model="warn")
     with tracer.start_as_current_span("root"):
         parent = tracer.start_span("parent")
         straggler = tracer.start_span("chat", context=trace.set_span_in_context(parent), attributes={
@@ -116,9 +96,9 @@ def test_a_call_ending_after_its_parent_rolls_up_to_the_nearest_open_ancestor():
 
 
 def test_an_unpriced_call_is_counted_as_unknown_never_as_free_money():
-    exporter, tracer = _tree()
+    exporter, tracer, _ = raw_client(unknown_model="warn")
     with tracer.start_as_current_span("root"):
-        _lm(tracer, 100, 10, model="openai/no-such-model-anywhere")
-        _lm(tracer, 100, 10)
+        genai_chat(tracer, (100, 10), model="openai/no-such-model-anywhere")
+        genai_chat(tracer, (100, 10))
     root = _by_name(exporter)["root"]
     assert root.attributes[A.LM_CALLS] == 2 and root.attributes[A.TOTAL_UNKNOWN_CALLS] == 1
