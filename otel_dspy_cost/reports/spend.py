@@ -27,8 +27,7 @@ def spend_report(by: str = "module", *, depth: int | None = None, print_table: b
     if aggregator is None:
         rt = _runtime.active()
         aggregator = rt.accountant.aggregator if rt is not None else SpendAggregator()  # nothing counted yet
-    agg = aggregator
-    snap = agg.snapshot()
+    snap = aggregator.snapshot()
     if by not in DIMENSIONS:
         raise ValueError(f"by must be one of {DIMENSIONS}")
     rows: dict[str, dict[str, float]] = {}
