@@ -9,9 +9,11 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   ours, adapter spans  instrument(adapter_spans=True): format/parse as spans, 4 per Predict call
   ours, lean     instrument(adapter_spans=False): 2 spans, no adapter timings
   ours, no genai hist  the default with instrument(genai_metrics=False): no GenAI histograms
-  ours, sampled out the provider's sampler is ALWAYS_OFF, a budget is active, metrics on: no span records,
-                 so this is the accounting station alone (pricing, reservation, settlement, spend report,
-                 metrics) plus the SDK's non-recording spans; "sampled, no metrics" without the MeterProvider
+  ours, sampled out the provider's sampler is ALWAYS_OFF, a budget is active, metrics on: no span can record,
+                 so none is made and this is the accounting station alone (pricing, reservation, settlement,
+                 spend report, metrics); "sampled, no metrics" without the MeterProvider
+  ours, ratio 0  the sampler is TraceIdRatioBased(0.0): every trace dropped, but the sampler is asked at each
+                 trace's root (the SDK makes and drops a root span per program call), as for any ratio sampler
   openinference  openinference-instrumentation-dspy (if installed)
   genai-dspy     the official opentelemetry-instrumentation-genai-dspy (if installed; LM/tool/agent spans, no cost)
   SDK floor, 4/2 bare spans: nothing but empty spans where ours go (module or predictor, format, LM, parse; or
@@ -34,7 +36,7 @@ import wrapt  # noqa: E402
 from _common import FourModules, InProcessLM, Variant, batch_provider, dspy, interleaved, one_predict  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF  # noqa: E402
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, TraceIdRatioBased  # noqa: E402
 
 import otel_dspy_cost  # noqa: E402
 
@@ -47,15 +49,16 @@ def _shut(*providers) -> None:
             provider.shutdown()
 
 
-def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, sampled=True, **options):
+def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, sampled=True, sampler=ALWAYS_OFF,
+          **options):
     """instrument() with an SDK MeterProvider (metrics) and an active budget (budget); processor=False
     switches the BudgetSpanProcessor off, only to measure its share (benchmarks/breakdown.py);
-    sampled=False puts an ALWAYS_OFF sampler on the provider: what the accounting station alone costs."""
+    sampled=False puts `sampler` (ALWAYS_OFF) on the provider: what the accounting station alone costs."""
     state = {}
 
     def on():
         meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if metrics else None
-        provider = state["provider"] = batch_provider() if sampled else batch_provider(sampler=ALWAYS_OFF)
+        provider = state["provider"] = batch_provider() if sampled else batch_provider(sampler=sampler)
         state["meter_provider"] = meter_provider
         otel_dspy_cost.instrument(tracer_provider=provider, meter_provider=meter_provider,
                                   unknown_model="warn", **options)
@@ -148,6 +151,7 @@ def variants() -> list[Variant]:
            _ours("ours, adapter spans", adapter_spans=True), _ours("ours, lean", adapter_spans=False),
            _ours("ours, no genai hist", genai_metrics=False),
            _ours("ours, sampled out", sampled=False), _ours("sampled, no metrics", sampled=False, metrics=False),
+           _ours("ours, ratio 0", sampled=False, sampler=TraceIdRatioBased(0.0)),
            _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False),
            _sdk_floor("SDK floor, 2 spans+attrs", False, attributes=True)]
     try:

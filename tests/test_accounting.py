@@ -128,6 +128,45 @@ def test_sampled_out_spans_export_nothing_but_every_call_counts(lm, server, monk
     assert got["counted"] == got["sent"] > 5
 
 
+def test_a_sampler_that_may_record_is_still_asked_per_trace(lm, server):
+    """ALWAYS_OFF makes no span of ours at all (accounting only); a parent-based sampler whose root is ALWAYS_OFF
+    is not the same: under a sampled remote parent (a request the caller traces) our spans record there."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from otel_dspy_cost import _runtime
+
+    never = TracerProvider(sampler=ALWAYS_OFF)
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=never, unknown_model="warn")
+    assert _runtime.active().records is False  # like a no-op tracer: no span made, no sampler asked
+    otel_dspy_cost.uninstrument()
+    never.shutdown()
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel_dspy_cost.uninstrument()
+    otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
+    assert _runtime.active().records is True
+    try:
+        with otel_dspy_cost.budget(limit_usd=1.0, label="parent-based") as b:
+            _one(lm, 0)  # a root: dropped
+            assert exporter.get_finished_spans() == ()
+            remote = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+            with trace.use_span(NonRecordingSpan(remote)):
+                _one(lm, 1)
+        spans = exporter.get_finished_spans()
+        kinds = sorted(s.attributes.get(A.SPAN_KIND) for s in spans)
+        assert kinds == ["lm", "predictor"], kinds
+        assert {s.context.trace_id for s in spans} == {0x1234}
+        lm_span = next(s for s in spans if s.attributes.get(A.SPAN_KIND) == "lm")
+        assert lm_span.attributes[A.COST_USD] > 0
+        assert b.call_count == 2  # both calls counted, recorded or not
+    finally:
+        otel_dspy_cost.uninstrument()
+        provider.shutdown()
+
+
 def test_thread_pool_and_run_in_executor_stay_under_the_budget(otel, lm, server):
     exporter, _ = otel
     with pytest.raises(BudgetExceededError):

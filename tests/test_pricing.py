@@ -68,6 +68,32 @@ def test_the_engine_prices_like_the_arithmetic_on_both_sides_of_the_long_context
         assert engine.worst_case(model, bound, max_tokens, n=3)[0] == total * 3
 
 
+
+class _TruthyZero(int):
+    """0 that tests true: sends a usage down compute_cost's general arithmetic with nothing cached or reasoned."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tier", [None, "batch"])
+def test_the_usual_calls_shortcut_prices_exactly_like_the_general_arithmetic(resolver, tier):
+    """compute_cost skips the zero cache/reasoning terms for the usual call: every field must be the same floats
+    the general arithmetic gives, for every priced catalog entry and a spread of token counts."""
+    catalog = Catalog.from_path(default_catalog_path(), source="catalog")
+    models = sorted({f"{e.provider}/{e.model}" for e in catalog.entries})
+    checked = 0
+    for model in models:
+        try:
+            entry = resolver.lookup(model, tier=tier)
+        except (UnknownModelError, UnpricedModelError):
+            continue
+        for inputs, outputs in ((1, 1), (137, 20), (10_000, 1_000), (123_457, 7), (0, 4_097)):
+            fast = compute_cost(Usage(inputs, outputs), entry, tier=tier)
+            general = compute_cost(Usage(inputs, outputs, cache_read_tokens=_TruthyZero(0)), entry, tier=tier)
+            assert fast == general, (model, inputs, outputs)
+            checked += 1
+    assert checked > 50
 def test_batch_tier(resolver):
     entry = resolver.lookup("openai/gpt-4o-mini", tier="batch")
     cost = compute_cost(Usage(1_000_000, 1_000_000), entry, tier="batch")

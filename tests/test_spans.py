@@ -338,6 +338,90 @@ def test_a_patch_point_is_wrapped_once_and_restored():
     assert Owner.__dict__["f"] is theirs
 
 
+def test_a_module_function_is_wrapped_as_a_plain_function_and_restored():
+    """Module-level patch points (DSPy 3.4's execution._attempt/finalize, 3.3's LiteLLM helpers) get a plain
+    function, not a wrapt proxy: it must still look like the original to introspection, stay a coroutine
+    function when the original is one, be wrapped once, and be restored exactly."""
+    import asyncio
+    import inspect
+    import types
+
+    from otel_dspy_cost.instrumentation.patches import _Patches
+
+    module = types.ModuleType("some_provider_client")
+
+    def send(request, *, timeout=1.0):
+        """Send it."""
+        return ("sent", request, timeout)
+
+    async def asend(request, *, timeout=1.0):
+        return ("asent", request, timeout)
+
+    module.send, module.asend = send, asend
+    seen = []
+
+    def ours(wrapped, instance, args, kwargs):
+        seen.append((instance, args, kwargs))
+        return wrapped(*args, **kwargs)
+
+    patches = _Patches()
+    for name in ("send", "asend"):
+        patches.wrap(module, name, ours)
+    wrapped_send = module.send
+    patches.wrap(module, "send", ours)
+    assert module.send is wrapped_send is not send
+    assert wrapped_send.__name__ == "send" and wrapped_send.__doc__ == "Send it." and wrapped_send.__wrapped__ is send
+    assert inspect.signature(wrapped_send) == inspect.signature(send)
+    assert inspect.iscoroutinefunction(module.asend) and not inspect.iscoroutinefunction(module.send)
+    assert module.send("r", timeout=2) == ("sent", "r", 2)
+    assert asyncio.run(module.asend("q")) == ("asent", "q", 1.0)
+    assert seen == [(None, ("r",), {"timeout": 2}), (None, ("q",), {})]
+    patches.remove()
+    assert module.send is send and module.asend is asend
+
+
+def test_a_wrapped_method_binds_as_the_original_did():
+    """A method defined in a class body gets a plain function: the wrapper sees the instance and a bound
+    original whether the method is called on an instance, through the class, through super(), or awaited."""
+    import asyncio
+    import inspect
+
+    from otel_dspy_cost.instrumentation.patches import _Patches
+
+    class Base:
+        def f(self, x, *, y=0):
+            return (type(self).__name__, x, y)
+
+        async def af(self, x):
+            return ("async", type(self).__name__, x)
+
+    class Child(Base):
+        def f(self, x, *, y=0):
+            return ("child",) + super().f(x, y=y)
+
+    seen = []
+
+    def ours(wrapped, instance, args, kwargs):
+        seen.append((type(instance).__name__, args, kwargs))
+        return wrapped(*args, **kwargs)
+
+    patches = _Patches()
+    patches.wrap(Base, "f", ours)
+    patches.wrap(Base, "af", (ours, ours))
+    try:
+        assert Base().f(1, y=2) == ("Base", 1, 2)
+        assert Base.f(Child(), 3) == ("Child", 3, 0)
+        assert Child().f(4) == ("child", "Child", 4, 0)
+        assert asyncio.run(Child().af(5)) == ("async", "Child", 5)
+        assert inspect.iscoroutinefunction(Base.af) and inspect.signature(Base.f) == inspect.signature(
+            Base.__dict__["f"].__wrapped__)
+        assert seen == [("Base", (1,), {"y": 2}), ("Child", (3,), {}), ("Child", (4,), {"y": 0}),
+                        ("Child", (5,), {})]
+    finally:
+        patches.remove()
+    assert Base.__dict__["f"].__name__ == "f" and not hasattr(Base.__dict__["f"], "__wrapped__")
+
+
 def test_planted_secret_never_exported(server, caplog):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor

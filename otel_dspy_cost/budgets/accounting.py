@@ -74,6 +74,7 @@ class LMCall:
     reserved_usd: float = 0.0
     term: str | None = None
     holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
+    plan: _Plan | None = None  # how its budgets were reserved in: settlement reads the same plan
     started: float = 0.0
     # -- settlement --
     outcome: str = ""
@@ -171,7 +172,7 @@ class Accountant:
                 self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
             self._in_flight.add()
             return
-        plan = self._plan_for(budgets)
+        plan = call.plan = self._plan_for(budgets)
         if plan.in_process:
             _refuse_forked(plan.in_process, call.model)
         amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
@@ -206,6 +207,7 @@ class Accountant:
         in the spend report, metrics and cost log when it settles (not in a ledger: nothing was reserved)."""
         call.holds = ()
         call.budgets = ()
+        call.plan = None
         if not call.started:
             call.started = time.perf_counter()
         self._in_flight.add()
@@ -243,7 +245,9 @@ class Accountant:
             for b in budgets:
                 b.in_flight.done()
             self._in_flight.done()
-        plan = self._plan_for(budgets) if budgets else None
+        plan = call.plan
+        if plan is None and budgets:
+            plan = self._plan_for(budgets)
         usage = call.billed
         self.aggregator.add(
             (call.module or "(no module)", call.model or "(unknown model)", call.phase,

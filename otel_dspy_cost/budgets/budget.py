@@ -141,7 +141,10 @@ class Budget:
     # -- what users read ------------------------------------------------------------------------
     @property
     def spent_usd(self) -> float:
-        return self.ledger.state(self.account).spent_usd
+        ledger = self.ledger
+        if type(ledger) is InProcessLedger:  # the usual ledger, read without a copy of its state
+            return ledger.spent_usd(self.account)
+        return ledger.state(self.account).spent_usd
 
     @property
     def economic_usd(self) -> float:

@@ -72,6 +72,21 @@ def _installed_processor(provider: TracerProvider) -> BudgetSpanProcessor | None
     return None
 
 
+
+def _records(tracer: trace.Tracer, provider: Any) -> bool:
+    """Whether a span of ours can ever record. A no-op tracer (no-op provider, `OTEL_SDK_DISABLED`) cannot, nor
+    can an SDK provider whose sampler is ALWAYS_OFF (`OTEL_TRACES_SAMPLER=always_off`): it drops every span
+    whatever its parent. Then our wrappers make no span at all and only the accounting runs, instead of asking
+    the sampler at every trace's root (~35,000 instructions for the SDK to make and drop a root span here, plus
+    ours around it). A sampler that may record some trace (ratio, parent-based) is asked per trace as usual."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return False
+    try:
+        sampler = getattr(provider, "sampler", None)
+        return sampler is None or sampler.get_description() != "AlwaysOffSampler"
+    except Exception:  # noqa: BLE001 - a sampler we cannot read may record: make spans
+        return True
+
 class DSPyCostInstrumentor(BaseInstrumentor):
     """Spans, cost and budgets for DSPy.
 
@@ -134,7 +149,7 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         options = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         _runtime.set_active(_runtime.Runtime(tracer, engine, processor, bool(capture), accountant, provider, options,
                                              implicit=bool(kwargs.get("_implicit")),
-                                             records=not isinstance(tracer, trace.NoOpTracer)))
+                                             records=_records(tracer, provider)))
         try:
             patches.apply(adapter_spans=kwargs.get("adapter_spans", "attributes"))
         except Exception:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import importlib
 import inspect
 import logging
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +61,12 @@ class _Patches:
         if isinstance(wrapper, tuple):  # (sync, async) from _around: chosen once here, not on every call
             wrapper = wrapper[1] if inspect.iscoroutinefunction(original) else wrapper[0]
         # Another instrumentation's wrapper is wrapped too: ours sits outside it and restores it on removal.
-        ours = wrapt.FunctionWrapper(original, wrapper)
+        if inspect.ismodule(owner):
+            ours = _module_function(original, wrapper)
+        elif type(original) is types.FunctionType:
+            ours = _method(original, wrapper)
+        else:  # a classmethod, staticmethod, builtin or another library's proxy: wrapt binds each correctly
+            ours = wrapt.FunctionWrapper(original, wrapper)
         setattr(owner, name, ours)
         self._ours[id(ours)] = ours  # held, so the id stays ours until remove()
         self.applied.append((owner, name, original))
@@ -79,6 +86,46 @@ class _Patches:
                     stuck[id(left)] = left
         self.applied.clear()
         self._ours = stuck
+
+
+# Plain functions in place of `wrapt.FunctionWrapper` where the original is a plain function (a module's, or
+# one defined in a class body). Hand-written because wrapt's C proxy costs more per call than the work of
+# most of our wrappers: ~2.0 us per call of a module function here and ~1.1 us per method call, against
+# ~0.6 and ~0.5 us through a plain closure (timeit, a wrapper that only calls through), and a Predict call
+# goes through six of them. A plain function binds as the original did (instance, class or `super()`);
+# wrapt stays for everything else, where its descriptor handling is needed. `functools.wraps` keeps name,
+# docs and `__wrapped__` (so `inspect.signature` reads the original's), and a coroutine function stays one.
+
+def _module_function(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """`wrapper(original, None, args, kwargs)` as a module-level function."""
+    if inspect.iscoroutinefunction(original):
+        @functools.wraps(original)
+        async def coroutine(*args: Any, **kwargs: Any) -> Any:
+            return await wrapper(original, None, args, kwargs)
+
+        return coroutine
+
+    @functools.wraps(original)
+    def function(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(original, None, args, kwargs)
+
+    return function
+
+
+def _method(original: types.FunctionType, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """`wrapper(bound original, self, args, kwargs)` as a method defined in a class body."""
+    if inspect.iscoroutinefunction(original):
+        @functools.wraps(original)
+        async def coroutine_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await wrapper(types.MethodType(original, self), self, args, kwargs)
+
+        return coroutine_method
+
+    @functools.wraps(original)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapper(types.MethodType(original, self), self, args, kwargs)
+
+    return method
 
 
 _patches = _Patches()

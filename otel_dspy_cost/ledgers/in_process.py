@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from otel_dspy_cost.ledgers.protocol import AccountState, Limits, Refusal, Reservation, check_limits
 
@@ -12,38 +15,39 @@ class InFlight:
     """A count of calls admitted and not yet settled, that one can wait on reaching zero.
 
     One implementation for the three places that need it: the accounting station (record_run waits for
-    calls still running), each budget (a stop drains its own calls) and the foreign-span gate."""
+    calls still running), each budget (a stop drains its own calls) and the foreign-span gate.
+
+    Hand-written on a deque rather than a lock and a Condition: `add`/`done` run twice per LM call each, and a
+    deque's append and pop are atomic in C (thread-safe by the deque's own contract), so counting a call in
+    costs no lock and no Python frame (`add` is a C partial of the deque's append; measured ~10x cheaper than
+    the locked pair). Waiting is rare (a stop drains, a run ends), so `wait` polls instead of being notified.
+    """
+
+    _POLL_S = 0.002
 
     def __init__(self) -> None:
-        self._count = 0
-        self._waiting = 0
-        # A plain lock, not the Condition's default RLock: add/done run twice per LM call each, and take the
-        # lock itself (the Condition's __enter__/__exit__ are two Python calls more around the same lock).
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._calls: collections.deque[None] = collections.deque()
+        self.add: Callable[[], None] = functools.partial(self._calls.append, None)
 
     @property
     def count(self) -> int:
-        return self._count
-
-    def add(self) -> None:
-        with self._lock:
-            self._count += 1
+        return len(self._calls)
 
     def done(self) -> None:
-        with self._lock:
-            self._count = max(0, self._count - 1)
-            if not self._count and self._waiting:
-                self._idle.notify_all()
+        try:
+            self._calls.pop()
+        except IndexError:  # more done() than add(): never below zero
+            pass
 
     def wait(self, timeout_s: float) -> bool:
         """True once nothing is in flight; False if something still was at the timeout."""
-        with self._idle:
-            self._waiting += 1
-            try:
-                return self._idle.wait_for(lambda: self._count == 0, timeout=timeout_s)
-            finally:
-                self._waiting -= 1
+        deadline = time.monotonic() + timeout_s
+        while self._calls:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self._POLL_S, left))
+        return True
 
 
 class InProcessLedger:
@@ -114,6 +118,11 @@ class InProcessLedger:
             st = self._accounts[account]
             if st.tripped is None:
                 st.tripped = reason
+
+    def spent_usd(self, account: str) -> float:
+        """An account's spend, read without the lock or a copy (one float read is atomic): a budget's warn check
+        reads it once per LM call until it has fired, and `state` copies the whole account."""
+        return self._accounts[account].spent_usd
 
     def state(self, account: str) -> AccountState:
         with self._lock:

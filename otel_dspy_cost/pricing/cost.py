@@ -178,6 +178,15 @@ def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, ca
     beforehand (the cost engine keeps them per model)."""
     if rates is None:
         rates = entry.rates_for(tier, usage.input_tokens)
+    if not (usage.cache_read_tokens or usage.cache_creation_tokens or usage.reasoning_tokens
+            or cache_hit or entry.local):
+        # The usual call (no cache, no reasoning, billed): the arithmetic below with its zero terms left out,
+        # the same floats (adding 0.0 changes none); this runs once per LM call.
+        input_usd = usage.input_tokens * (rates.input or 0.0) / PER_MILLION
+        output_usd = usage.output_tokens * (rates.output or 0.0) / PER_MILLION
+        return CallCost(input_usd + output_usd, input_usd + output_usd, input_usd, 0.0, output_usd, 0.0,
+                        entry.source, entry.price_version, tier if tier is not None else entry.tier, False,
+                        entry.fallback.split(":", 1)[0] if entry.fallback else None, entry.currency)
     cached = min(usage.cache_read_tokens, usage.input_tokens)
     written = min(usage.cache_creation_tokens, usage.input_tokens - cached)
     written_1h = min(usage.cache_write_1h_tokens, written)
