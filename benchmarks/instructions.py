@@ -1,6 +1,6 @@
 """Instructions per program call, counted by valgrind: the overhead table without this VM's timing noise.
 
-    python benchmarks/instructions.py [--calls 20] [--only "baseline;otel-dspy-cost;..."]
+    python benchmarks/instructions.py [--calls 20] [--only "baseline;otel-dspy-cost;..."] [--parts 200]
 
 Why instructions: wall-clock (and CPU) time on the machines we measure on drifts by up to 2x within
 seconds, so a 100 us difference between variants moves by half its size from one run to the next even
@@ -67,6 +67,7 @@ def _report(counts: dict[str, list[int]], argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     empties = sorted(counts.pop("(empty)", [0]))
     empty = empties[len(empties) // 2]
+    parts = {key.split("|", 1)[1]: counts.pop(key)[0] for key in [k for k in counts if k.startswith("parts|")]}
     per_call = {}
     for key, (total,) in counts.items():
         program, variant = key.split("|", 1)
@@ -95,6 +96,11 @@ def _report(counts: dict[str, list[int]], argv: list[str]) -> None:
         for sampled in ("ours, sampled out", "sampled, no metrics"):
             if sampled in added:
                 print(f"  {sampled}: {added[sampled]:,.0f} added = {added[sampled] / base:.1%} of the baseline call")
+    if parts:
+        print(f"\nthe accounting station's pieces (sampled out, one budget), instructions per call of each "
+              f"({args.parts} calls; indented: a part of the piece above):")
+        for name, total in parts.items():
+            print(f"  {name:42s} {max(0, total - empty) / args.parts:10,.0f}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +108,80 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--calls", type=int, default=20, help="program calls per variant (each ~50x slower here)")
     parser.add_argument("--only", default="", help="variant names to run, ';'-separated (baseline is always run)")
     parser.add_argument("--programs", default="one Predict;4-module program")
+    parser.add_argument("--parts", type=int, default=0, metavar="N",
+                        help="also count the accounting station's pieces, N calls of each (200 is steady)")
     return parser
+
+
+def _parts(n: int, measured) -> None:
+    """The pieces of one sampled-out LM call under a budget, each run `n` times on the objects instrument()
+    builds (ALWAYS_OFF provider, SDK MeterProvider, one budget): where a sampled-out call's instructions go."""
+    from _common import InProcessLM, dspy, one_predict
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    import otel_dspy_cost
+    from otel_dspy_cost import _runtime
+    from otel_dspy_cost.instrumentation import lm_call, patches
+    from otel_dspy_cost.pricing.cost import usage_from_openai
+
+    lm, program = InProcessLM(), one_predict()
+    messages = dspy.ChatAdapter().format(program.signature, demos=[], inputs={"question": "question 1"})
+    usage = {"prompt_tokens": 120, "completion_tokens": 20, "total_tokens": 140,
+             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+    meters, tracing = MeterProvider(metric_readers=[InMemoryMetricReader()]), TracerProvider(sampler=ALWAYS_OFF)
+    otel_dspy_cost.instrument(tracer_provider=tracing, meter_provider=meters, unknown_model="warn")
+    budget = otel_dspy_cost.budget(limit_usd=1e9, label="bench").__enter__()
+    try:
+        rt = _runtime.active()
+        accountant, engine, ledger = rt.accountant, rt.engine, budget.ledger
+        billed = usage_from_openai(usage)
+        calls = [lm_call.new_call(lm, None, messages, {})[0] for _ in range(n)]
+
+        def each(fn):  # fn(call) over the calls made above, in order
+            it = iter(calls)
+            return lambda: fn(next(it))
+
+        def priced(call):
+            call.usage = billed
+            lm_call.price(rt, call, None, messages, ["answer"])
+
+        def module_span():
+            patches._module_end(patches._module_begin(program, (), {"question": "q"}), None, None)
+
+        def reserve_settle():
+            ledger.settle(ledger.reserve([budget.account], 1e-5, "infer"), 1e-5, 1e-5)
+
+        in_flight = accountant._in_flight
+        pieces = [
+            ("the call record (LMCall)", lambda: lm_call.new_call(lm, None, messages, {})),
+            ("  its prompt token bound", lambda: lm_call.input_tokens_bound(None, messages, {})),
+            ("admission (reserve the worst case)", each(accountant.admit)),
+            ("  the worst case", lambda: engine.worst_case(lm.model, 500, None, 1)),
+            ("pricing the call", each(priced)),
+            ("  the cost arithmetic", lambda: engine.cost(lm.model, billed)),
+            ("settlement", each(accountant.settle)),
+            ("  metrics", lambda: accountant.metrics.record_call(
+                module="x", model=lm.model, provider="openai", operation="chat", phase="infer", budget_label="bench",
+                optimizer="", usd=1e-5, economic_usd=1e-5, input_tokens=100, output_tokens=10, cache_hit=False,
+                unknown=False, duration_s=0.1)),
+            ("  spend report row", lambda: accountant.aggregator.add(("x", "m", "infer", ("bench",), None), 1, 1e-5,
+                                                                     1e-5, 100, 0, 10, 0, 0, 0, 0)),
+            ("  the warn check", budget.after_settle),
+            ("ledger reserve+settle pair", reserve_settle),
+            ("in-flight count in and out", lambda: (in_flight.add(), in_flight.done())),
+            ("reading the usage dict", lambda: usage_from_openai(usage)),
+            ("module span begin+end, nothing recorded", module_span),
+        ]
+        for name, fn in pieces:
+            measured(f"parts|{name}", lambda fn=fn: [fn() for _ in range(n)])
+    finally:
+        budget.__exit__(None, None, None)
+        otel_dspy_cost.uninstrument()
+        tracing.shutdown()
+        meters.shutdown()
 
 
 def _inside(argv: list[str]) -> None:
@@ -148,6 +227,8 @@ def _inside(argv: list[str]) -> None:
                          lambda program=program: [program(question=f"question {i}") for i in range(args.calls)])
             finally:
                 variant.off()
+    if args.parts:
+        _parts(args.parts, measured)
     with open(os.path.join(out, "labels.txt"), "w") as fh:  # dump n (1-based) is labels[n - 1]
         for n, label in enumerate(labels, 1):
             fh.write(f"{n}\t{label}\n")

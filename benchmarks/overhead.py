@@ -53,7 +53,7 @@ def _ours(name="otel-dspy-cost", metrics=True, budget=True, processor=True, samp
           **options):
     """instrument() with an SDK MeterProvider (metrics) and an active budget (budget); processor=False
     switches the BudgetSpanProcessor off, only to measure its share (benchmarks/breakdown.py);
-    sampled=False puts `sampler` (ALWAYS_OFF) on the provider: what the accounting station alone costs."""
+    sampled=False puts `sampler` on the provider (ALWAYS_OFF: what the accounting station alone costs)."""
     state = {}
 
     def on():

@@ -36,13 +36,15 @@ def test_benchmark_runs(script, args, expect):
 @pytest.mark.timeout(1500)  # ~4.5 min alone on the 2-core CI machine: past the suite's 300 s default when shared
 def test_instruction_count_benchmark_runs():
     """benchmarks/instructions.py under valgrind (tests/install-system-deps.sh installs it): one variant, one
-    program, two calls. Starting Python under valgrind takes minutes, hence the one small run."""
+    program, two calls, and two of each accounting piece. Starting Python under valgrind takes minutes, hence
+    the one small run."""
     assert shutil.which("valgrind"), "valgrind is missing: tests/install-system-deps.sh installs it"
     env = {**os.environ, "PYTHONPATH": str(BENCH)}
     out = subprocess.run([sys.executable, str(BENCH / "instructions.py"), "--calls", "2", "--programs", "one Predict",
-                          "--only", "ours, sampled out"], capture_output=True, text=True, env=env, timeout=1500,
-                         cwd=BENCH)
+                          "--only", "ours, sampled out", "--parts", "2"], capture_output=True, text=True, env=env,
+                         timeout=1500, cwd=BENCH)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ours, sampled out" in out.stdout and "of the baseline call" in out.stdout, out.stdout
+    assert "the accounting station's pieces" in out.stdout and "admission (reserve the worst case)" in out.stdout
     per_call = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith("  baseline")}
     assert float(per_call["baseline"][1].replace(",", "")) > 100_000  # a DSPy call is millions of instructions

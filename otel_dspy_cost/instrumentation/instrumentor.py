@@ -72,7 +72,6 @@ def _installed_processor(provider: TracerProvider) -> BudgetSpanProcessor | None
     return None
 
 
-
 def _records(tracer: trace.Tracer, provider: Any) -> bool:
     """Whether a span of ours can ever record. A no-op tracer (no-op provider, `OTEL_SDK_DISABLED`) cannot, nor
     can an SDK provider whose sampler is ALWAYS_OFF (`OTEL_TRACES_SAMPLER=always_off`): it drops every span
@@ -86,6 +85,7 @@ def _records(tracer: trace.Tracer, provider: Any) -> bool:
         return sampler is None or sampler.get_description() != "AlwaysOffSampler"
     except Exception:  # noqa: BLE001 - a sampler we cannot read may record: make spans
         return True
+
 
 class DSPyCostInstrumentor(BaseInstrumentor):
     """Spans, cost and budgets for DSPy.
