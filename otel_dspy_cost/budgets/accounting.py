@@ -74,7 +74,9 @@ class LMCall:
     reserved_usd: float = 0.0
     term: str | None = None
     holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
-    plan: _Plan | None = None  # how its budgets were reserved in: settlement reads the same plan
+    # How its budgets were reserved in, set by `admit` whenever the call has budgets (`admit_unbudgeted` clears
+    # both): settlement reads the same plan.
+    plan: _Plan | None = None
     started: float = 0.0
     # -- settlement --
     outcome: str = ""
@@ -246,8 +248,6 @@ class Accountant:
                 b.in_flight.done()
             self._in_flight.done()
         plan = call.plan
-        if plan is None and budgets:
-            plan = self._plan_for(budgets)
         usage = call.billed
         self.aggregator.add(
             (call.module or "(no module)", call.model or "(unknown model)", call.phase,
