@@ -22,6 +22,7 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from otel_dspy_cost import pricing  # noqa: E402
 from otel_dspy_cost.budgets.budget import Budget, budget, scope  # noqa: E402
 from otel_dspy_cost.errors import (
+    AdmissionBypassedError,
     BudgetExceededError,
     ForkedBudgetError,
     LedgerUnavailableError,
@@ -38,6 +39,7 @@ from otel_dspy_cost.telemetry.processor import BudgetSpanProcessor  # noqa: E402
 
 __all__ = [
     "Budget",
+    "AdmissionBypassedError",
     "BudgetExceededError",
     "BudgetSpanProcessor",
     "CompileResult",

@@ -1,8 +1,9 @@
 """Run state that follows the code path, in one place: every ContextVar this package uses lives here.
 
 Why one module: threads started by the user, DSPy's worker pool and our own hand-offs carry run state
-as one `contextvars.copy_context()` (see `instrumentation.threads`), so nothing can be forgotten in a list of
-variables to copy. Async tasks inherit the context for free.
+as the values of `CARRIED` (see `instrumentation.threads`), listed next to the variables themselves so that
+none is forgotten. Only ours are carried: a copy of the caller's whole context would override what the
+task's own thread set up (DSPy's per-thread settings, usage tracker). Async tasks inherit the context.
 """
 
 from __future__ import annotations
@@ -47,6 +48,26 @@ EVAL_ERRORS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("
 # The optimizer run (`optimizers.runs.CompileRun`) and the trial span open here.
 COMPILE_RUN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_compile_run", default=None)
 TRIAL_SPAN: contextvars.ContextVar[Any] = contextvars.ContextVar("otel_dspy_cost_trial_span", default=None)
+
+
+# Every variable above: what crosses into a thread or pool task we hand work to (`instrumentation.threads`).
+# Only ours: the task keeps the rest of its own context (DSPy's per-thread settings among it).
+CARRIED: tuple[contextvars.ContextVar[Any], ...] = (_RUN, CURRENT_MODULE, CURRENT_CALL, IN_ADAPTER_OP, IN_COMPILE,
+                                                    EVAL_ERRORS, COMPILE_RUN, TRIAL_SPAN)
+
+
+def snapshot() -> tuple[Any, ...]:
+    """The values of our variables here, to be `entered` in another thread."""
+    return tuple(v.get() for v in CARRIED)
+
+
+def enter(values: tuple[Any, ...]) -> list[contextvars.Token[Any]]:
+    return [v.set(value) for v, value in zip(CARRIED, values, strict=True)]
+
+
+def leave(tokens: list[contextvars.Token[Any]]) -> None:
+    for v, token in zip(reversed(CARRIED), reversed(tokens), strict=True):
+        v.reset(token)
 
 
 def current() -> RunContext:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|credential|cookie|signature)", re.I)
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|auth|credential|cookie|signature)", re.I)
 _SECRET_SHAPES = re.compile(
     r"(sk-[A-Za-z0-9_\-]{8,}"  # OpenAI, Anthropic (sk-ant-), DeepSeek, OpenRouter (sk-or-)
     r"|(?:Bearer|Basic)\s+[A-Za-z0-9_\-\.=+/]{8,}"
@@ -29,7 +29,8 @@ _SECRET_SHAPES = re.compile(
     r"|xox[abpr]-[A-Za-z0-9\-]{8,}"
     r"|(?:api[_-]?key|x-api-key|x-goog-api-key|access_token|password)[\"']?\s*[:=]\s*[\"']?[^\s\"',;&]{6,})",
     re.I)
-_USERINFO = re.compile(r"(?<=://)[^/\s:@]*:[^/\s@]+@")
+# Any userinfo of a URL, with or without a password: `http://TOKEN@host/v1` carries a token as its user name.
+_USERINFO = re.compile(r"(?<=://)[^/\s@?#]+@")
 REDACTED = "[REDACTED]"
 
 _known: set[str] = set()
@@ -46,13 +47,13 @@ def secrets_of(kwargs: Mapping[str, Any]) -> list[str]:
             found.append(value)
             if " " in value:  # "Bearer <token>": the token alone may be echoed too
                 found.append(value.split(" ", 1)[1])
-        elif key in ("api_base", "base_url") and isinstance(value, str):
+        elif isinstance(value, str) and "@" in value and "://" in value:  # api_base, base_url, a proxy URL
             try:
-                userinfo = urlsplit(value).password
+                parts = urlsplit(value)
+                userinfo = [parts.username, parts.password]
             except ValueError:
-                userinfo = None
-            if userinfo:
-                found.append(userinfo)
+                userinfo = []
+            found.extend(u for u in userinfo if u and len(u) >= 4)
     return found
 
 

@@ -37,6 +37,11 @@ class ForkedBudgetError(BudgetExceededError):
     """An in-process budget was inherited through `os.fork`: the child cannot count against the parent's cap."""
 
 
+class AdmissionBypassedError(BudgetExceededError):
+    """An LM request was about to leave under a budget without passing its admission (our wrapper was taken
+    off by something else): refused, because a budget must never turn off silently."""
+
+
 class UnpricedModelError(BaseException):
     """A call to a model with no known price was about to be made under a USD budget (or under the
     unknown-model policy `error`): refused before it was sent."""

@@ -118,11 +118,11 @@ def test_the_cycle_check_finds_a_cycle():
 def test_the_flow_reads_top_down():
     # The data flow of an LM call, as imports: the lower stations never reach up.
     graph = station_graph()
-    below_budgets = {"ledgers", "pricing", "errors", "_context", "_runtime", "_redact", "_attributes"}
+    below_budgets = {"ledgers", "pricing", "errors", "_context", "_runtime", "_redact", "_attributes", "_validate"}
     assert graph["budgets"] <= below_budgets | {"budgets"}
     assert graph["ledgers"] <= {"errors", "_runtime", "_redact"}
-    assert graph["pricing"] <= {"errors"}
-    for foundation in ("errors", "_context", "_attributes", "_redact"):
+    assert graph["pricing"] <= {"errors", "_validate"}
+    for foundation in ("errors", "_context", "_attributes", "_redact", "_validate"):
         assert graph[foundation] == set(), foundation
     assert graph["_runtime"] <= {"_redact"}
 
@@ -138,10 +138,10 @@ def test_every_module_says_its_one_job_first():
 
 def test_the_public_api_is_unchanged():
     assert sorted(otel_dspy_cost.__all__) == sorted([
-        "Budget", "BudgetExceededError", "BudgetSpanProcessor", "CompileResult", "DSPyCostInstrumentor",
-        "Estimate", "ForkedBudgetError", "LedgerUnavailableError", "NothingUsableError", "ScopeExhaustedError",
-        "UnpricedModelError", "budget", "estimate", "guarded_compile", "instrument", "pricing", "record_run",
-        "scope", "spend_report", "uninstrument"])
+        "AdmissionBypassedError", "Budget", "BudgetExceededError", "BudgetSpanProcessor", "CompileResult",
+        "DSPyCostInstrumentor", "Estimate", "ForkedBudgetError", "LedgerUnavailableError", "NothingUsableError",
+        "ScopeExhaustedError", "UnpricedModelError", "budget", "estimate", "guarded_compile", "instrument",
+        "pricing", "record_run", "scope", "spend_report", "uninstrument"])
     for name in otel_dspy_cost.__all__:
         assert getattr(otel_dspy_cost, name) is not None
     from otel_dspy_cost import errors

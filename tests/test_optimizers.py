@@ -360,5 +360,7 @@ def _assert_stopped_cleanly(exporter, server, b, limit, err):
     time.sleep(1.0)
     assert server.count == seen == b.call_count > 0
     refused = [s for s in exporter.get_finished_spans() if s.attributes.get(A.BUDGET_REFUSED)]
-    assert refused and all(s.start_time < min(r.start_time for r in refused) for s in lm_spans(exporter))
+    # A refused call's span starts before its admission (which may wait for calls in flight), and ends at its
+    # refusal: every sent call started before the first refusal.
+    assert refused and all(s.start_time < min(r.end_time for r in refused) for s in lm_spans(exporter))
     return refused

@@ -160,12 +160,15 @@ def test_rolling_window_rolls_over_with_an_injected_clock(tmp_path):
     assert isinstance(ledger.reserve([account], 0.2, "infer"), Refusal)
     now[0] += 2 * 60  # 61 minutes after the spend: it no longer counts
     assert guard.spent_usd == 0
-    # The refusal stopped this process's budget for good (sticky); another process on the same file, which
-    # never was refused, has the whole window again.
+    # The refusal stopped the budget for the fleet, for one window length after the stop: this process and
+    # another on the same file are refused until then, and both have the window again after.
     assert ledger.reserve([account], 0.2, "infer").reason == "tripped"
     other = ledger_from_url(f"sqlite:///{tmp_path / 'w.db'}", clock=lambda: now[0])
     otel_dspy_cost.budget(limit_usd=1.0, label="hourly", ledger=other, window="1h")
+    assert other.reserve([account], 0.2, "infer").reason == "tripped"
+    now[0] += 58 * 60 + 1  # one hour after the stop
     assert not isinstance(other.reserve([account], 0.2, "infer"), Refusal)
+    assert not isinstance(ledger.reserve([account], 0.2, "infer"), Refusal)
     start, end = guard.window_bounds()
     assert end - start == dt.timedelta(hours=1)
 
@@ -248,10 +251,12 @@ def test_a_refusal_is_sticky_from_the_ledger_step_that_refused(where, tmp_path):
     try:
         account = ledger.key("sticky") if hasattr(ledger, "key") else "sticky"
         ledger.open(account, Limits(1.0, None, {}, True))
-        first = ledger.reserve([account], 0.7, "infer")
+        spent = ledger.reserve([account], 0.6, "infer")
+        ledger.settle(spent, 0.6, 0.6)
+        first = ledger.reserve([account], 0.1, "infer")
         assert not isinstance(first, Refusal)
-        refused = ledger.reserve([account], 0.5, "infer")
-        assert isinstance(refused, Refusal) and refused.reason == "limit_usd"
+        refused = ledger.reserve([account], 0.5, "infer")  # 0.6 spent + 0.5 > 1.0 even with nothing in flight
+        assert isinstance(refused, Refusal) and refused.reason == "limit_usd" and not refused.wait
         after = ledger.reserve([account], 0.1, "infer")  # fits in the 0.3 left
         assert isinstance(after, Refusal) and after.reason == "tripped", after
         ledger.release(first)

@@ -14,6 +14,7 @@ then written onto the span and read by the roll-up tree.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -177,25 +178,73 @@ class Accountant:
         plan = call.plan = self._plan_for(budgets)
         if plan.in_process:
             _refuse_forked(plan.in_process, call.model)
+        amount, term = self._worst_case(call)
+        waiting = self._reserve(call, plan, amount, term)
+        if waiting is not None:  # only calls in flight are in the way: wait for them to settle, then ask again
+            deadline = time.monotonic() + waiting.timeout_s
+            while waiting is not None:
+                waiting.sleep(deadline)
+                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline))
+        self._admitted(call, budgets, amount, term)
+
+    async def admit_async(self, call: LMCall) -> None:
+        """`admit` for a coroutine: waiting for room yields to the event loop (the calls in flight that would
+        make room may be tasks of the same loop)."""
+        budgets = call.budgets
+        if not budgets:
+            self.admit(call)
+            return
+        call.started = time.perf_counter()
+        call.ts = time.time()
+        plan = call.plan = self._plan_for(budgets)
+        if plan.in_process:
+            _refuse_forked(plan.in_process, call.model)
+        amount, term = self._worst_case(call)
+        waiting = self._reserve(call, plan, amount, term)
+        if waiting is not None:
+            deadline = time.monotonic() + waiting.timeout_s
+            while waiting is not None:
+                await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
+                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline))
+        self._admitted(call, budgets, amount, term)
+
+    def _worst_case(self, call: LMCall) -> tuple[float, str | None]:
         amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
         if amount is None:  # no price known: a USD cap cannot be kept for this call
-            capped = [b for b in budgets if b.caps_usd]
+            capped = [b for b in call.budgets if b.caps_usd]
             if capped:
                 raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
             amount = 0.0
+        return amount, term
+
+    def _reserve(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
+                 deadline: float | None = None) -> _Waiting | None:
+        """One attempt at reserving in every ledger, all or nothing: None when the call holds its reservations
+        (in `call.holds`), a `_Waiting` when it fits once calls in flight settle; raises the stop otherwise
+        (also when `deadline` has passed while waiting)."""
         held: list[tuple[Any, Any]] = []
         try:
             for ledger, accounts, group in plan.groups:
+                version = getattr(ledger, "version", None)
                 outcome = ledger.reserve(accounts, amount, call.phase)
                 if not isinstance(outcome, Refusal):  # a Reservation
                     held.append((ledger, outcome))
                     continue
+                if outcome.wait and (deadline is None or time.monotonic() < deadline):
+                    _give_back(held)  # a waiting call holds nothing: the calls it waits for may need the room
+                    held = []
+                    return _Waiting(ledger, version, min(b.wait_timeout_s for b in group))
+                if outcome.wait:  # waited the whole bound: the calls in flight never made room
+                    outcome = dataclasses.replace(outcome, wait=False, detail="waited")
                 call.outcome = REFUSED
                 raise _refusal(group, outcome, amount, term, call.model)
         except BaseException:
             _give_back(held)  # all or nothing: what this call already holds goes back
             raise
         call.holds = tuple(held)
+        return None
+
+    def _admitted(self, call: LMCall, budgets: tuple[Budget, ...], amount: float, term: str | None) -> None:
         call.reserved_usd = amount
         call.term = term
         for b in budgets:  # each budget counts its calls in flight (a stop drains them); runs per LM call
@@ -272,6 +321,37 @@ class Accountant:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
 
 
+class _Waiting:
+    """A call that fits once calls in flight settle: how it waits for that. An in-process ledger wakes it at
+    the next settle or release; a shared ledger (other processes' calls) is asked again, backing off from
+    5 ms to 100 ms. Hand-written because neither SQLite nor a Redis script can notify a waiter."""
+
+    __slots__ = ("ledger", "version", "timeout_s", "_delay")
+
+    def __init__(self, ledger: Any, version: int | None, timeout_s: float):
+        self.ledger, self.version, self.timeout_s, self._delay = ledger, version, timeout_s, 0.005
+
+    def again(self, latest: _Waiting | None) -> _Waiting | None:
+        """After another attempt: None once admitted, else this waiter (its back-off kept) on the latest read."""
+        if latest is None:
+            return None
+        self.ledger, self.version = latest.ledger, latest.version
+        return self
+
+    def next_delay(self) -> float:
+        delay = self._delay
+        self._delay = min(0.1, delay * 1.5)
+        return delay
+
+    def sleep(self, deadline: float) -> None:
+        left = max(0.0, deadline - time.monotonic())
+        wait_for_change = getattr(self.ledger, "wait_for_change", None)
+        if wait_for_change is not None and self.version is not None:
+            wait_for_change(self.version, min(left, 1.0))
+        else:
+            time.sleep(min(left, self.next_delay()))
+
+
 def _give_back(holds: Iterable[tuple[Any, Any]]) -> None:
     """Release reservations of a call that will not be made (a release that fails is left to expire)."""
     for ledger, reservation in holds:
@@ -331,14 +411,22 @@ def _status(err: BaseException) -> int | None:
     return None
 
 
+# Errors raised while a connection was being made, before any byte of the request left: DNS (gaierror), a
+# refused or unreachable port, a connect timeout, a TLS handshake (httpx/httpcore and DSPy 3.4's lm15 wrap
+# each of these as `ConnectError`/`ConnectTimeout`; PoolTimeout: no connection was ever free).
+_CONNECT_PHASE = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout", "gaierror", "ConnectionRefusedError"})
+
+
 def classify_failure(exc: BaseException) -> tuple[str, str]:
     """(outcome, reason) of a call that raised. A provider's client error (4xx but 408) was answered and
-    not billed; anything else (timeout, cancellation, dropped connection, 5xx, an unknown error) may have
-    been billed after the request left, so it settles at the worst case."""
+    not billed; a failure to connect sent nothing; anything else (timeout, cancellation, dropped connection,
+    5xx, an unknown error) may have been billed after the request left, so it settles at the worst case."""
     seen: set[int] = set()
     err: BaseException | None = exc
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        if type(err).__name__ in _CONNECT_PHASE:
+            return NOT_SENT, f"no connection: {type(err).__name__}"
         status = _status(err)
         if status is not None and 400 <= status < 500 and status != 408:
             return REJECTED, f"provider answered {status}"

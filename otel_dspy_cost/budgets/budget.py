@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from otel_dspy_cost import _context, _runtime
+from otel_dspy_cost import _context, _runtime, _validate
 from otel_dspy_cost._redact import scrub
 from otel_dspy_cost.errors import BudgetExceededError, LedgerUnavailableError, ScopeExhaustedError
 from otel_dspy_cost.ledgers.in_process import InFlight, InProcessLedger
@@ -25,6 +25,8 @@ WARNED = "warned"
 EXCEEDED = "exceeded"  # spend (or calls) reached the limit, or passed it under action="warn"
 STOPPED = "stopped"  # a call was refused because its worst case did not fit in what was left
 DEFAULT_DRAIN_TIMEOUT_S = 5.0
+# How long a call whose worst case fits only once calls in flight settle waits for them (see `admit`).
+DEFAULT_WAIT_TIMEOUT_S = 300.0
 
 
 _ids = itertools.count(1)
@@ -57,13 +59,21 @@ class Budget:
                  max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
                  on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
                  window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
-                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, _scope_of: Budget | None = None):
-        if action not in ("stop", "warn"):
-            raise ValueError("action must be 'stop' or 'warn'")
-        if limit_usd is not None and limit_usd < 0:
-            raise ValueError("limit_usd must be >= 0")
-        if warn_at is not None and not 0 < warn_at <= 1:
-            raise ValueError("warn_at is a fraction of the limit, in (0, 1]")
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+                 _scope_of: Budget | None = None):
+        # Every number is checked here, before any call: a NaN or a string would otherwise switch the cap off.
+        _validate.choice("action", action, ("stop", "warn"))
+        _validate.choice("on_unavailable", on_unavailable, ("fail_closed", "fail_open"))
+        limit_usd = _validate.number("limit_usd", limit_usd)
+        max_calls = _validate.integer("max_calls", max_calls)
+        max_train_usd = _validate.number("max_train_usd", max_train_usd)
+        max_infer_usd = _validate.number("max_infer_usd", max_infer_usd)
+        drain_timeout_s = _validate.number("drain_timeout_s", drain_timeout_s, allow_none=False)
+        wait_timeout_s = _validate.number("wait_timeout_s", wait_timeout_s, allow_none=False)
+        if warn_at is not None and not 0 < _validate.number("warn_at", warn_at) <= 1:
+            raise ValueError(f"warn_at is a fraction of the limit, in (0, 1], not {warn_at!r}")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise ValueError(f"label must be a non-empty string, not {label!r}")
         self.limit_usd = limit_usd
         self.warn_at = warn_at
         self.action = action
@@ -100,6 +110,7 @@ class Budget:
         self._first_stop: str | None = None  # what the first refusal said; later (sticky) refusals repeat it
         self._fork_generation = _context.fork_generation()
         self.drain_timeout_s = drain_timeout_s
+        self.wait_timeout_s = wait_timeout_s
         self.in_flight = InFlight()  # calls admitted under this budget and not yet settled
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
                                               window=self.window))
@@ -120,7 +131,8 @@ class Budget:
         _context.var().reset(stack.pop())
         if not stack:
             del self._tokens[key]
-        if isinstance(exc, BudgetExceededError) and self.in_flight.count:
+        stopped = isinstance(exc, BudgetExceededError) or (self.action == "stop" and self._exceeded)
+        if stopped and self.in_flight.count:
             # Calls admitted before the stop may still be running in threads the stop did not unwind
             # (DSPy's pool keeps going): wait for them, so the spend is final when the user sees the stop.
             if not self.wait_idle(self.drain_timeout_s):
@@ -250,6 +262,9 @@ class Budget:
                        f"{(self._first_stop or first_reason or '').rstrip('.')}",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
+        if refusal.detail == "waited":
+            what += (f", after waiting {self.wait_timeout_s:g} s (wait_timeout_s) for the calls in flight to make "
+                     f"room")
         hints = {
             "max_tokens_unset": " The reservation assumed the model's maximum output tokens because max_tokens is "
                                 "not set; set max_tokens on the LM to reserve less per call.",
@@ -320,7 +335,7 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
            max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
            on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
            window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
-           drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> Budget:
+           drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> Budget:
     """A budget to use as `with budget(limit_usd=25.0, label="compile-v1") as b: ...`.
 
     `action="stop"` refuses the first provider call whose worst case no longer fits and raises
@@ -341,7 +356,7 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
     return Budget(limit_usd, warn_at=warn_at, action=action, label=label, max_calls=max_calls,
                   max_train_usd=max_train_usd, max_infer_usd=max_infer_usd, on_warn=on_warn, on_exceed=on_exceed,
                   ledger=ledger, window=window, tz=tz, on_unavailable=on_unavailable,
-                  drain_timeout_s=drain_timeout_s)
+                  drain_timeout_s=drain_timeout_s, wait_timeout_s=wait_timeout_s)
 
 
 def scope(name: str, *, limit_usd: float | None = None, max_calls: int | None = None,

@@ -11,7 +11,7 @@ import datetime as _dt
 import logging
 import os
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -19,7 +19,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost import _redact, _runtime
+from otel_dspy_cost import _redact, _runtime, _validate
 from otel_dspy_cost.budgets.accounting import Accountant
 from otel_dspy_cost.instrumentation import patches
 from otel_dspy_cost.pricing.engine import CostEngine
@@ -102,7 +102,8 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     twice the spans of a Predict call; False: neither), ``prices_as_of`` (a date: price the run from the catalog as it
     stood then, to re-price or audit an old run; default the run's start), ``genai_metrics`` (default
     True; False drops the GenAI histograms `gen_ai.client.token.usage` and `gen_ai.client.operation.duration`,
-    keeping the `dspy.*` cost metrics).
+    keeping the `dspy.*` cost metrics), ``missing_usage`` ("worst_case", the default: a call answered without
+    token usage counts at its worst case; "estimate": ~4 characters a token of the visible text).
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -111,12 +112,14 @@ class DSPyCostInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         if kwargs.get("adapter_spans", "attributes") not in (True, False, "attributes"):
             raise ValueError(f"adapter_spans must be True, False or 'attributes', not {kwargs['adapter_spans']!r}")
+        _check_options(kwargs)
         _redact.install_log_filter()
         resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
                                    use_litellm=kwargs.get("use_litellm_prices", True),
                                    run_started_at=_as_of(kwargs.get("prices_as_of")))
         engine = CostEngine(resolver, unknown_model=kwargs.get("unknown_model"), tier=kwargs.get("tier"),
-                            unknown_model_price=kwargs.get("unknown_model_price"))
+                            unknown_model_price=kwargs.get("unknown_model_price"),
+                            missing_usage=kwargs.get("missing_usage", "worst_case"))
         provider = _resolve_provider(kwargs.get("tracer_provider"))
         previous = kwargs.get("_previous")
         aggregator = previous.accountant.aggregator if previous is not None else None
@@ -165,6 +168,18 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         _runtime.set_active(None)
 
 
+def _check_options(kwargs: dict[str, Any]) -> None:
+    """Options that are not prices (those are checked by the pricing package) refused before anything is set up."""
+    for name in ("capture_content", "use_litellm_prices", "genai_metrics"):
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, not {value!r}")
+    _validate.integer("metrics_module_depth", kwargs.get("metrics_module_depth"))
+    overrides = kwargs.get("pricing_overrides")
+    if overrides is not None and not isinstance(overrides, (str, os.PathLike, Mapping)):
+        raise TypeError(f"pricing_overrides must be a file path or a dict, not {type(overrides).__name__}")
+
+
 def _as_of(value: Any) -> _dt.datetime | None:
     """`prices_as_of=`: the date whose price list prices the run (default: the run's start)."""
     if value is None:
@@ -180,7 +195,8 @@ def _as_of(value: Any) -> _dt.datetime | None:
 
 _OPTIONS = frozenset({"capture_content", "pricing_overrides", "unknown_model", "local_models", "tier",
                       "use_litellm_prices", "unknown_model_price", "metrics_module_depth", "adapter_spans",
-                      "prices_as_of", "genai_metrics", "skip_dep_check", "raise_exception_on_conflict"})
+                      "prices_as_of", "genai_metrics", "skip_dep_check", "raise_exception_on_conflict",
+                      "missing_usage"})
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:

@@ -14,7 +14,7 @@ from typing import Any
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _redact
 from otel_dspy_cost._runtime import Runtime
-from otel_dspy_cost.budgets.accounting import NOT_SENT, OK, REJECTED, LMCall, classify_failure
+from otel_dspy_cost.budgets.accounting import NOT_SENT, OK, REJECTED, UNKNOWN, LMCall, classify_failure
 from otel_dspy_cost.optimizers import runs as optimizer_runs
 from otel_dspy_cost.pricing.cost import (
     MONEY_DIGITS,
@@ -197,6 +197,17 @@ def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -
     A DSPy cache hit bills nothing; its economic cost is its first call's usage priced uncached (or,
     where that usage is gone, estimated from the text like a call without usage)."""
     usage = call.original_usage if call.cache_hit else call.usage
+    if usage is not None and not call.cache_hit and not usage.input_tokens and not usage.output_tokens:
+        usage = call.usage = None  # "0 tokens" from a provider that answered is no usage at all
+    if usage is None and not call.cache_hit and rt.engine.missing_usage == "worst_case":
+        # A provider that reports nothing (or hides reasoning it bills) must not set its own price: the call
+        # counts as the most it could have cost.
+        rt.engine.warn_worst_case(call.model)
+        call.usage_missing = True
+        call.billed = Usage()
+        price_failure(rt.engine, call, None)
+        call.outcome = OK
+        return
     if usage is None:
         call.estimated = True
         call.estimate_reason = "cache hit without usage" if call.cache_hit else "usage missing"
@@ -210,12 +221,17 @@ def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -
     call.outcome = OK
 
 
-def price_failure(engine: Any, call: LMCall, exc: BaseException) -> None:
+def price_failure(engine: Any, call: LMCall, exc: BaseException | None) -> None:
     """A call that raised: a provider's client error costs nothing; any other outcome is unknown, so the
-    call is settled at the worst case reserved for it (marked estimated, with the reason)."""
-    outcome, reason = classify_failure(exc)
+    call is settled at the worst case reserved for it (marked estimated, with the reason). `exc` None: the
+    call was answered without usage, and `missing_usage="worst_case"` prices it the same way."""
+    outcome, reason = classify_failure(exc) if exc is not None else (UNKNOWN, "usage missing")
+    if outcome == NOT_SENT:  # it never connected: given back, counted nowhere
+        not_sent(call, exc)
+        return
     call.outcome = outcome
-    call.error_type = type(exc).__qualname__
+    if exc is not None:
+        call.error_type = type(exc).__qualname__
     call.usage_missing = True
     if outcome == REJECTED:
         call.cost = dataclasses.replace(UNKNOWN_COST, unknown=False, source="none", version=0)

@@ -93,8 +93,20 @@ class _Patches:
 # most of our wrappers: ~2.0 us per call of a module function here and ~1.1 us per method call, against
 # ~0.6 and ~0.5 us through a plain closure (timeit, a wrapper that only calls through), and a Predict call
 # goes through six of them. A plain function binds as the original did (instance, class or `super()`);
-# wrapt stays for everything else, where its descriptor handling is needed. `functools.wraps` keeps name,
-# docs and `__wrapped__` (so `inspect.signature` reads the original's), and a coroutine function stays one.
+# wrapt stays for everything else, where its descriptor handling is needed. `functools.wraps` keeps name and
+# docs, and a coroutine function stays one. `__wrapped__` is taken off again (`__signature__` keeps what
+# `inspect.signature` reads): other instrumentations' `uninstrument()` walks the `__wrapped__` chain to its
+# end (OpenInference's `unwrap_object`), which would take our LM admission off the call path with theirs.
+
+
+def _own(function: Callable[..., Any], original: Any) -> Callable[..., Any]:
+    del function.__wrapped__
+    try:
+        function.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # a callable inspect cannot read: no signature to keep
+        pass
+    return function
+
 
 def _module_function(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
     """`wrapper(original, None, args, kwargs)` as a module-level function."""
@@ -103,13 +115,13 @@ def _module_function(original: Any, wrapper: Callable[..., Any]) -> Callable[...
         async def coroutine(*args: Any, **kwargs: Any) -> Any:
             return await wrapper(original, None, args, kwargs)
 
-        return coroutine
+        return _own(coroutine, original)
 
     @functools.wraps(original)
     def function(*args: Any, **kwargs: Any) -> Any:
         return wrapper(original, None, args, kwargs)
 
-    return function
+    return _own(function, original)
 
 
 def _method(original: types.FunctionType, wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,13 +131,13 @@ def _method(original: types.FunctionType, wrapper: Callable[..., Any]) -> Callab
         async def coroutine_method(self: Any, *args: Any, **kwargs: Any) -> Any:
             return await wrapper(types.MethodType(original, self), self, args, kwargs)
 
-        return coroutine_method
+        return _own(coroutine_method, original)
 
     @functools.wraps(original)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         return wrapper(types.MethodType(original, self), self, args, kwargs)
 
-    return method
+    return _own(method, original)
 
 
 _patches = _Patches()
@@ -290,6 +302,59 @@ def _lm_begin(instance, args, kwargs):
 
     The span is made first (so a refused call is still visible), but the money path does not depend on
     it: a sampled-out, no-op or foreign span changes nothing here."""
+    prepared = _lm_prepare(instance, args, kwargs)
+    if prepared is None:
+        return None
+    rt, span, token, call, prompt, messages = prepared
+    try:
+        ctx = span.get_span_context()
+        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+        rt.accountant.admit(call)  # the deliberate stops (budget, unpriced model) propagate from here
+    except BaseException as exc:
+        _admission_failed(rt, span, token, call, exc)
+    # The admission's attributes (reservation, budget labels) are written with the end attributes, in one
+    # write: spans are exported when they end, and a second write per call costs the SDK's lock and loop.
+    return rt, span, token, call, _context.CURRENT_CALL.set(call), prompt, messages
+
+
+async def _lm_async(wrapped, instance, args, kwargs):
+    """`BaseLM.acall`: as `_around`'s async wrapper, but admission waits for room without blocking the loop."""
+    prepared = _lm_prepare(instance, args, kwargs)
+    if prepared is None:
+        return await wrapped(*args, **kwargs)
+    rt, span, token, call, prompt, messages = prepared
+    try:
+        ctx = span.get_span_context()
+        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+        await rt.accountant.admit_async(call)
+    except BaseException as exc:
+        _admission_failed(rt, span, token, call, exc)
+    state = rt, span, token, call, _context.CURRENT_CALL.set(call), prompt, messages
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        _lm_end(state, None, exc)
+        raise
+    _lm_end(state, result, None)
+    return result
+
+
+def _admission_failed(rt, span, token, call, exc: BaseException) -> None:
+    """Called from an `except` around admission: re-raises a deliberate stop (budget, unpriced model) or an
+    interrupt after closing the span; our own bug is logged and the call goes ahead, still counted."""
+    if isinstance(exc, (BudgetExceededError, UnpricedModelError)):
+        _refused(span, token, exc)
+        raise exc
+    if isinstance(exc, Exception):  # our bug: logged; the call goes ahead and is still counted in the report and log
+        internal_error("LM call admission")
+        rt.accountant.admit_unbudgeted(call)
+        return
+    finish(span, token, exc)  # KeyboardInterrupt and the like, before any request: close the span
+    raise exc
+
+
+def _lm_prepare(instance, args, kwargs):
+    """The call and its span, before admission; None runs the call untraced."""
     rt = _runtime.active()
     current = _context.CURRENT_CALL.get()
     if rt is None or (current is not None and current.lm is instance):  # a subclass calling super(): one call
@@ -298,6 +363,8 @@ def _lm_begin(instance, args, kwargs):
         prompt = kwargs.get("prompt", args[0] if args else None)
         messages = kwargs.get("messages")
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("prompt", "messages")}
+        if call_kwargs:  # credentials given per call (api_key=, headers): scrubbed from everything, from now on
+            _redact.remember(_redact.secrets_of(call_kwargs))
         call, merged = lm_call.new_call(instance, prompt, messages, call_kwargs)
         if _tracks_sending(instance):
             call.sent = False
@@ -311,22 +378,7 @@ def _lm_begin(instance, args, kwargs):
     except Exception:
         internal_error("LM span start")
         return None
-    try:
-        ctx = span.get_span_context()
-        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
-        rt.accountant.admit(call)  # the deliberate stops (budget, unpriced model) propagate from here
-    except (BudgetExceededError, UnpricedModelError) as stop:
-        _refused(span, token, stop)
-        raise
-    except Exception:  # our bug: logged; the call goes ahead and is still counted in the report and log
-        internal_error("LM call admission")
-        rt.accountant.admit_unbudgeted(call)
-    except BaseException as exc:  # KeyboardInterrupt and the like, before any request: close the span
-        finish(span, token, exc)
-        raise
-    # The admission's attributes (reservation, budget labels) are written with the end attributes, in one
-    # write: spans are exported when they end, and a second write per call costs the SDK's lock and loop.
-    return rt, span, token, call, _context.CURRENT_CALL.set(call), prompt, messages
+    return rt, span, token, call, prompt, messages
 
 
 def _refused(span, token, stop: BaseException) -> None:
@@ -523,7 +575,7 @@ def _compile_end(state, result, exc):
 
 
 _MODULE_SPAN = _around(_module_begin, _module_end)
-_LM_SPAN = _around(_lm_begin, _lm_end)
+_LM_SPAN = (_around(_lm_begin, _lm_end)[0], _lm_async)
 _EVALUATE_SPAN = _around(_evaluate_begin, _evaluate_end)
 _COMPILE_SPAN = _around(_compile_begin, _compile_end)
 
@@ -794,7 +846,32 @@ def _mark_sent(wrapped, instance, args, kwargs):
     call = _context.CURRENT_CALL.get()
     if call is not None:
         call.sent = True
+    elif _context.current().budgets and not _lm_wrapper_in_place():
+        raise _bypassed()
     return wrapped(*args, **kwargs)
+
+
+def _lm_wrapper_in_place() -> bool:
+    """Whether `dspy.LM` still calls through our admission (a request without a call of ours in progress is
+    otherwise only our own failed start, which lets the call go on unbudgeted and logged)."""
+    lm_class = _send_tracked[0]
+    if lm_class is None:
+        return True
+    return all(id(getattr(lm_class, name, None)) in _patches._ours for name in ("__call__", "acall"))
+
+
+def _bypassed() -> BudgetExceededError:
+    """An LM request is about to leave without admission: something took our wrapper off `dspy.LM` (another
+    instrumentation's uninstrument() restoring what it saw as the original). Refused loudly, never unbudgeted."""
+    from otel_dspy_cost.errors import AdmissionBypassedError
+
+    budgets = _context.current().budgets
+    label = budgets[-1].label if budgets else ""
+    return AdmissionBypassedError(
+        f"Budget {label!r} refused an LM request that did not pass its admission: dspy.LM's call no longer goes "
+        f"through otel-dspy-cost (another instrumentation's uninstrument() replaced it). Call "
+        f"otel_dspy_cost.instrument() again after instrumenting or uninstrumenting others.",
+        label=label, spent_usd=0.0, limit=budgets[-1].limit_usd or 0.0 if budgets else 0.0, reason="bypassed")
 
 
 def _wrap_send_markers() -> None:

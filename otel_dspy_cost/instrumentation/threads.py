@@ -3,32 +3,44 @@
 
 Python does not copy contextvars into a new thread, so without this a `ThreadPoolExecutor` inside
 `with budget(...)` runs its LM calls outside the budget (and outside the trace). Like OpenTelemetry's
-threading instrumentation we wrap the start of a thread and the submission of a task, but we carry the
-whole `contextvars.copy_context()` (our run state and the OTel context together, nothing to forget), as
-asyncio does for tasks. Applied by `instrument()` with the DSPy patches and removed by `uninstrument()`.
+threading instrumentation we wrap the start of a thread and the submission of a task, and carry our run
+state (`_context.CARRIED`) and the OTel context, nothing else: the task keeps its own thread's context, so
+DSPy's per-thread settings (its usage tracker, `dspy.context` overrides) stay as DSPy set them. Applied by
+`instrument()` with the DSPy patches and removed by `uninstrument()`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread
-import contextvars
+import multiprocessing.pool
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from otel_dspy_cost import _runtime
+from opentelemetry import context as otel_context
 
-_POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
+from otel_dspy_cost import _context, _runtime
+
+# Threads whose target runs other people's tasks: each task carries its own submitter's state instead.
+_POOL_WORKERS = tuple(w for w in (getattr(concurrent.futures.thread, "_worker", None),
+                                  getattr(multiprocessing.pool, "worker", None)) if w is not None)
 
 
 def carried(function: Callable[..., Any]) -> Callable[..., Any]:
-    """`function`, to be run (any number of times, in any thread) in the context current now."""
-    captured = contextvars.copy_context()
+    """`function`, to be run (any number of times, in any thread) with our run state and the OTel context
+    current now, and everything else as the running thread has it."""
+    ours = _context.snapshot()
+    otel_ctx = otel_context.get_current()
 
     def in_context(*args: Any, **kwargs: Any) -> Any:
-        # A Context can be entered by one thread at a time: each run gets its own copy.
-        return captured.copy().run(function, *args, **kwargs)
+        tokens = _context.enter(ours)
+        otel_token = otel_context.attach(otel_ctx)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            otel_context.detach(otel_token)
+            _context.leave(tokens)
 
     in_context.__name__ = getattr(function, "__name__", "in_context")
     in_context.__wrapped__ = function  # type: ignore[attr-defined]
@@ -38,10 +50,8 @@ def carried(function: Callable[..., Any]) -> Callable[..., Any]:
 def _thread_start(wrapped: Any, instance: threading.Thread, args: tuple, kwargs: dict) -> Any:
     # An executor's worker thread is skipped: it outlives the submission that started it, and each task
     # it runs already gets its submitter's context (below); a copied budget must not stick to the worker.
-    if _runtime.active() is not None and getattr(instance, "_target", None) is not _POOL_WORKER:
-        run = instance.run  # bound, so a subclass's own run() is carried too
-        captured = contextvars.copy_context()
-        instance.run = lambda: captured.run(run)  # type: ignore[method-assign]
+    if _runtime.active() is not None and getattr(instance, "_target", None) not in _POOL_WORKERS:
+        instance.run = carried(instance.run)  # bound, so a subclass's own run() is carried too
     return wrapped(*args, **kwargs)
 
 
@@ -54,7 +64,21 @@ def _executor_submit(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> 
     return wrapped(*args, **kwargs)
 
 
+def _thread_pool_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """`multiprocessing.pool.ThreadPool`'s apply_async/map/imap: its workers were started with the pool (often
+    before the budget), so each task carries its submitter's run state. A process pool's tasks are pickled and
+    run in other processes: left as they are."""
+    if _runtime.active() is not None and isinstance(instance, multiprocessing.pool.ThreadPool):
+        if args:
+            args = (carried(args[0]), *args[1:])
+        elif "func" in kwargs:
+            kwargs = {**kwargs, "func": carried(kwargs["func"])}
+    return wrapped(*args, **kwargs)
+
+
 def apply(wrap: Callable[[Any, str, Any], None]) -> None:
     """`wrap(owner, name, wrapper)` is the DSPy patch set's, so `uninstrument()` restores these too."""
     wrap(threading.Thread, "start", _thread_start)
     wrap(concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit)
+    for name in ("apply_async", "_map_async", "imap", "imap_unordered"):
+        wrap(multiprocessing.pool.Pool, name, _thread_pool_task)

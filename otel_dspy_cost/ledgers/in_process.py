@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from otel_dspy_cost.ledgers.protocol import AccountState, Limits, Refusal, Reservation, check_limits
@@ -28,6 +30,11 @@ class InFlight:
     def __init__(self) -> None:
         self._calls: collections.deque[None] = collections.deque()
         self.add: Callable[[], None] = functools.partial(self._calls.append, None)
+        _every_in_flight.add(self)
+
+    def reset(self) -> None:
+        """Forget every call: a forked child runs none of the calls its parent's other threads had in flight."""
+        self._calls.clear()
 
     @property
     def count(self) -> int:
@@ -50,6 +57,18 @@ class InFlight:
         return True
 
 
+_every_in_flight: weakref.WeakSet[InFlight] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for counter in list(_every_in_flight):
+        counter.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class InProcessLedger:
     """One lock over every account: a reservation against nested budgets is all-or-nothing."""
 
@@ -60,6 +79,10 @@ class InProcessLedger:
         self._lock = threading.Lock()
         self._accounts: dict[str, AccountState] = {}
         self._limits: dict[str, Limits] = {}
+        # Admission waiting for calls in flight is woken by each settle or release (see `wait_for_change`).
+        self._changed = threading.Condition(self._lock)
+        self._waiters = 0
+        self.version = 0  # bumped whenever a reservation goes away (read without the lock: an int is atomic)
 
     def open(self, account: str, limits: Limits) -> None:
         with self._lock:
@@ -74,7 +97,8 @@ class InProcessLedger:
                 if refusal is not None:
                     # The stop is sticky from this instant, under the lock: a smaller call in another thread
                     # cannot slip in between the refusal and the budget tripping the account afterwards.
-                    if st.tripped is None:
+                    # A call that only has to wait for calls in flight stops nothing.
+                    if st.tripped is None and not refusal.wait:
                         st.tripped = refusal.reason
                     return refusal
             for name in accounts:
@@ -89,6 +113,9 @@ class InProcessLedger:
         if reservation.settled:
             return False
         reservation.settled = True
+        self.version += 1
+        if self._waiters:
+            self._changed.notify_all()
         ph = reservation.phase
         for name in reservation.accounts:
             st = self._accounts[name]
@@ -118,6 +145,23 @@ class InProcessLedger:
             st = self._accounts[account]
             if st.tripped is None:
                 st.tripped = reason
+            if self._waiters:  # waiting admissions see the stop at once
+                self.version += 1
+                self._changed.notify_all()
+
+    def wait_for_change(self, version: int, timeout_s: float) -> None:
+        """Block until a reservation goes away after `version` was read (or the account trips), or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._waiters += 1
+            try:
+                while self.version == version:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._changed.wait(left)
+            finally:
+                self._waiters -= 1
 
     def spent_usd(self, account: str) -> float:
         """An account's spend, read without the lock or a copy (one float read is atomic): a budget's warn check

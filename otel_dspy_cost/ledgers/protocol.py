@@ -44,6 +44,9 @@ class Refusal:
     reserved_usd: float
     limit: float
     detail: str = ""
+    # True when the call would fit once the calls in flight settle (spend alone leaves room for it): the
+    # caller waits and asks again instead of stopping; the ledger does not trip the account for it.
+    wait: bool = False
 
 
 @dataclasses.dataclass
@@ -69,19 +72,24 @@ def to_nano(usd: float) -> int:
 def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: AccountState) -> Refusal | None:
     """The one statement of what a reservation may not exceed, for the Python ledgers (Redis states the
     same rules in its Lua script, where they run atomically on the server). `st` holds the account's
-    spend, reservations and calls as of now, this call excluded."""
+    spend, reservations and calls as of now, this call excluded.
+
+    A refusal with `wait` set is not a stop: the call fits under spend alone and only the reservations of
+    calls in flight are in the way (they usually settle for less than their worst case)."""
     if not lim.enforce:
         return None
     if st.tripped:
         return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
     if lim.max_calls is not None and st.calls + st.reserved_calls + 1 > lim.max_calls:
-        return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls)
+        return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls,
+                       wait=st.calls + 1 <= lim.max_calls)
     if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
-        return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd)
+        return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd,
+                       wait=st.spent_usd + amount_usd <= lim.limit_usd)
     cap = lim.phase_limits.get(phase)
     if cap is not None and st.phase_spent.get(phase, 0.0) + st.phase_reserved.get(phase, 0.0) + amount_usd > cap:
         return Refusal(name, f"max_{phase}_usd", st.phase_spent.get(phase, 0.0), st.phase_reserved.get(phase, 0.0),
-                       cap)
+                       cap, wait=st.phase_spent.get(phase, 0.0) + amount_usd <= cap)
     return None
 
 

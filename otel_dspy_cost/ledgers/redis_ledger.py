@@ -8,6 +8,7 @@ Keys of one account `p` (all under one hash tag, so one cluster slot):
   p:bi     zset  bucket numbers;  p:b:<n>  hash, that bucket's counters (same fields as p:tot)
   p:res    hash  reservation id -> "nano|phase|expires";  p:rexp  zset of ids by expiry;  p:rtot  their totals
   p:late   hash  expired reservations a late settle may still consume (kept 7 days);  p:lexp  zset by time
+  p:trip   string the fleet's stop: the first refusal's reason, expiring when the stop ends (no expiry: for good)
   p:rep:<id>     a replayed call's id (kept 7 days), so a replay counts once
 Eviction takes each bucket out of the total once, when it leaves the window; a settled call is counted by
 consuming its reservation (live or expired), so the ledger holds no per-call state for settled calls.
@@ -110,18 +111,25 @@ local function num(v) return tonumber(v or 0) or 0 end
 """
 
 # KEYS: account prefixes. ARGV: now, amount, phase, id, expires, then per account: enforce, limit (-1 none),
-# max_calls (-1), phase cap (-1), first bucket still in the window ('none'), bucket width (0 none), window spec.
+# max_calls (-1), phase cap (-1), first bucket still in the window ('none'), bucket width (0 none), window spec,
+# how long a stop taken now holds in ms (-1: for good).
 _RESERVE = _LIB + """
 local now, amount, phase, rid, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local seen = {}  -- per account: spend + reservations + this call (committed at most), calls likewise
+local function stop(p, reason, hold)  -- the fleet's stop, stored with the account (see shared_accounts)
+  if tonumber(hold) > 0 then redis.call('SET', p .. ':trip', reason, 'PX', hold)
+  else redis.call('SET', p .. ':trip', reason) end
+end
 for i = 1, #KEYS do
-  local p, base = KEYS[i], 5 + (i - 1) * 7
+  local p, base = KEYS[i], 5 + (i - 1) * 8
   local enforce, limit, maxcalls, cap = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
     tonumber(ARGV[base + 4])
-  local first, width, spec = ARGV[base + 5], tonumber(ARGV[base + 6]), ARGV[base + 7]
+  local first, width, spec, hold = ARGV[base + 5], tonumber(ARGV[base + 6]), ARGV[base + 7], ARGV[base + 8]
   local stored = claim(p, spec, width, true)
   if stored ~= spec then return {i, 'window_mismatch', stored} end
   expire(p, now)
+  local tripped = enforce == '1' and redis.call('GET', p .. ':trip')
+  if tripped then return {i, 'tripped', '0', '0', 0, tripped, redis.call('PTTL', p .. ':trip')} end
   if enforce == '1' then
     evict(p, first)
     local t = redis.call('HMGET', p .. ':tot', 'n', 'c', 'p:' .. phase)
@@ -129,11 +137,19 @@ for i = 1, #KEYS do
     local spent, calls, pspent, reserved, rcalls, rphase = num(t[1]), num(t[2]), num(t[3]), num(r[1]), num(r[2]),
       num(r[3])
     local amt = tonumber(amount)
-    if maxcalls >= 0 and calls + rcalls + 1 > maxcalls then return {i, 'max_calls', calls, rcalls} end
-    if limit >= 0 and spent + reserved + amt > limit then
-      return {i, 'limit_usd', string.format('%d', spent), string.format('%d', reserved)} end
-    if cap >= 0 and pspent + rphase + amt > cap then
-      return {i, 'max_' .. phase .. '_usd', string.format('%d', pspent), string.format('%d', rphase)} end
+    -- the fifth value: 1 when the call fits under spend alone (it waits for calls in flight, stops nothing)
+    local refused, wait, a, b = false, 0, 0, 0
+    if maxcalls >= 0 and calls + rcalls + 1 > maxcalls then
+      refused, wait, a, b = 'max_calls', (calls + 1 <= maxcalls) and 1 or 0, calls, rcalls
+    elseif limit >= 0 and spent + reserved + amt > limit then
+      refused, wait, a, b = 'limit_usd', (spent + amt <= limit) and 1 or 0, spent, reserved
+    elseif cap >= 0 and pspent + rphase + amt > cap then
+      refused, wait, a, b = 'max_' .. phase .. '_usd', (pspent + amt <= cap) and 1 or 0, pspent, rphase
+    end
+    if refused then
+      if wait == 0 then stop(p, refused, hold) end
+      return {i, refused, string.format('%d', a), string.format('%d', b), wait}
+    end
     seen[#seen + 1] = string.format('%d', spent + reserved + amt)
     seen[#seen + 1] = string.format('%d', calls + rcalls + 1)
   else
@@ -183,7 +199,7 @@ _STATE = _LIB + """
 local p = KEYS[1]
 local stored = claim(p, ARGV[4], tonumber(ARGV[3]), false)
 if not stored then
-  if redis.call('EXISTS', p .. ':ts') == 0 then return {false, {}, {}} end
+  if redis.call('EXISTS', p .. ':ts') == 0 then return {false, {}, {}, redis.call('GET', p .. ':trip')} end
   local n, e, c, tot = 0, 0, 0, {}  -- unclaimed per-call layout, read without a window: all of it counts
   for _, v in ipairs(redis.call('HVALS', p .. ':amt')) do
     local nano, econ, ph = string.match(v, '^(%d+)|(%d+)|(.*)$')
@@ -192,16 +208,17 @@ if not stored then
   end
   local flat = {'n', string.format('%d', n), 'e', string.format('%d', e), 'c', tostring(c)}
   for k, v in pairs(tot) do flat[#flat + 1] = k; flat[#flat + 1] = string.format('%d', v) end
-  return {'none', flat, {}}
+  return {'none', flat, {}, redis.call('GET', p .. ':trip')}
 end
 expire(p, ARGV[1])
 if stored == ARGV[4] then evict(p, ARGV[2]) end
-return {stored, redis.call('HGETALL', p .. ':tot'), redis.call('HGETALL', p .. ':rtot')}
+return {stored, redis.call('HGETALL', p .. ':tot'), redis.call('HGETALL', p .. ':rtot'),
+  redis.call('GET', p .. ':trip')}
 """
 
 _RESET = """
 for _, b in ipairs(redis.call('ZRANGE', KEYS[1] .. ':bi', 0, -1)) do redis.call('DEL', KEYS[1] .. ':b:' .. b) end
-for _, k in ipairs({'meta', 'tot', 'bi', 'res', 'rexp', 'rtot', 'late', 'lexp', 'ts', 'amt'}) do
+for _, k in ipairs({'meta', 'tot', 'bi', 'res', 'rexp', 'rtot', 'late', 'lexp', 'ts', 'amt', 'trip'}) do
   redis.call('DEL', KEYS[1] .. ':' .. k)
 end
 return 1
@@ -259,12 +276,13 @@ class RedisLedger(SharedAccounts):
         args: list[Any] = [repr(now), str(to_nano(amount_usd)), phase, rid, repr(now + self.timeout)]
         for name in accounts:
             lim = self._limits[name]
-            if lim.enforce and name in self._tripped:
+            if lim.enforce and self._tripped_now(name, now) is not None:
                 return Refusal(name, "tripped", 0.0, 0.0, lim.limit_usd or 0.0)
+            until = self._trip_until(name, now)
             args += ["1" if lim.enforce else "0", to_nano(lim.limit_usd) if lim.limit_usd is not None else -1,
                      lim.max_calls if lim.max_calls is not None else -1,
                      to_nano(lim.phase_limits[phase]) if phase in lim.phase_limits else -1,
-                     *self._buckets(lim.window, now)]
+                     *self._buckets(lim.window, now), -1 if until is None else max(1, int((until - now) * 1000))]
         out = self._call(lambda: self._reserve(keys=list(accounts), args=args))
         if int(out[0]) == 0:
             for name in accounts:
@@ -277,13 +295,19 @@ class RedisLedger(SharedAccounts):
         if reason == "window_mismatch":
             return self._mismatch(name, _text(out[2]))
         # Sticky in this process at once (the budget trips it too, a little later). A thread whose script is
-        # already on its way to the server can still be admitted by a cap it fits under.
-        self._tripped.setdefault(name, reason)
+        # already on its way to the server can still be admitted by a cap it fits under. A call that only
+        # waits for calls in flight stops nothing.
+        wait = len(out) > 4 and int(out[4]) == 1
+        if reason == "tripped":  # stopped by a refusal in this or another process: remembered while it holds
+            ttl = int(out[6]) if len(out) > 6 else -1
+            self._tripped.setdefault(name, (_text(out[5]), None if ttl < 0 else now + ttl / 1000))
+        elif not wait:
+            self._stop_here(name, reason, now)
         lim = self._limits[name]
         limit = {"max_calls": lim.max_calls, "limit_usd": lim.limit_usd}.get(reason, lim.phase_limits.get(phase))
         if reason == "max_calls":
-            return Refusal(name, reason, int(out[2]), int(out[3]), float(limit or 0))
-        return Refusal(name, reason, int(out[2]) / NANO, int(out[3]) / NANO, float(limit or 0))
+            return Refusal(name, reason, int(out[2]), int(out[3]), float(limit or 0), wait=wait)
+        return Refusal(name, reason, int(out[2]) / NANO, int(out[3]) / NANO, float(limit or 0), wait=wait)
 
     def _write(self, call_id: str, accounts: Sequence[str], phase: str, actual: float, econ: float, ts: float,
                mode: str) -> None:
@@ -326,8 +350,11 @@ class RedisLedger(SharedAccounts):
         # The ledger's window decides what still counts (a status read from the CLI need not repeat it).
         first, width, spec = self._buckets(stored_window(stored) if stored else self._window_of(account), now)
         out = self._call(lambda: self._state(keys=[account], args=[repr(now), first, width, spec]))
+        tripped = self._tripped_now(account, now)
+        if tripped is None and len(out) > 3 and out[3]:  # the fleet's stop, stored by another process
+            tripped = _text(out[3])
         if not out[0]:
-            return AccountState(tripped=self._tripped.get(account))
+            return AccountState(tripped=tripped)
         if _text(out[0]) != spec:  # claimed meanwhile under another window: read again by that one
             self._stored[account] = _text(out[0])
             return self.state(account)
@@ -335,7 +362,16 @@ class RedisLedger(SharedAccounts):
         phases = {k[2:]: v / NANO for k, v in tot.items() if k.startswith("p:") and v}
         rphases = {k[2:]: v / NANO for k, v in rtot.items() if k.startswith("p:") and v}
         return AccountState(tot.get("n", 0) / NANO, tot.get("e", 0) / NANO, rtot.get("n", 0) / NANO,
-                            tot.get("c", 0), rtot.get("c", 0), phases, rphases, self._tripped.get(account))
+                            tot.get("c", 0), rtot.get("c", 0), phases, rphases, tripped)
+
+    def trip(self, account: str, reason: str) -> None:
+        """The budget's trip after a refusal (the refusing script stored it already; this covers any other)."""
+        now = self.clock()
+        if self._tripped_now(account, now) is not None:
+            return
+        until = self._stop_here(account, reason, now)
+        ms = None if until is None else max(1, int((until - now) * 1000))
+        self._call(lambda: self.client.set(f"{account}:trip", reason, px=ms, nx=True))
 
     def reset(self, account: str) -> None:
         self._call(lambda: self._reset(keys=[account]))

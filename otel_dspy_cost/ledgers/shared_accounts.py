@@ -1,7 +1,10 @@
 """What every shared ledger keeps in this process: each account's limits and its sticky stop.
 
-Limits come from this process's `budget()` call; a stop ends this process's run, not the fleet's, so it
-is not written to the shared store.
+Limits come from this process's `budget()` call. A stop is the fleet's: the ledger stores it with the
+account, so every process sharing the label is refused from then on, until `budget reset` for a budget
+without a window, and for a windowed one until the spend that stopped it has left the window (one window
+length after the stop for a rolling window, the window's end for a calendar one). This process also keeps
+the stop in memory, so a refused budget stays refused without asking the store.
 """
 
 from __future__ import annotations
@@ -26,13 +29,38 @@ class SharedAccounts:
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self._limits: dict[str, Limits] = {}
-        self._tripped: dict[str, str] = {}
+        self._tripped: dict[str, tuple[str, float | None]] = {}  # account -> (reason, until; None: for good)
 
     def open(self, account: str, limits: Limits) -> None:
         self._limits[account] = limits
 
     def trip(self, account: str, reason: str) -> None:
-        self._tripped.setdefault(account, reason)
+        """The budget's own trip after a refusal: the refusing step already stored it (see `_stop`)."""
+        self._stop_here(account, reason, self.clock())
+
+    def _trip_until(self, account: str, now: float) -> float | None:
+        """Until when a stop taken now holds: for good without a window, else until the spend it saw is gone."""
+        window = self._window_of(account)
+        if window is None:
+            return None
+        if window.seconds is not None:
+            return now + window.seconds
+        return window.bounds(now)[1]
+
+    def _stop_here(self, account: str, reason: str, now: float) -> float | None:
+        until = self._trip_until(account, now)
+        self._tripped.setdefault(account, (reason, until))
+        return until
+
+    def _tripped_now(self, account: str, now: float) -> str | None:
+        """This process's memory of the account's stop, while it holds."""
+        stop = self._tripped.get(account)
+        if stop is None:
+            return None
+        if stop[1] is not None and stop[1] <= now:
+            self._tripped.pop(account, None)
+            return None
+        return stop[0]
 
     def _window_of(self, account: str) -> Window | None:
         limits = self._limits.get(account)

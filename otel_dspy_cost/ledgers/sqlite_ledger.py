@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS expired (id TEXT, account TEXT, nano INTEGER, phase T
     PRIMARY KEY (id, account));
 CREATE INDEX IF NOT EXISTS expired_by_time ON expired (at);
 CREATE TABLE IF NOT EXISTS replayed (id TEXT, account TEXT, at REAL, PRIMARY KEY (id, account));
+CREATE TABLE IF NOT EXISTS trips (account TEXT PRIMARY KEY, reason TEXT NOT NULL, until REAL);
 CREATE INDEX IF NOT EXISTS replayed_by_time ON replayed (at);
 """
 
@@ -53,7 +54,7 @@ def _errors_as_unavailable(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: SqliteLedger, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: a path under a file, in /proc, unwritable
             raise LedgerUnavailable(f"{self.url}: {exc}") from exc
 
     return wrapper
@@ -211,7 +212,8 @@ class SqliteLedger(SharedAccounts):
 
     def _totals(self, db: sqlite3.Connection, account: str, now: float) -> AccountState:
         """Spend (after eviction) and live reservations, in nano-dollars."""
-        st = AccountState(0, 0, 0, 0, 0, {}, {}, self._tripped.get(account))
+        tripped = self._tripped_now(account, now) or self._stored_trip(db, account, now)
+        st = AccountState(0, 0, 0, 0, 0, {}, {}, tripped)
         for phase, nano, econ, calls in db.execute("SELECT phase, nano, econ, calls FROM totals WHERE account=?",
                                                    (account,)):
             st.spent_usd += nano
@@ -225,6 +227,21 @@ class SqliteLedger(SharedAccounts):
             st.reserved_calls += calls
             st.phase_reserved[phase] = nano
         return st
+
+    def _stored_trip(self, db: sqlite3.Connection, account: str, now: float) -> str | None:
+        """A stop another process (or this one) stored for the account, while it holds."""
+        row = db.execute("SELECT reason, until FROM trips WHERE account=? AND (until IS NULL OR until>?)",
+                         (account, now)).fetchone()
+        if row is None:
+            return None
+        self._tripped.setdefault(account, (row[0], row[1]))
+        return row[0]
+
+    def _store_trip(self, db: sqlite3.Connection, account: str, reason: str, now: float) -> None:
+        until = self._stop_here(account, reason, now)
+        db.execute("INSERT INTO trips VALUES (?,?,?) ON CONFLICT (account) DO UPDATE SET reason=excluded.reason, "
+                   "until=excluded.until WHERE trips.until IS NOT NULL AND trips.until<=?",
+                   (account, reason, until, now))
 
     def _count(self, db: sqlite3.Connection, call_id: str, accounts: Sequence[str], phase: str, actual: int,
                econ: int, ts: float, now: float) -> None:
@@ -258,12 +275,15 @@ class SqliteLedger(SharedAccounts):
                 refusal = check_limits(name, _in_nano(lim), amount, phase, st)
                 if refusal is not None:
                     # Sticky in this process from inside the write lock, which this process's other threads
-                    # wait on: none is admitted between the refusal and the budget's trip.
-                    self._tripped.setdefault(name, refusal.reason)
+                    # wait on: none is admitted between the refusal and the budget's trip. A call that only
+                    # waits for calls in flight stops nothing.
+                    if not refusal.wait and refusal.reason != "tripped":
+                        self._store_trip(db, name, refusal.reason, now)
                     if refusal.reason == "max_calls":
                         return refusal
                     return Refusal(name, refusal.reason, refusal.spent_usd / NANO, refusal.reserved_usd / NANO,
-                                   refusal.limit / NANO if refusal.reason != "tripped" else lim.limit_usd or 0.0)
+                                   refusal.limit / NANO if refusal.reason != "tripped" else lim.limit_usd or 0.0,
+                                   wait=refusal.wait)
                 seen[name] = ((st.spent_usd + st.reserved_usd + amount) / NANO, st.calls + st.reserved_calls + 1)
             db.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?)",
                            [(rid, name, amount, phase, now + self.timeout, str(os.getpid())) for name in accounts])
@@ -303,6 +323,15 @@ class SqliteLedger(SharedAccounts):
                     self._add(db, name, window, ts, to_nano(actual_usd), to_nano(economic_usd), phase)
 
     @_errors_as_unavailable
+    def trip(self, account: str, reason: str) -> None:
+        """The budget's trip after a refusal (the refusing step stored it already; this covers any other)."""
+        if self._tripped_now(account, self.clock()) is not None:
+            return
+        now = self.clock()
+        with self._tx() as db:
+            self._store_trip(db, account, reason, now)
+
+    @_errors_as_unavailable
     def state(self, account: str) -> AccountState:
         now = self.clock()
         with self._tx() as db:
@@ -323,7 +352,7 @@ class SqliteLedger(SharedAccounts):
     @_errors_as_unavailable
     def reset(self, account: str) -> None:
         with self._tx() as db:
-            for table in ("accounts", "buckets", "totals", "reservations", "expired", "replayed"):
+            for table in ("accounts", "buckets", "totals", "reservations", "expired", "replayed", "trips"):
                 db.execute(f"DELETE FROM {table} WHERE account=?", (account,))  # noqa: S608 (our table names)
             if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='spend'").fetchone():
                 db.execute("DELETE FROM spend WHERE account=?", (account,))

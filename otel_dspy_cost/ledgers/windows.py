@@ -78,6 +78,8 @@ def parse_window(window: str | Window | None, tz: str = "UTC") -> Window | None:
     """'30m', '1h', '1d', '30d' (rolling) or 'day', 'month' (calendar, in `tz`)."""
     if window is None or isinstance(window, Window):
         return window
+    if not isinstance(window, str):
+        raise TypeError(f"window must be a string such as '1h', '1d', 'day' or 'month', not {window!r}")
     text = window.strip().lower()
     if text in ("day", "month"):
         zoneinfo.ZoneInfo(tz)  # a bad time zone fails here, early
@@ -85,4 +87,7 @@ def parse_window(window: str | Window | None, tz: str = "UTC") -> Window | None:
     match = re.fullmatch(r"(\d+)\s*([smhd])", text)
     if not match:
         raise ValueError(f"window must look like '1h', '1d', '30d', 'day' or 'month', not {window!r}")
-    return Window(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"window must be longer than zero, not {window!r}")
+    return Window(seconds=seconds)

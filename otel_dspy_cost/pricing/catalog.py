@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from otel_dspy_cost import _validate
 from otel_dspy_cost.errors import CatalogError
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -327,6 +328,10 @@ class Catalog:
         return cls(data, origin=origin, source="override")
 
     def _validate_schema(self, data: Any) -> None:
+        try:  # NaN and Infinity parse as JSON numbers and pass the schema's `minimum`: refuse them first
+            _validate.finite_tree(self.origin, data)
+        except ValueError as exc:
+            raise CatalogError(str(exc)) from None
         errors = sorted(_schema_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
         if not errors:
             return

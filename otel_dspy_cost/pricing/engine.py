@@ -16,6 +16,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from otel_dspy_cost import _validate
 from otel_dspy_cost.errors import UnknownModelError, UnpricedModelError
 from otel_dspy_cost.pricing.catalog import RATE_FIELDS, PriceEntry, Rates, split_model, user_catalog_path
 from otel_dspy_cost.pricing.cost import (
@@ -67,10 +68,16 @@ class CostEngine:
 
     def __init__(self, resolver: PricingResolver, *, unknown_model: str | None = None, tier: str | None = None,
                  user_catalog: str | os.PathLike[str] | None = None,
-                 unknown_model_price: Mapping[str, float] | None = None):
+                 unknown_model_price: Mapping[str, float] | None = None, missing_usage: str = "worst_case"):
         policy = unknown_model or default_policy()
         if policy not in POLICIES:
             raise ValueError(f"unknown_model must be one of {POLICIES}, not {policy!r}")
+        if tier is not None and (not isinstance(tier, str) or not tier.strip()):
+            raise ValueError(f"tier must be a non-empty string such as 'batch' or 'flex', or None, not {tier!r}")
+        # A call answered without usage: "worst_case" (its reserved worst case, the default: a provider that
+        # reports nothing cannot set its own price) or "estimate" (~4 characters a token of the visible text,
+        # for providers known never to report usage and never to bill hidden tokens).
+        self.missing_usage = _validate.choice("missing_usage", missing_usage, ("worst_case", "estimate"))
         self.resolver = resolver
         self.policy = policy
         self.tier = tier
@@ -197,6 +204,12 @@ class CostEngine:
             term = "output" if out_part >= in_part else "input"
         return total, term
 
+    def warn_worst_case(self, model: str) -> None:
+        self._once("worst_case", model, "Provider reported no token usage for %s: each such call counts at its "
+                   "worst case (dspy.cost.estimated=true, reason 'usage missing'). If it never reports usage and "
+                   "never bills hidden tokens, instrument(missing_usage='estimate') counts from the text instead.",
+                   model)
+
     def warn_estimated(self, model: str) -> None:
         self._once("estimated", model, "Provider reported no token usage for %s: tokens were estimated from the text "
                    "(dspy.cost.estimated=true).", model)
@@ -205,11 +218,13 @@ class CostEngine:
 def _fallback_rates(price: Mapping[str, float] | None) -> Rates | None:
     if price is None:
         return None
+    if not isinstance(price, Mapping):
+        raise TypeError(f"unknown_model_price must be a dict of USD per 1M tokens, not {price!r}")
     unknown = set(price) - set(RATE_FIELDS)
     if unknown or "input" not in price or "output" not in price:
         raise ValueError("unknown_model_price needs 'input' and 'output' (USD per 1M tokens) and may add "
                          f"'cached_input', 'cache_write', 'cache_write_1h', 'reasoning'; got {sorted(price)}")
-    return Rates(**{k: float(v) for k, v in price.items()})
+    return Rates(**{k: _validate.number(f"unknown_model_price[{k!r}]", v, allow_none=False) for k, v in price.items()})
 
 
 def _fallback_entry(model: str, rates: Rates) -> PriceEntry:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from otel_dspy_cost import _validate
 from otel_dspy_cost.errors import UnknownModelError
 from otel_dspy_cost.pricing.catalog import (
     EPOCH,
@@ -60,6 +61,12 @@ class PricingResolver:
             self.catalogs.append(Catalog.from_path(user_file, source="user"))
         self.catalogs.append(Catalog.from_path(catalog_path or default_catalog_path(), source="catalog"))
         self.use_litellm = use_litellm
+        if local_models is not None and not isinstance(local_models, Mapping):
+            raise TypeError(f"local_models must be a dict of model -> rates, not {local_models!r}")
+        _validate.finite_tree("local_models", dict(local_models or {}))
+        for model, rates in (local_models or {}).items():
+            for field, rate in (rates.items() if isinstance(rates, Mapping) else ()):
+                _validate.number(f"local_models[{model!r}][{field!r}]", rate, allow_none=False)
         self.local_models = {k: Rates.of(v) for k, v in (local_models or {}).items()}
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], PriceEntry] = {}

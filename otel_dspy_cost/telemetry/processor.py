@@ -29,7 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost import _context
+from otel_dspy_cost import _context, _runtime
 from otel_dspy_cost.budgets.accounting import Accountant, LMCall
 from otel_dspy_cost.budgets.spend import SpendAggregator
 from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
@@ -80,6 +80,7 @@ class BudgetSpanProcessor(SpanProcessor):
             cost_engine = CostEngine(default_resolver())
         self.accountant = Accountant(cost_engine, aggregator)
         self.tree = RollupTree()
+        self.tree.on_late = self._late
         self._failed_once = False
         self.enabled = True
         _gates.add(self)
@@ -180,6 +181,23 @@ class BudgetSpanProcessor(SpanProcessor):
                 node.parent = above
         except Exception:
             self._internal_error("adopt")
+
+    def _late(self, parent: Node, node: Node) -> None:
+        """Cost that reached an ended span (see `RollupTree.add_to_parent`): a `late cost` span under it, carrying
+        the late subtree's totals, so that the trace still adds up (the ended span + its late-cost children)."""
+        try:
+            rt = _runtime.active()
+            if rt is None or rt.processor is not self or parent.context is None or not node.calls:
+                return
+            with self.tree._lock:
+                attrs = node.rollup_attributes()
+            attrs[A.SPAN_KIND] = "late_cost"
+            if node.module:
+                attrs[A.MODULE_PATH] = node.module
+            ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent.context))
+            rt.tracer.start_span("late cost", context=ctx, attributes=attrs).end()
+        except Exception:
+            self._internal_error("late cost")
 
     # -- internals --------------------------------------------------------------------------------
     def _internal_error(self, where: str) -> None:

@@ -10,6 +10,7 @@ grows with the run length.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.sdk.trace import Span
@@ -23,11 +24,12 @@ from otel_dspy_cost.pricing.cost import money
 class Node:
     """Book-keeping for one open span. The span reference is dropped when the span ends."""
 
-    __slots__ = ("span", "parent", "is_lm", "ours", "lm_ancestor", "usd", "econ", "inp", "out", "calls", "unknown",
-                 "call", "taken_over", "deferred", "module")
+    __slots__ = ("span", "context", "parent", "is_lm", "ours", "lm_ancestor", "usd", "econ", "inp", "out", "calls",
+                 "unknown", "call", "taken_over", "deferred", "module")
 
     def __init__(self, span: Span | None, parent: Node | None, is_lm: bool, ours: bool):
         self.span = span
+        self.context = span.context if span is not None else None  # kept after the end: a late call's parent
         self.parent = parent
         self.is_lm = is_lm
         self.ours = ours
@@ -62,6 +64,8 @@ class RollupTree:
     def __init__(self) -> None:
         self._live: dict[int, Node] = {}
         self._lock = threading.Lock()
+        # (ended parent, node): a subtree's totals arrived after its parent ended (set by the processor)
+        self.on_late: Callable[[Node, Node], None] | None = None
 
     def track(self, span: Span) -> Node:
         ours = getattr(span.instrumentation_scope, "name", None) == A.SCOPE_NAME
@@ -70,6 +74,11 @@ class RollupTree:
             attrs = span.attributes or {}
         parent_ctx = span.parent
         parent = self._live.get(parent_ctx.span_id) if parent_ctx is not None else None
+        if parent is None and parent_ctx is not None and parent_ctx.is_valid and not parent_ctx.is_remote:
+            # A local parent that is no longer open (a thread started under a span that has ended since): its
+            # totals are late from the start, and go to the trace under it (see `add_to_parent`).
+            parent = Node(None, None, False, False)
+            parent.context = parent_ctx
         node = Node(span, parent, is_lm(attrs), ours)
         if parent is not None:
             node.lm_ancestor = parent if parent.is_lm else parent.lm_ancestor
@@ -112,6 +121,10 @@ class RollupTree:
 
     def add_to_parent(self, node: Node) -> None:
         parent = node.parent
+        if parent is not None and parent.span is None and self.on_late is not None:
+            # Its parent ended before it (a call still running when DSPy's pool gave up on it, a straggler): the
+            # ended spans' attributes cannot change, so the cost goes into the trace as a record of its own.
+            self.on_late(parent, node)
         while parent is not None and parent.span is None:  # ended early (e.g. a straggler thread): skip up
             parent = parent.parent
         if parent is None:

@@ -16,8 +16,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost import _redact, _runtime
+from otel_dspy_cost import _context, _redact, _runtime
 from otel_dspy_cost._context import STARTING
+from otel_dspy_cost.errors import BudgetExceededError
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -85,7 +86,20 @@ def finish(span: Span, token: object, exc: BaseException | None = None, extra: d
         otel_context.detach(token)
     except Exception:
         internal_error("context detach")
+    if isinstance(exc, BudgetExceededError) and getattr(span, "parent", True) is None:
+        _drain(exc)
     finish_detached(span, exc, extra)
+
+
+def _drain(stop: BudgetExceededError) -> None:
+    """A budget stop is ending a trace's root span of ours: calls admitted before the stop may still be running
+    in threads the stop did not unwind (DSPy's pool goes on). Wait for them (each budget's `drain_timeout_s`,
+    as leaving its `with` block would), so that they settle while the root is open and its roll-up counts them."""
+    try:
+        for b in _context.current().budgets:
+            b.wait_idle()
+    except Exception:
+        internal_error("drain before a root span ends")
 
 
 def finish_detached(span: Span, exc: BaseException | None = None, extra: dict[str, Any] | None = None) -> None:
