@@ -31,6 +31,7 @@ from otel_dspy_cost.errors import (
     UnpricedModelError,
 )
 from otel_dspy_cost.instrumentation.instrumentor import DSPyCostInstrumentor, instrument, uninstrument  # noqa: E402
+from otel_dspy_cost.instrumentation.processes import process_initializer  # noqa: E402
 from otel_dspy_cost.optimizers.estimate import Estimate, estimate  # noqa: E402
 from otel_dspy_cost.optimizers.guarded import CompileResult, guarded_compile  # noqa: E402
 from otel_dspy_cost.reports.artifacts import record_run  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "guarded_compile",
     "instrument",
     "pricing",
+    "process_initializer",
     "record_run",
     "scope",
     "spend_report",

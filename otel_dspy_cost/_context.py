@@ -70,6 +70,34 @@ def leave(tokens: list[contextvars.Token[Any]]) -> None:
         v.reset(token)
 
 
+# Budgets entered somewhere in this process and not left yet (id -> [budget, times entered]): an LM call with no
+# budget in its own context while one is open elsewhere ran in a thread that did not get the run state.
+_open_budgets: dict[int, list[Any]] = {}
+_open_lock = threading.Lock()
+
+
+def budget_entered(budget: Budget) -> None:
+    with _open_lock:
+        _open_budgets.setdefault(id(budget), [budget, 0])[1] += 1
+
+
+def budget_left(budget: Budget) -> None:
+    with _open_lock:
+        entry = _open_budgets.get(id(budget))
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _open_budgets[id(budget)]
+
+
+def open_budget_labels() -> list[str]:
+    """Labels of run budgets entered in this process and not left (empty on the usual path: a dict read)."""
+    if not _open_budgets:
+        return []
+    with _open_lock:
+        return [entry[0].label for entry in _open_budgets.values() if not entry[0].is_scope]
+
+
 def current() -> RunContext:
     return _RUN.get()
 

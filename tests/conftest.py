@@ -43,7 +43,20 @@ def otel():
     otel_dspy_cost.uninstrument()
     otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn")
     yield exporter, provider
+    _let_abandoned_workers_finish()
     otel_dspy_cost.uninstrument()
+
+
+def _let_abandoned_workers_finish(timeout_s=5.0):
+    """After a budget stop, DSPy's pool runs the queued examples anyway (refused at once while instrumented).
+    Uninstrumenting under them would let them call the provider unbudgeted, into the next test: wait for them."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.startswith("ThreadPoolExecutor") and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @pytest.fixture

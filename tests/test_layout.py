@@ -141,7 +141,7 @@ def test_the_public_api_is_unchanged():
         "AdmissionBypassedError", "Budget", "BudgetExceededError", "BudgetSpanProcessor", "CompileResult",
         "DSPyCostInstrumentor", "Estimate", "ForkedBudgetError", "LedgerUnavailableError", "NothingUsableError",
         "ScopeExhaustedError", "UnpricedModelError", "budget", "estimate", "guarded_compile", "instrument",
-        "pricing", "record_run", "scope", "spend_report", "uninstrument"])
+        "pricing", "process_initializer", "record_run", "scope", "spend_report", "uninstrument"])
     for name in otel_dspy_cost.__all__:
         assert getattr(otel_dspy_cost, name) is not None
     from otel_dspy_cost import errors

@@ -173,6 +173,8 @@ class Accountant:
         if not budgets:
             if self.engine.policy != "warn":
                 self.engine.entry_for(call.model)  # the unknown-model policy applies with or without a budget
+            if _context._open_budgets:
+                _outside_budgets(call.model)
             self._in_flight.add()
             return
         plan = call.plan = self._plan_for(budgets)
@@ -350,6 +352,26 @@ class _Waiting:
             wait_for_change(self.version, min(left, 1.0))
         else:
             time.sleep(min(left, self.next_delay()))
+
+
+_said_outside: set[int] = set()
+
+
+def _outside_budgets(model: str) -> None:
+    """An LM call with no budget in its context while a budget is open elsewhere in the process: said once per
+    thread, since its spend is not held to that budget (a thread or queue worker started before the budget
+    that it was handed work through something we do not wrap)."""
+    labels = _context.open_budget_labels()
+    thread = threading.current_thread()
+    if not labels or thread.ident in _said_outside:
+        return
+    _said_outside.add(thread.ident or 0)
+    logger.warning(
+        "otel-dspy-cost: an LM call to %s in thread %r ran outside budget(s) %s, which are open in another thread: "
+        "its spend is not held to them. Threads started, and tasks submitted to ThreadPoolExecutor or "
+        "multiprocessing ThreadPool, inside the budget carry it; a worker that was already running (a queue "
+        "consumer) does not: run its work under `with b:` (a Budget can be entered in many threads at once).",
+        model, thread.name, ", ".join(repr(label) for label in labels))
 
 
 def _give_back(holds: Iterable[tuple[Any, Any]]) -> None:

@@ -122,6 +122,7 @@ class Budget:
         state = _context.current()
         self._tokens.setdefault(_where(), []).append(_context.var().set(
             _context.RunContext(state.budgets + (self,), state.phase, state.optimizer, state.trial, state.lm_role)))
+        _context.budget_entered(self)
         _runtime.watch_budget(self)
         return self
 
@@ -131,6 +132,7 @@ class Budget:
         _context.var().reset(stack.pop())
         if not stack:
             del self._tokens[key]
+        _context.budget_left(self)
         stopped = isinstance(exc, BudgetExceededError) or (self.action == "stop" and self._exceeded)
         if stopped and self.in_flight.count:
             # Calls admitted before the stop may still be running in threads the stop did not unwind

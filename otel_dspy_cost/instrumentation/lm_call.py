@@ -151,6 +151,24 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
     return call, merged
 
 
+def new_client_call(model: str, operation: str, messages: Any, request: dict[str, Any]) -> tuple[LMCall, dict]:
+    """A call made through an LLM client directly (`instrumentation.clients`): the same LMCall as DSPy's.
+    An embedding produces no output tokens: its worst case is its input alone."""
+    if operation == "embeddings":
+        max_tokens: Any = 0
+    else:
+        max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or request.get(
+            "max_output_tokens")
+    state = _context.current()
+    module = _context.CURRENT_MODULE.get()
+    call = LMCall(
+        model, provider_of(model), operation, input_tokens_bound(None, messages, request),
+        max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
+        _completions(request), module[1] if module is not None else "", state.phase, state.optimizer or "",
+        state.trial, state.lm_role, state.budgets, None)
+    return call, request
+
+
 def request_model(model: str) -> str:
     """`gen_ai.request.model`: the model name without DSPy's (LiteLLM's) provider prefix, which the
     conventions put in `gen_ai.provider.name`."""

@@ -33,7 +33,7 @@ from otel_dspy_cost._context import EVAL_ERRORS as _EVAL_ERRORS
 from otel_dspy_cost._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from otel_dspy_cost._context import IN_COMPILE as _IN_COMPILE
 from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
-from otel_dspy_cost.instrumentation import lm_call
+from otel_dspy_cost.instrumentation import clients, lm_call
 from otel_dspy_cost.instrumentation import threads as user_threads
 from otel_dspy_cost.optimizers import registry as optimizers
 from otel_dspy_cost.optimizers import runs as optimizer_runs
@@ -65,7 +65,9 @@ class _Patches:
             ours = _module_function(original, wrapper)
         elif type(original) is types.FunctionType:
             ours = _method(original, wrapper)
-        else:  # a classmethod, staticmethod, builtin or another library's proxy: wrapt binds each correctly
+        elif _is_proxy(original):  # another instrumentation's wrapper (wrapt's): see `_proxied_method`
+            ours = _proxied_method(original, wrapper)
+        else:  # a classmethod, staticmethod or builtin: wrapt binds each correctly
             ours = wrapt.FunctionWrapper(original, wrapper)
         setattr(owner, name, ours)
         self._ours[id(ours)] = ours  # held, so the id stays ours until remove()
@@ -138,6 +140,31 @@ def _method(original: types.FunctionType, wrapper: Callable[..., Any]) -> Callab
         return wrapper(types.MethodType(original, self), self, args, kwargs)
 
     return _own(method, original)
+
+
+_PROXY = getattr(wrapt, "BaseObjectProxy", wrapt.ObjectProxy)  # wrapt 2's base of every proxy (1.x: ObjectProxy)
+
+
+def _is_proxy(original: Any) -> bool:
+    return (isinstance(original, _PROXY) and hasattr(type(original), "__get__")
+            and not isinstance(getattr(original, "__wrapped__", None), (classmethod, staticmethod)))
+
+
+def _proxied_method(original: Any, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    """A method another instrumentation wrapped before us (a wrapt proxy in the class body). Ours is a plain
+    function around it, bound through the proxy's own `__get__`, rather than a wrapt proxy of a proxy: their
+    `uninstrument()` (`opentelemetry.instrumentation.utils.unwrap`) puts back the `__wrapped__` of whatever proxy
+    it finds, which would be theirs, taking our admission off the call path. A plain function is left alone."""
+    if inspect.iscoroutinefunction(original):
+        async def coroutine_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await wrapper(original.__get__(self, type(self)), self, args, kwargs)
+
+        return _own(functools.update_wrapper(coroutine_method, original), original)
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapper(original.__get__(self, type(self)), self, args, kwargs)
+
+    return _own(functools.update_wrapper(method, original), original)
 
 
 _patches = _Patches()
@@ -393,6 +420,12 @@ def _refused(span, token, stop: BaseException) -> None:
 def _lm_end(state, result, exc):
     rt, span, token, call, call_token, prompt, messages = state
     _context.CURRENT_CALL.reset(call_token)
+    lm_settle(rt, span, call, prompt, messages, result, exc)
+    finish(span, token, exc)
+
+
+def lm_settle(rt, span, call, prompt, messages, result, exc) -> None:
+    """A call that ended (answered, or raised `exc`): priced, settled, and written on its span (not ended)."""
     try:
         if exc is not None and not call.captured and call.sent is False:
             lm_call.not_sent(call, exc)  # raised before any request left (cancelled while queued, say)
@@ -419,7 +452,6 @@ def _lm_end(state, result, exc):
                 rt.processor.note_call(span, call)
     except Exception:
         internal_error("LM span end")
-    finish(span, token, exc)
 
 
 def _simple_span(kind: str, name_fn: Callable[[Any, tuple, dict], str],
@@ -815,6 +847,7 @@ def apply(*, adapter_spans: bool | str = "attributes") -> None:
         _patches.wrap(embeddings, "__call__", retrieve_span)
     _patches.wrap(ParallelExecutor, "execute", _parallel_execute)
     user_threads.apply(_patches.wrap)
+    clients.apply(_patches.wrap)
 
     # The first call's usage on a DSPy cache hit: private on both versions, so feature-detected.
     try:
@@ -898,4 +931,5 @@ def _tracks_sending(lm: Any) -> bool:
 
 
 def remove() -> None:
+    clients.remove()
     _patches.remove()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread
+import logging
 import multiprocessing.pool
 import threading
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from typing import Any
 from opentelemetry import context as otel_context
 
 from otel_dspy_cost import _context, _runtime
+
+logger = logging.getLogger("otel_dspy_cost")
 
 # Threads whose target runs other people's tasks: each task carries its own submitter's state instead.
 _POOL_WORKERS = tuple(w for w in (getattr(concurrent.futures.thread, "_worker", None),
@@ -64,15 +67,43 @@ def _executor_submit(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> 
     return wrapped(*args, **kwargs)
 
 
-def _thread_pool_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+def _pool_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """`multiprocessing.pool.ThreadPool`'s apply_async/map/imap: its workers were started with the pool (often
     before the budget), so each task carries its submitter's run state. A process pool's tasks are pickled and
-    run in other processes: left as they are."""
-    if _runtime.active() is not None and isinstance(instance, multiprocessing.pool.ThreadPool):
+    run in other processes: left as they are (see `_process_pool_task`)."""
+    if _runtime.active() is not None:
+        if not isinstance(instance, multiprocessing.pool.ThreadPool):
+            return _process_pool_task(wrapped, instance, args, kwargs)
         if args:
             args = (carried(args[0]), *args[1:])
         elif "func" in kwargs:
             kwargs = {**kwargs, "func": carried(kwargs["func"])}
+    return wrapped(*args, **kwargs)
+
+
+_warned_process_pools: set[str] = set()
+
+
+def _process_pool_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Work handed to a process pool under a budget. Forked children inherit instrumentation and run state (an
+    in-process budget then refuses there, loudly: `ForkedBudgetError`); spawn and forkserver children start
+    from nothing, so their LM calls are outside the budget: said once per budget."""
+    if _runtime.active() is not None:
+        budgets = _context.current().budgets
+        if budgets:
+            try:
+                context = getattr(instance, "_mp_context", None) or getattr(instance, "_ctx", None)
+                method = context.get_start_method() if context is not None else "fork"
+            except Exception:  # noqa: BLE001 - an unknown pool: say nothing rather than fail the submission
+                method = "fork"
+            label = budgets[-1].label
+            if method != "fork" and label not in _warned_process_pools:
+                _warned_process_pools.add(label)
+                logger.warning(
+                    "otel-dspy-cost: work sent to a %r-started process pool under budget %r runs in processes that "
+                    "start without instrumentation or budget: their LM calls are outside the budget. Start the pool "
+                    "with initializer=otel_dspy_cost.process_initializer and initargs=(ledger_url, label, limit_usd) "
+                    "(a shared ledger: the children then count against the same budget by label).", method, label)
     return wrapped(*args, **kwargs)
 
 
@@ -81,4 +112,5 @@ def apply(wrap: Callable[[Any, str, Any], None]) -> None:
     wrap(threading.Thread, "start", _thread_start)
     wrap(concurrent.futures.ThreadPoolExecutor, "submit", _executor_submit)
     for name in ("apply_async", "_map_async", "imap", "imap_unordered"):
-        wrap(multiprocessing.pool.Pool, name, _thread_pool_task)
+        wrap(multiprocessing.pool.Pool, name, _pool_task)
+    wrap(concurrent.futures.ProcessPoolExecutor, "submit", _process_pool_task)

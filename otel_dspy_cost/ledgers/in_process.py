@@ -100,6 +100,9 @@ class InProcessLedger:
                     # A call that only has to wait for calls in flight stops nothing.
                     if st.tripped is None and not refusal.wait:
                         st.tripped = refusal.reason
+                        if self._waiters:  # calls waiting for room are refused at once, not at their next look
+                            self.version += 1
+                            self._changed.notify_all()
                     return refusal
             for name in accounts:
                 st = self._accounts[name]
