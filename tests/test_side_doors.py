@@ -6,12 +6,14 @@ libraries; what the provider billed (the simulator's own usage for each request 
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
 import multiprocessing.pool
 import queue
+import sys
 import threading
 
 import dspy
@@ -37,7 +39,7 @@ def billed_usd(server, model=MODEL):
     engine = CostEngine(PricingResolver(), unknown_model="warn")
     sim = SimulatedLM(reasoning_tokens=server.sim.reasoning_tokens, min_cache_tokens=10**9)
     total = 0.0
-    for path, body, _ in server.requests:
+    for _, body, _ in server.requests:
         if "messages" not in body and "input" not in body:
             continue
         _, usage = sim.complete(body)
@@ -147,9 +149,34 @@ def _other(which):
     return DSPyInstrumentor()
 
 
+@pytest.fixture
+def dspy_restored():
+    """DSPy's classes and module functions exactly as before the test: an instrumentor that uninstruments before
+    us leaves its wrapper under ours, and ours puts back what it found (theirs), which would outlive the test."""
+    def owners():
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "dspy" or name.startswith("dspy.")):
+                continue
+            yield module
+            yield from (v for v in vars(module).values()
+                        if isinstance(v, type) and getattr(v, "__module__", "").startswith("dspy"))
+
+    saved = {id(owner): (owner, dict(vars(owner))) for owner in owners()}
+    yield
+    for owner, before in saved.values():
+        now = vars(owner)
+        for key in [k for k in now if k not in before]:
+            with contextlib.suppress(AttributeError, TypeError):
+                delattr(owner, key)
+        for key, value in before.items():
+            if now.get(key) is not value:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(owner, key, value)
+
+
 @pytest.mark.parametrize("which", ["openinference", "genai-dspy"])
 @pytest.mark.parametrize("order", ["ours first", "theirs first"])
-def test_another_instrumentors_uninstrument_leaves_budgets_enforcing(server, which, order):
+def test_another_instrumentors_uninstrument_leaves_budgets_enforcing(server, which, order, dspy_restored):
     provider = TracerProvider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -191,14 +218,14 @@ def test_a_request_without_admission_under_a_budget_is_refused_loudly(otel, serv
     original = next(o for owner, name, o in patches._patches.applied if owner is base_lm.BaseLM and name == "__call__")
     saved = {cls: cls.__dict__["__call__"] for cls in dspy.LM.__mro__ if "__call__" in cls.__dict__}
     for cls in saved:  # as a careless unwrap would leave it
-        setattr(cls, "__call__", original)
+        cls.__call__ = original
     try:
         with pytest.raises(otel_dspy_cost.AdmissionBypassedError), otel_dspy_cost.budget(limit_usd=1.0), \
                 dspy.context(lm=lm):
             lm("hello")
     finally:
         for cls, attribute in saved.items():
-            setattr(cls, "__call__", attribute)
+            cls.__call__ = attribute
     assert server.count == 0
 
 

@@ -217,6 +217,8 @@ class Accountant:
             if capped:
                 raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
             amount = 0.0
+        elif term == "max_tokens_unset":
+            self.engine.warn_unbounded(call.model, amount)
         return amount, term
 
     def _reserve(self, call: LMCall, plan: _Plan, amount: float, term: str | None,

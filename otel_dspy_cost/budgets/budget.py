@@ -253,18 +253,21 @@ class Budget:
                         requested_usd=requested_usd, term=term)
         first_reason = self.ledger.state(self.account).tripped
         self.ledger.trip(self.account, refusal.reason)
-        left = max(0.0, refusal.limit - refusal.spent_usd - refusal.reserved_usd)
+        # A refusal is final only when the call does not fit beside what is spent (calls in flight settle
+        # first), or when it waited `wait_timeout_s` for calls in flight that never made room.
+        waited = refusal.detail == "waited"
+        left = max(0.0, refusal.limit - refusal.spent_usd - (refusal.reserved_usd if waited else 0.0))
         what = {
-            "limit_usd": f"its worst case ${requested_usd:.6f} does not fit in the ${left:.6f} left "
-                         f"(${refusal.spent_usd:.6f} spent + ${refusal.reserved_usd:.6f} reserved of the "
-                         f"${refusal.limit:.6f} limit)",
+            "limit_usd": f"its worst case ${requested_usd:.6f} does not fit in the ${left:.6f} left of the "
+                         f"${refusal.limit:.6f} limit (${refusal.spent_usd:.6f} spent; ${refusal.reserved_usd:.6f} "
+                         f"reserved by calls in flight)",
             "max_calls": f"{int(refusal.spent_usd)} calls made + {int(refusal.reserved_usd)} in flight reach "
                          f"max_calls={int(refusal.limit)}",
             "tripped": f"the budget already stopped this run; no further provider calls are made. First stop: "
                        f"{(self._first_stop or first_reason or '').rstrip('.')}",
         }.get(refusal.reason, f"${refusal.spent_usd:.6f} spent in this phase + ${requested_usd:.6f} would pass "
                               f"{refusal.reason}=${refusal.limit:.6f}")
-        if refusal.detail == "waited":
+        if waited:
             what += (f", after waiting {self.wait_timeout_s:g} s (wait_timeout_s) for the calls in flight to make "
                      f"room")
         hints = {

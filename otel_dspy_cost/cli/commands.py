@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="offline demo: a multi-module program under a budget that trips")
     demo.add_argument("--model", default=None, help="model to price the simulated calls as (default "
                       "openai/gpt-4o-mini); with that provider's API key set (e.g. OPENAI_API_KEY), a real run")
-    demo.add_argument("--budget", type=float, default=0.012, help="USD limit (default trips partway)")
+    demo.add_argument("--budget", type=float, default=None, help="USD limit (default: trips partway; $0.012 for "
+                      "gpt-4o-mini, scaled by the model's price for another)")
     demo.add_argument("--examples", type=int, default=12)
     demo.add_argument("--out", default="otel-dspy-cost-demo", help="run directory for costs.jsonl and summary.json")
     demo.set_defaults(fn=_demo)

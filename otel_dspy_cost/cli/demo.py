@@ -140,6 +140,24 @@ class _Guarded:
         return getattr(self._stream, name)
 
 
+# The demo's cap for its default model: it trips partway through the evaluation.
+DEFAULT_BUDGET_USD = 0.012
+_REFERENCE_MODEL = "openai/gpt-4o-mini"
+
+
+def default_budget(model: str) -> float:
+    """The default cap scaled by the model's price (a call of 500 input and 100 output tokens, standard rates), so
+    the demo trips at the same point whichever model it is priced as."""
+    from otel_dspy_cost import pricing
+
+    def reference_call(name: str) -> float:
+        rates = pricing.lookup(name).standard_rates
+        return 500 * (rates.input or 0.0) + 100 * (rates.output or 0.0)
+
+    ours, reference = reference_call(model), reference_call(_REFERENCE_MODEL)
+    return round(DEFAULT_BUDGET_USD * ours / reference, 6) if ours > 0 and reference > 0 else DEFAULT_BUDGET_USD
+
+
 def run(args: argparse.Namespace) -> int:
     """Estimate, then compile (RandomSearch: 4 scored trials) and evaluate the demo program under a budget
     that trips partway, against the built-in simulator on 127.0.0.1 (speaking OpenAI, Anthropic or Gemini as
@@ -162,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     real = args.model is not None and _provider_key(model) is not None
+    if args.budget is None:
+        args.budget = default_budget(model)
     otel_dspy_cost.instrument(unknown_model="warn")
     questions = [f"What drives cost in DSPy optimizer run {i}?" for i in range(args.examples)]
     devset = [dspy.Example(question=q, answer="cost").with_inputs("question") for q in questions]

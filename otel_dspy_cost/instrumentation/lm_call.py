@@ -140,6 +140,8 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
     lm_kwargs = getattr(lm, "kwargs", None) or {}
     merged = {**lm_kwargs, **kwargs} if kwargs else lm_kwargs
     max_tokens = merged.get("max_tokens") or merged.get("max_completion_tokens") or merged.get("max_output_tokens")
+    if max_tokens is None:
+        max_tokens = engine_max_tokens(lm, model, merged)
     state = _context.current()
     module = _context.CURRENT_MODULE.get()
     provider, operation = _names(model, getattr(lm, "model_type", "chat"))
@@ -149,6 +151,29 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
         _completions(merged), module[1] if module is not None else "", state.phase, state.optimizer or "",
         state.trial, optimizer_runs.role_for(lm) or state.lm_role, state.budgets, lm)
     return call, merged
+
+
+_ENGINE_DEFAULTS: dict[str, int | None] = {}
+
+
+def engine_max_tokens(lm: Any, model: str, request: dict[str, Any]) -> int | None:
+    """The `max_tokens` DSPy's engine sends when the request sets none, where it sends one: DSPy 3.4's native
+    Anthropic client fills in a default per model class (16,384 for current models), which bounds the answer
+    far below the model's maximum. None where nothing is sent (the model's maximum output is the bound), where
+    LiteLLM fills it in (it sends the model's maximum), or with extended thinking (its budget adds to it)."""
+    if not model.lower().startswith("anthropic/") or request.get("thinking") or request.get("reasoning_effort"):
+        return None
+    if getattr(lm, "_engine_spec", None) not in ("auto", "native", "lm15"):  # DSPy 3.3, or the LiteLLM engine
+        return None
+    if model not in _ENGINE_DEFAULTS:
+        try:  # private to DSPy 3.4's vendored client: feature-detected, and the model's maximum without it
+            from dspy._vendor.lm15.providers import anthropic as native_anthropic
+
+            value = native_anthropic._default_max_tokens(model.split("/", 1)[1])
+            _ENGINE_DEFAULTS[model] = value if isinstance(value, int) and value > 0 else None
+        except Exception:  # noqa: BLE001
+            _ENGINE_DEFAULTS[model] = None
+    return _ENGINE_DEFAULTS[model]
 
 
 def new_client_call(model: str, operation: str, messages: Any, request: dict[str, Any]) -> tuple[LMCall, dict]:

@@ -204,6 +204,18 @@ class CostEngine:
             term = "output" if out_part >= in_part else "input"
         return total, term
 
+    def warn_unbounded(self, model: str, amount: float) -> None:
+        """A call under a budget that sets no max_tokens (and whose engine sends none): reserved at the model's
+        maximum output, which is usually most of its worst case. Said once per model."""
+        if ("unbounded", model) in self._said:
+            return
+        card = self._card(model)
+        out = (card.entry.max_output_tokens if card is not None else None) or DEFAULT_MAX_OUTPUT_TOKENS
+        self._once("unbounded", model, "LM calls to %s set no max_tokens: under a budget each is reserved at the "
+                   "model's maximum output (%d tokens), $%.6f a call here, and given back when it settles. Set "
+                   "max_tokens on the LM (dspy.LM(..., max_tokens=...)) to reserve what you expect instead.",
+                   model, out, amount)
+
     def warn_worst_case(self, model: str) -> None:
         self._once("worst_case", model, "Provider reported no token usage for %s: each such call counts at its "
                    "worst case (dspy.cost.estimated=true, reason 'usage missing'). If it never reports usage and "

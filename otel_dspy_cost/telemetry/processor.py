@@ -133,6 +133,8 @@ class BudgetSpanProcessor(SpanProcessor):
             elif node.calls:
                 self.tree.add_to_parent(node)
             node.span = None
+            if not node.is_lm:
+                self.tree.ended(span.context.span_id, node)
         except Exception:
             self._internal_error("on_end")
 
