@@ -59,6 +59,8 @@ class SimulatedLM:
     # the error body repeats the request's Authorization header, as some providers do.
     error_status: int | None = None
     echo_credentials: bool = False
+    # With `error_status`: only this many requests fail, the rest are answered (a transient error, retried).
+    errors_left: int | None = None
     # Report exactly this usage (OpenAI-style totals: prompt_tokens includes cached_tokens and cache_write_tokens,
     # completion_tokens includes reasoning_tokens; cache_write_1h_tokens is the 1-hour part of the writes),
     # rendered in each dialect's own conventions. For hand-computed cost figures in tests.
@@ -243,7 +245,12 @@ class _Handler(BaseHTTPRequestHandler):
         sim = self.server.sim
         if sim.latency_s:
             time.sleep(sim.latency_s)
-        if sim.error_status:
+        failing = bool(sim.error_status)
+        if failing and sim.errors_left is not None:
+            with sim._lock:
+                failing = sim.errors_left > 0
+                sim.errors_left -= int(failing)
+        if failing:
             message = f"simulated error {sim.error_status}"
             if sim.echo_credentials:
                 message += f": invalid credentials {self.headers.get('Authorization', '')}"

@@ -280,3 +280,49 @@ def test_a_forked_child_starts_with_no_calls_in_flight(otel, slow_server, tmp_pa
         for t in threads:
             t.join()
     assert answer[0] == "1" and answer[1] == "0" and float(answer[2]) < 1.0
+
+
+# -- retries: every request needs room --------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", _engines())
+def test_each_retry_is_admitted_and_a_failed_request_counts_its_worst_case(otel, engine):
+    """One transient 500, then an answer: the retry held room of its own, and the call costs its answer plus
+    the failed request at one request's worst case (it may have been billed)."""
+    kwargs = {"engine": engine} if engine else {}
+    with SimulatorServer(SimulatedLM(error_status=500, errors_left=1)) as flaky:
+        lm = dspy.LM(MODEL, api_base=flaky.api_base, api_key="sk-test-0000000000", cache=False, max_tokens=64,
+                     num_retries=2, **kwargs)
+        exporter, _ = otel
+        with otel_dspy_cost.budget(limit_usd=1.0, label="retried") as b, dspy.context(lm=lm):
+            lm("hello after a transient error")
+        assert flaky.count >= 2 and b.call_count == 1 and b.in_flight.count == 0
+    span = lm_spans(exporter)[-1]
+    reserved = span.attributes[A.BUDGET_RESERVED_USD]
+    assert span.attributes[A.LM_OUTCOME] == "ok" and "retried after an unknown outcome" in span.attributes[
+        A.COST_ESTIMATE_REASON]
+    assert b.spent_usd == pytest.approx(span.attributes[A.COST_USD])
+    assert reserved < b.spent_usd <= reserved * flaky.count  # the answer plus the failed request(s)
+
+
+@pytest.mark.parametrize("engine", _engines())
+def test_a_retry_that_does_not_fit_is_refused_before_it_is_sent(otel, engine):
+    kwargs = {"engine": engine} if engine else {}
+    with SimulatorServer(SimulatedLM(error_status=500)) as failing:
+        lm = dspy.LM(MODEL, api_base=failing.api_base, api_key="sk-test-0000000000", cache=False, max_tokens=64,
+                     num_retries=3, **kwargs)
+        probe = otel_dspy_cost.budget(limit_usd=1.0, label="probe")
+        with probe, dspy.context(lm=lm), pytest.raises(Exception):  # noqa: B017
+            lm.num_retries = 0
+            lm("one request")
+        lm.num_retries = 3
+        one = probe.spent_usd  # one failed request, at its worst case
+        cap = one * 1.5  # room for the first request, not for a retry beside it
+        sent = failing.count
+        with pytest.raises(BudgetExceededError):
+            with otel_dspy_cost.budget(limit_usd=cap, label="no-room-to-retry") as b, dspy.context(lm=lm):
+                lm("one request")
+        assert b.spent_usd == pytest.approx(one) and b.spent_usd <= cap
+        assert failing.count - sent >= 1 and b.status == "stopped"
+        # every request that reached the provider was admitted: none past the first without room
+        requests = failing.count - sent
+        assert requests * one <= cap + one

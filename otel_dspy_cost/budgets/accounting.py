@@ -71,10 +71,17 @@ class LMCall:
     # does not cover), False until DSPy starts an attempt, True from then on. A call that raised while still
     # False never left the process: its reservation is given back and nothing is counted.
     sent: bool | None = None
+    # -- its requests (instrumentation.attempts): DSPy's attempts, HTTP requests under LiteLLM and the SDKs, the
+    # outcome of each that failed, and a retry about to be sent --
+    dspy_attempts: int = 0
+    http_requests: int = 0
+    retry_pending: bool = False
+    failed_attempts: list[str] = dataclasses.field(default_factory=list)
     # -- admission --
     reserved_usd: float = 0.0
     term: str | None = None
     holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
+    extra_holds: tuple[tuple[Any, Any], ...] = ()  # room held for its retries: given back when it settles
     # How its budgets were reserved in, set by `admit` whenever the call has budgets (`admit_unbudgeted` clears
     # both): settlement reads the same plan.
     plan: _Plan | None = None
@@ -222,18 +229,22 @@ class Accountant:
         return amount, term
 
     def _reserve(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
-                 deadline: float | None = None) -> _Waiting | None:
+                 deadline: float | None = None, own: float | None = None) -> _Waiting | None:
         """One attempt at reserving in every ledger, all or nothing: None when the call holds its reservations
         (in `call.holds`), a `_Waiting` when it fits once calls in flight settle; raises the stop otherwise
-        (also when `deadline` has passed while waiting)."""
+        (also when `deadline` has passed while waiting). `own`: room for a retry of this call, which already
+        holds `own` itself (it cannot wait for its own reservation to settle)."""
         held: list[tuple[Any, Any]] = []
         try:
             for ledger, accounts, group in plan.groups:
                 version = getattr(ledger, "version", None)
-                outcome = ledger.reserve(accounts, amount, call.phase)
+                outcome = (ledger.reserve(accounts, amount, call.phase) if own is None
+                           else _reserve_room(ledger, accounts, amount, call.phase))
                 if not isinstance(outcome, Refusal):  # a Reservation
                     held.append((ledger, outcome))
                     continue
+                if own is not None and outcome.wait and outcome.reserved_usd - own <= 1e-12:
+                    outcome = dataclasses.replace(outcome, wait=False)  # only its own call is in flight
                 if outcome.wait and (deadline is None or time.monotonic() < deadline):
                     _give_back(held)  # a waiting call holds nothing: the calls it waits for may need the room
                     held = []
@@ -247,6 +258,34 @@ class Accountant:
             raise
         call.holds = tuple(held)
         return None
+
+    def admit_extra(self, call: LMCall, amount: float) -> None:
+        """Room for one more request of an admitted call (a retry), held until the call settles: waits and stops
+        as an admission does (money only: a retry is not another call under `max_calls`)."""
+        plan, own_holds = call.plan, call.holds
+        if plan is None or not own_holds or amount <= 0:
+            return
+        own = _held(call)
+        waiting = self._reserve(call, plan, amount, call.term, own=own)
+        if waiting is not None:
+            deadline = time.monotonic() + waiting.timeout_s
+            while waiting is not None:
+                waiting.sleep(deadline)
+                waiting = waiting.again(self._reserve(call, plan, amount, call.term, deadline, own=own))
+        call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
+
+    async def admit_extra_async(self, call: LMCall, amount: float) -> None:
+        plan, own_holds = call.plan, call.holds
+        if plan is None or not own_holds or amount <= 0:
+            return
+        own = _held(call)
+        waiting = self._reserve(call, plan, amount, call.term, own=own)
+        if waiting is not None:
+            deadline = time.monotonic() + waiting.timeout_s
+            while waiting is not None:
+                await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
+                waiting = waiting.again(self._reserve(call, plan, amount, call.term, deadline, own=own))
+        call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
 
     def _admitted(self, call: LMCall, budgets: tuple[Budget, ...], amount: float, term: str | None) -> None:
         call.reserved_usd = amount
@@ -270,8 +309,8 @@ class Accountant:
     # -- after it ---------------------------------------------------------------------------------------
     def release(self, call: LMCall) -> None:
         """The call was admitted but never sent: give its reservations back, count nothing."""
-        _give_back(call.holds)
-        call.holds = ()
+        _give_back(call.holds + call.extra_holds)
+        call.holds = call.extra_holds = ()
         for b in call.budgets:
             b.in_flight.done()
         self._in_flight.done()
@@ -289,6 +328,9 @@ class Accountant:
             for ledger, reservation in call.holds:
                 ledger.settle(reservation, cost.usd, cost.economic_usd)
             call.holds = ()
+            if call.extra_holds:  # after the settle: the room stays held until the cost is counted
+                _give_back(call.extra_holds)
+                call.extra_holds = ()
             for b in budgets:
                 # Once a budget has nothing left to fire (no warn threshold or already warned; a stop, or an
                 # exceed already fired), it costs no call here.
@@ -323,6 +365,20 @@ class Accountant:
                 sink(call)
             except Exception:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+def _held(call: LMCall) -> float:
+    """What a call holds in each of its ledgers: its reservation and the room already held for its retries."""
+    return call.reserved_usd + sum(getattr(r, "amount_usd", 0.0) for _, r in call.extra_holds)
+
+
+def _reserve_room(ledger: Any, accounts: list[str], amount: float, phase: str) -> Any:
+    """A reservation that is not another call (room for a retry): `calls=0`; a user ledger without that
+    parameter reserves it as a call, which only counts more."""
+    try:
+        return ledger.reserve(accounts, amount, phase, calls=0)
+    except TypeError:
+        return ledger.reserve(accounts, amount, phase)
 
 
 class _Waiting:

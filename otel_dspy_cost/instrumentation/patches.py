@@ -32,8 +32,9 @@ from otel_dspy_cost._context import CURRENT_MODULE
 from otel_dspy_cost._context import EVAL_ERRORS as _EVAL_ERRORS
 from otel_dspy_cost._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from otel_dspy_cost._context import IN_COMPILE as _IN_COMPILE
+from otel_dspy_cost.budgets.accounting import REFUSED
 from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
-from otel_dspy_cost.instrumentation import clients, lm_call
+from otel_dspy_cost.instrumentation import attempts, clients, lm_call
 from otel_dspy_cost.instrumentation import threads as user_threads
 from otel_dspy_cost.optimizers import registry as optimizers
 from otel_dspy_cost.optimizers import runs as optimizer_runs
@@ -393,7 +394,7 @@ def _lm_prepare(instance, args, kwargs):
         if call_kwargs:  # credentials given per call (api_key=, headers): scrubbed from everything, from now on
             _redact.remember(_redact.secrets_of(call_kwargs))
         call, merged = lm_call.new_call(instance, prompt, messages, call_kwargs)
-        if _tracks_sending(instance):
+        if attempts.tracks_sending(instance):
             call.sent = False
         take_over_current()  # a foreign LM span around this call gives its reservation back: this one counts
         if unsampled(rt):
@@ -427,13 +428,18 @@ def _lm_end(state, result, exc):
 def lm_settle(rt, span, call, prompt, messages, result, exc) -> None:
     """A call that ended (answered, or raised `exc`): priced, settled, and written on its span (not ended)."""
     try:
-        if exc is not None and not call.captured and call.sent is False:
+        if call.outcome == REFUSED:  # the budget refused a retry: nothing more was sent
+            lm_call.settle_at_worst_case(call, "a retry was refused", 0.0)
+            call.outcome = REFUSED
+        elif exc is not None and not call.captured and call.sent is False:
             lm_call.not_sent(call, exc)  # raised before any request left (cancelled while queued, say)
         elif exc is not None and not call.captured:
             _redact.remember_lm(call.lm)  # a provider may echo the key in its error: scrub it everywhere
             lm_call.price_failure(rt.engine, call, exc)
         else:
             lm_call.price(rt, call, prompt, messages, result)
+        if call.failed_attempts:
+            attempts.add_failed_requests(call, exc is not None and not call.captured)
     except Exception:  # our bug: the call was made, so it counts at its reserved worst case, never less
         internal_error("LM call pricing")
         lm_call.settle_at_worst_case(call, "internal error")
@@ -863,71 +869,8 @@ def apply(*, adapter_spans: bool | str = "attributes") -> None:
             _patches.wrap(execution, "finalize", _capture_finalize)
     except ImportError:
         pass
-    _wrap_send_markers()
+    attempts.apply(_patches.wrap, lambda attribute: id(attribute) in _patches._ours)
 
-
-# Where a request leaves for the provider, per DSPy version (private, feature-detected): 3.4 runs every
-# attempt of a dspy.LM through execution._attempt/_aattempt, 3.3 through these LiteLLM helpers of lm.py.
-_SEND_POINTS = (("dspy.clients.execution", ("_attempt", "_aattempt")),
-                ("dspy.clients.lm", ("litellm_completion", "alitellm_completion", "litellm_text_completion",
-                                     "alitellm_text_completion", "litellm_responses_completion",
-                                     "alitellm_responses_completion")))
-_send_tracked: list[type | None] = [None]  # the LM class whose sending the markers see (dspy.LM), once wrapped
-
-
-def _mark_sent(wrapped, instance, args, kwargs):
-    call = _context.CURRENT_CALL.get()
-    if call is not None:
-        call.sent = True
-    elif _context.current().budgets and not _lm_wrapper_in_place():
-        raise _bypassed()
-    return wrapped(*args, **kwargs)
-
-
-def _lm_wrapper_in_place() -> bool:
-    """Whether `dspy.LM` still calls through our admission (a request without a call of ours in progress is
-    otherwise only our own failed start, which lets the call go on unbudgeted and logged)."""
-    lm_class = _send_tracked[0]
-    if lm_class is None:
-        return True
-    return all(id(getattr(lm_class, name, None)) in _patches._ours for name in ("__call__", "acall"))
-
-
-def _bypassed() -> BudgetExceededError:
-    """An LM request is about to leave without admission: something took our wrapper off `dspy.LM` (another
-    instrumentation's uninstrument() restoring what it saw as the original). Refused loudly, never unbudgeted."""
-    from otel_dspy_cost.errors import AdmissionBypassedError
-
-    budgets = _context.current().budgets
-    label = budgets[-1].label if budgets else ""
-    return AdmissionBypassedError(
-        f"Budget {label!r} refused an LM request that did not pass its admission: dspy.LM's call no longer goes "
-        f"through otel-dspy-cost (another instrumentation's uninstrument() replaced it). Call "
-        f"otel_dspy_cost.instrument() again after instrumenting or uninstrumenting others.",
-        label=label, spent_usd=0.0, limit=budgets[-1].limit_usd or 0.0 if budgets else 0.0, reason="bypassed")
-
-
-def _wrap_send_markers() -> None:
-    """Only a version whose send points are all found trusts "not sent"; elsewhere `LMCall.sent` stays None
-    and a failed call counts at its worst case, as before."""
-    import dspy
-
-    _send_tracked[0] = None
-    for module_name, names in _SEND_POINTS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if all(callable(getattr(module, n, None)) for n in names):
-            for n in names:
-                _patches.wrap(module, n, _mark_sent)
-            _send_tracked[0] = dspy.LM
-            return
-
-
-def _tracks_sending(lm: Any) -> bool:
-    """A plain dspy.LM goes through the send points; a subclass may override forward and send elsewhere."""
-    return type(lm) is _send_tracked[0]
 
 
 def remove() -> None:

@@ -90,11 +90,12 @@ class GuardedLedger:
             logger.warning("otel-dspy-cost: shared budget ledger %s is back; %d calls counted locally were replayed",
                            self.url, len(pending))
 
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str,
+                calls: int = 1) -> Reservation | Refusal:
         try:
             if self._pending:
                 self._replay()
-            out = self.inner.reserve(accounts, amount_usd, phase)
+            out = self.inner.reserve(accounts, amount_usd, phase, calls)
             if self._down:
                 self._down = False
                 logger.warning("otel-dspy-cost: shared budget ledger %s is back", self.url)
@@ -110,7 +111,7 @@ class GuardedLedger:
             self._outage(exc)
             if self.policy == "fail_closed":
                 return Refusal(accounts[0], "ledger_unavailable", 0.0, 0.0, 0.0, detail=str(exc))
-            res = self.local.reserve(accounts, amount_usd, phase)
+            res = self.local.reserve(accounts, amount_usd, phase, calls)
             if isinstance(res, Reservation):
                 res.local = True
             return res

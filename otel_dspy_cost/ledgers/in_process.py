@@ -89,11 +89,12 @@ class InProcessLedger:
             self._accounts.setdefault(account, AccountState())
             self._limits[account] = limits
 
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str,
+                calls: int = 1) -> Reservation | Refusal:
         with self._lock:
             for name in accounts:
                 st, lim = self._accounts[name], self._limits[name]
-                refusal = check_limits(name, lim, amount_usd, phase, st)
+                refusal = check_limits(name, lim, amount_usd, phase, st, calls)
                 if refusal is not None:
                     # The stop is sticky from this instant, under the lock: a smaller call in another thread
                     # cannot slip in between the refusal and the budget tripping the account afterwards.
@@ -107,9 +108,9 @@ class InProcessLedger:
             for name in accounts:
                 st = self._accounts[name]
                 st.reserved_usd += amount_usd
-                st.reserved_calls += 1
+                st.reserved_calls += calls
                 st.phase_reserved[phase] = st.phase_reserved.get(phase, 0.0) + amount_usd
-            return Reservation(tuple(accounts), amount_usd, phase)
+            return Reservation(tuple(accounts), amount_usd, phase, calls=calls)
 
     def _unreserve(self, reservation: Reservation) -> bool:
         """Drops a reservation's hold (caller holds the lock); False if it was already given back."""
@@ -123,7 +124,7 @@ class InProcessLedger:
         for name in reservation.accounts:
             st = self._accounts[name]
             st.reserved_usd = max(0.0, st.reserved_usd - reservation.amount_usd)
-            st.reserved_calls = max(0, st.reserved_calls - 1)
+            st.reserved_calls = max(0, st.reserved_calls - reservation.calls)
             st.phase_reserved[ph] = max(0.0, st.phase_reserved.get(ph, 0.0) - reservation.amount_usd)
         return True
 
@@ -135,7 +136,7 @@ class InProcessLedger:
                 st = self._accounts[name]
                 st.spent_usd += actual_usd
                 st.economic_usd += economic_usd
-                st.calls += 1
+                st.calls += reservation.calls
                 st.phase_spent[reservation.phase] = st.phase_spent.get(reservation.phase, 0.0) + actual_usd
 
     def release(self, reservation: Reservation) -> None:

@@ -59,6 +59,7 @@ class Reservation:
     local: bool = False  # counted in a fail-open local ledger while the shared one was down
     # shared ledgers: per account, (spend + reservations + this one, calls likewise) as read while reserving
     seen: dict[str, tuple[float, int]] | None = None
+    calls: int = 1  # 0: room for a retry of a call already reserved (see `check_limits`)
 
 
 NANO = 1_000_000_000
@@ -69,10 +70,12 @@ def to_nano(usd: float) -> int:
     return int(round(usd * NANO))
 
 
-def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: AccountState) -> Refusal | None:
+def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: AccountState,
+                 calls: int = 1) -> Refusal | None:
     """The one statement of what a reservation may not exceed, for the Python ledgers (Redis states the
     same rules in its Lua script, where they run atomically on the server). `st` holds the account's
-    spend, reservations and calls as of now, this call excluded.
+    spend, reservations and calls as of now, this call excluded. `calls` is 0 for room held for a retry of a
+    call already counted (money, not another call).
 
     A refusal with `wait` set is not a stop: the call fits under spend alone and only the reservations of
     calls in flight are in the way (they usually settle for less than their worst case)."""
@@ -80,9 +83,9 @@ def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: Acco
         return None
     if st.tripped:
         return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
-    if lim.max_calls is not None and st.calls + st.reserved_calls + 1 > lim.max_calls:
+    if calls and lim.max_calls is not None and st.calls + st.reserved_calls + calls > lim.max_calls:
         return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls,
-                       wait=st.calls + 1 <= lim.max_calls)
+                       wait=st.calls + calls <= lim.max_calls)
     if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
         return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd,
                        wait=st.spent_usd + amount_usd <= lim.limit_usd)
@@ -102,7 +105,8 @@ class Ledger(Protocol):
 
     def open(self, account: str, limits: Limits) -> None: ...
 
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal: ...
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str,
+                calls: int = 1) -> Reservation | Refusal: ...
 
     def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None: ...
 

@@ -49,11 +49,14 @@ local function hold(p, nano, ph, calls)
   redis.call('HINCRBY', p .. ':rtot', 'n', nano); redis.call('HINCRBY', p .. ':rtot', 'c', calls)
   redis.call('HINCRBY', p .. ':rtot', 'p:' .. ph, nano)
 end
+local function held_calls(v)  -- "nano|phase|expires|calls" (calls absent before retries were held: 1)
+  return -(tonumber(string.match(v, '^%d+|[^|]*|[^|]*|(%d+)$') or 1))
+end
 local function unreserve(p, rid)  -- a live reservation given back; true if there was one
   local v = redis.call('HGET', p .. ':res', rid)
   if not v then return false end
   local nano, ph = string.match(v, '^(%d+)|([^|]*)|')
-  hold(p, neg(nano), ph, -1)
+  hold(p, neg(nano), ph, held_calls(v))
   redis.call('HDEL', p .. ':res', rid); redis.call('ZREM', p .. ':rexp', rid)
   return true
 end
@@ -87,7 +90,7 @@ local function expire(p, now)
     local v = redis.call('HGET', p .. ':res', id)
     if v then
       local nano, ph = string.match(v, '^(%d+)|([^|]*)|')
-      hold(p, neg(nano), ph, -1)
+      hold(p, neg(nano), ph, held_calls(v))
       redis.call('HDEL', p .. ':res', id); redis.call('HSET', p .. ':late', id, v)
       redis.call('ZADD', p .. ':lexp', now, id)
     end
@@ -110,18 +113,18 @@ end
 local function num(v) return tonumber(v or 0) or 0 end
 """
 
-# KEYS: account prefixes. ARGV: now, amount, phase, id, expires, then per account: enforce, limit (-1 none),
-# max_calls (-1), phase cap (-1), first bucket still in the window ('none'), bucket width (0 none), window spec,
-# how long a stop taken now holds in ms (-1: for good).
+# KEYS: account prefixes. ARGV: now, amount, phase, id, expires, calls (0: room for a retry), then per account:
+# enforce, limit (-1 none), max_calls (-1), phase cap (-1), first bucket still in the window ('none'), bucket
+# width (0 none), window spec, how long a stop taken now holds in ms (-1: for good).
 _RESERVE = _LIB + """
-local now, amount, phase, rid, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, amount, phase, rid, expires, ncalls = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local seen = {}  -- per account: spend + reservations + this call (committed at most), calls likewise
 local function stop(p, reason, hold)  -- the fleet's stop, stored with the account (see shared_accounts)
   if tonumber(hold) > 0 then redis.call('SET', p .. ':trip', reason, 'PX', hold)
   else redis.call('SET', p .. ':trip', reason) end
 end
 for i = 1, #KEYS do
-  local p, base = KEYS[i], 5 + (i - 1) * 8
+  local p, base = KEYS[i], 6 + (i - 1) * 8
   local enforce, limit, maxcalls, cap = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
     tonumber(ARGV[base + 4])
   local first, width, spec, hold = ARGV[base + 5], tonumber(ARGV[base + 6]), ARGV[base + 7], ARGV[base + 8]
@@ -139,8 +142,8 @@ for i = 1, #KEYS do
     local amt = tonumber(amount)
     -- the fifth value: 1 when the call fits under spend alone (it waits for calls in flight, stops nothing)
     local refused, wait, a, b = false, 0, 0, 0
-    if maxcalls >= 0 and calls + rcalls + 1 > maxcalls then
-      refused, wait, a, b = 'max_calls', (calls + 1 <= maxcalls) and 1 or 0, calls, rcalls
+    if ncalls > 0 and maxcalls >= 0 and calls + rcalls + ncalls > maxcalls then
+      refused, wait, a, b = 'max_calls', (calls + ncalls <= maxcalls) and 1 or 0, calls, rcalls
     elseif limit >= 0 and spent + reserved + amt > limit then
       refused, wait, a, b = 'limit_usd', (spent + amt <= limit) and 1 or 0, spent, reserved
     elseif cap >= 0 and pspent + rphase + amt > cap then
@@ -151,16 +154,16 @@ for i = 1, #KEYS do
       return {i, refused, string.format('%d', a), string.format('%d', b), wait}
     end
     seen[#seen + 1] = string.format('%d', spent + reserved + amt)
-    seen[#seen + 1] = string.format('%d', calls + rcalls + 1)
+    seen[#seen + 1] = string.format('%d', calls + rcalls + ncalls)
   else
     seen[#seen + 1] = '-1'
     seen[#seen + 1] = '-1'
   end
 end
 for i = 1, #KEYS do
-  redis.call('HSET', KEYS[i] .. ':res', rid, amount .. '|' .. phase .. '|' .. expires)
+  redis.call('HSET', KEYS[i] .. ':res', rid, amount .. '|' .. phase .. '|' .. expires .. '|' .. ncalls)
   redis.call('ZADD', KEYS[i] .. ':rexp', expires, rid)
-  hold(KEYS[i], amount, phase, 1)
+  hold(KEYS[i], amount, phase, ncalls)
 end
 return {0, unpack(seen)}
 """
@@ -270,10 +273,11 @@ class RedisLedger(SharedAccounts):
             return "none", 0, "none"
         return str(window.first_bucket(now)), window.bucket_s, window_spec(window)
 
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str,
+                calls: int = 1) -> Reservation | Refusal:
         now = self.clock()
         rid = uuid.uuid4().hex
-        args: list[Any] = [repr(now), str(to_nano(amount_usd)), phase, rid, repr(now + self.timeout)]
+        args: list[Any] = [repr(now), str(to_nano(amount_usd)), phase, rid, repr(now + self.timeout), str(calls)]
         for name in accounts:
             lim = self._limits[name]
             if lim.enforce and self._tripped_now(name, now) is not None:
@@ -289,7 +293,7 @@ class RedisLedger(SharedAccounts):
                 self._stored.setdefault(name, window_spec(self._limits[name].window))
             seen = {name: (int(out[1 + 2 * i]) / NANO, int(out[2 + 2 * i])) for i, name in enumerate(accounts)
                     if len(out) > 2 + 2 * i and int(out[1 + 2 * i]) >= 0}
-            return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
+            return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen, calls=calls)
         name = accounts[int(out[0]) - 1]
         reason = _text(out[1])
         if reason == "window_mismatch":

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS buckets (account TEXT, bucket INTEGER, phase TEXT, na
 CREATE TABLE IF NOT EXISTS totals (account TEXT, phase TEXT, nano INTEGER, econ INTEGER, calls INTEGER,
     PRIMARY KEY (account, phase)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reservations (id TEXT, account TEXT, nano INTEGER, phase TEXT, expires REAL, owner TEXT,
-    PRIMARY KEY (id, account));
+    calls INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (id, account));
 CREATE INDEX IF NOT EXISTS reservations_by_account ON reservations (account, expires);
 CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations (expires);
 CREATE TABLE IF NOT EXISTS expired (id TEXT, account TEXT, nano INTEGER, phase TEXT, at REAL,
@@ -98,6 +98,9 @@ class SqliteLedger(SharedAccounts):
                 self._set_wal(db)
                 db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            if "calls" not in {row[1] for row in db.execute("PRAGMA table_info(reservations)")}:
+                # a file of an earlier version: each reservation was one call
+                db.execute("ALTER TABLE reservations ADD COLUMN calls INTEGER NOT NULL DEFAULT 1")
         except BaseException:
             db.close()
             raise
@@ -221,7 +224,7 @@ class SqliteLedger(SharedAccounts):
             st.calls += calls
             if calls:
                 st.phase_spent[phase] = nano
-        for phase, nano, calls in db.execute("SELECT phase, SUM(nano), COUNT(*) FROM reservations WHERE account=? "
+        for phase, nano, calls in db.execute("SELECT phase, SUM(nano), SUM(calls) FROM reservations WHERE account=? "
                                              "AND expires>? GROUP BY phase", (account, now)):
             st.reserved_usd += nano
             st.reserved_calls += calls
@@ -256,7 +259,8 @@ class SqliteLedger(SharedAccounts):
     # -- the ledger -------------------------------------------------------------------------------------
 
     @_errors_as_unavailable
-    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str) -> Reservation | Refusal:
+    def reserve(self, accounts: Sequence[str], amount_usd: float, phase: str,
+                calls: int = 1) -> Reservation | Refusal:
         amount = to_nano(amount_usd)
         now = self.clock()
         rid = uuid.uuid4().hex
@@ -272,7 +276,7 @@ class SqliteLedger(SharedAccounts):
                     continue
                 self._evict(db, name, window, now)
                 st = self._totals(db, name, now)
-                refusal = check_limits(name, _in_nano(lim), amount, phase, st)
+                refusal = check_limits(name, _in_nano(lim), amount, phase, st, calls)
                 if refusal is not None:
                     # Sticky in this process from inside the write lock, which this process's other threads
                     # wait on: none is admitted between the refusal and the budget's trip. A call that only
@@ -284,10 +288,11 @@ class SqliteLedger(SharedAccounts):
                     return Refusal(name, refusal.reason, refusal.spent_usd / NANO, refusal.reserved_usd / NANO,
                                    refusal.limit / NANO if refusal.reason != "tripped" else lim.limit_usd or 0.0,
                                    wait=refusal.wait)
-                seen[name] = ((st.spent_usd + st.reserved_usd + amount) / NANO, st.calls + st.reserved_calls + 1)
-            db.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?)",
-                           [(rid, name, amount, phase, now + self.timeout, str(os.getpid())) for name in accounts])
-        return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen)
+                seen[name] = ((st.spent_usd + st.reserved_usd + amount) / NANO, st.calls + st.reserved_calls + calls)
+            db.executemany("INSERT INTO reservations (id, account, nano, phase, expires, owner, calls) "
+                           "VALUES (?,?,?,?,?,?,?)", [(rid, name, amount, phase, now + self.timeout,
+                                                       str(os.getpid()), calls) for name in accounts])
+        return Reservation(tuple(accounts), amount_usd, phase, reservation_id=rid, seen=seen, calls=calls)
 
     @_errors_as_unavailable
     def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:
