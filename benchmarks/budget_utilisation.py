@@ -74,10 +74,13 @@ def pilot_call_usd(api_base: str) -> float:
 
 
 def run_one(api_base: str, cap: float, threads: int, ledger: str | None, label: str,
-            count_requests=None) -> dict[str, float]:
-    """One Evaluate under the cap; returns spend, calls and what moved after the block exited."""
+            count_requests=None, wait_timeout_s: float = 300.0) -> dict[str, float]:
+    """One Evaluate under the cap; returns spend, calls and what moved after the block exited.
+    `wait_timeout_s=0`: a call that would have to wait for calls in flight is refused at once (the baseline:
+    admission as it was before it waited)."""
     with dspy.context(lm=_lm(api_base)):
-        b = otel_dspy_cost.budget(limit_usd=cap, label=label, ledger=ledger, warn_at=None)
+        b = otel_dspy_cost.budget(limit_usd=cap, label=label, ledger=ledger, warn_at=None,
+                                  wait_timeout_s=wait_timeout_s)
         try:
             with b:
                 _evaluate(_program(), questions(), threads)
@@ -163,25 +166,32 @@ def main() -> None:
                         continue
                 for threads in args.threads:
                     label = f"util-{ledger}-{threads}"
-                    if url is None:
-                        row = run_one(server.api_base, cap, threads, None, label, lambda: server.count)
-                    else:
-                        row = shared_rows(server.api_base, cap, threads, url, label, server)
-                    row.update(ledger=ledger, threads=threads, processes=1 if url is None else PROCESSES, cap=cap,
-                               utilisation=row["spent"] / cap, overshoot=row["spent"] - cap)
-                    rows.append(row)
-                    if args.json:
-                        print(json.dumps(row), flush=True)
+                    variants = [("waits", 300.0)] + ([("no wait", 0.0)] if url is None else [])
+                    for admission, wait_s in variants:
+                        if url is None:
+                            row = run_one(server.api_base, cap, threads, None, f"{label}-{wait_s:g}",
+                                          lambda: server.count, wait_timeout_s=wait_s)
+                        else:
+                            row = shared_rows(server.api_base, cap, threads, url, label, server)
+                        row.update(ledger=ledger, threads=threads, processes=1 if url is None else PROCESSES,
+                                   cap=cap, admission=admission, utilisation=row["spent"] / cap,
+                                   overshoot=row["spent"] - cap)
+                        rows.append(row)
+                        if args.json:
+                            print(json.dumps(row), flush=True)
         finally:
             if redis_proc is not None:
                 redis_proc.terminate()
     if not args.json:
         print(f"cap ${cap:.6f} = {CAP_CALLS} x ${unit:.8f} (mean call, pilot of 20 in this run)")
-        print(f"{'ledger':8} {'procs':>5} {'threads':>7} {'calls':>6} {'spent':>10} {'utilisation':>11} "
-              f"{'overshoot':>11} {'late req':>8} {'late $':>8}")
+        print("admission 'no wait' (wait_timeout_s=0) is the baseline: a call is refused as soon as the calls in "
+              "flight leave it no room")
+        print(f"{'ledger':8} {'admission':9} {'procs':>5} {'threads':>7} {'calls':>6} {'spent':>10} "
+              f"{'utilisation':>11} {'overshoot':>11} {'late req':>8} {'late $':>8}")
         for r in rows:
-            print(f"{r['ledger']:8} {r['processes']:>5} {r['threads']:>7} {r['calls']:>6} {r['spent']:>10.6f} "
-                  f"{r['utilisation']:>11.1%} {r['overshoot']:>11.6f} {r['late_requests']:>8} {r['late_spend']:>8.6f}")
+            print(f"{r['ledger']:8} {r['admission']:9} {r['processes']:>5} {r['threads']:>7} {r['calls']:>6} "
+                  f"{r['spent']:>10.6f} {r['utilisation']:>11.1%} {r['overshoot']:>11.6f} {r['late_requests']:>8} "
+                  f"{r['late_spend']:>8.6f}")
 
 
 if __name__ == "__main__":

@@ -57,10 +57,15 @@ def test_a_call_that_only_needs_calls_in_flight_to_settle_is_told_to_wait():
     waiting = ledger.reserve(["a"], 0.5, "infer")  # 0.7 held + 0.5 > 1.0, but 0 spent + 0.5 fits
     assert isinstance(waiting, Refusal) and waiting.wait and ledger.state("a").tripped is None
     ledger.settle(first, 0.2, 0.2)
-    assert isinstance(ledger.reserve(["a"], 0.5, "infer"), Reservation)
-    stop = ledger.reserve(["a"], 0.5, "infer")  # 0.2 spent + 0.5 held + 0.5: but 0.2 + 0.5 fits: wait
-    assert stop.wait
-    final = ledger.reserve(["a"], 0.9, "infer")  # 0.2 spent + 0.9 > 1.0 with nothing else: a stop
+    second = ledger.reserve(["a"], 0.5, "infer")
+    assert isinstance(second, Reservation)
+    big = ledger.reserve(["a"], 0.9, "infer")  # 0.2 spent + 0.9 > 1.0, but a call is in flight: it waits
+    assert big.wait and ledger.state("a").tripped is None
+    small = ledger.reserve(["a"], 0.25, "infer")  # meanwhile a smaller call still fits
+    assert isinstance(small, Reservation)
+    ledger.settle(second, 0.3, 0.3)
+    ledger.settle(small, 0.2, 0.2)
+    final = ledger.reserve(["a"], 0.9, "infer")  # 0.7 spent + 0.9 > 1.0 with nothing else in flight: a stop
     assert not final.wait and ledger.state("a").tripped == "limit_usd"
     assert ledger.reserve(["a"], 0.01, "infer").reason == "tripped"  # final: even a small call
 
@@ -88,8 +93,11 @@ def test_shared_ledgers_say_wait_and_do_not_trip(url, tmp_path, redis_url):
     waiting = ledger.reserve([account], 0.5, "infer")
     assert isinstance(waiting, Refusal) and waiting.wait
     ledger.settle(first, 0.2, 0.2)
-    assert isinstance(ledger.reserve([account], 0.5, "infer"), Reservation)
-    final = ledger.reserve([account], 0.9, "infer")
+    held = ledger.reserve([account], 0.5, "infer")
+    assert isinstance(held, Reservation)
+    assert ledger.reserve([account], 0.9, "infer").wait  # does not fit beside the spend, but a call is in flight
+    ledger.settle(held, 0.3, 0.3)
+    final = ledger.reserve([account], 0.9, "infer")  # nothing in flight: a stop, the fleet's
     assert isinstance(final, Refusal) and not final.wait
     assert ledger.reserve([account], 0.01, "infer").reason == "tripped"
 
@@ -102,9 +110,10 @@ def test_a_parallel_evaluate_spends_most_of_its_cap_and_stops_for_good(otel, slo
     cap = util.CAP_CALLS * unit
     row = util.run_one(slow_server.api_base, cap, threads, None, f"util-{threads}", lambda: slow_server.count)
     assert row["stopped"]
-    # Measured 89-93% at 1..16 threads (benchmarks/budget_utilisation.py; the old admission: 12-81%). What is
-    # left is one call's worst case: a prompt is reserved at one token per byte (docs/budgets.md).
-    assert 0.85 <= row["spent"] / cap <= 1.0, row
+    # What is left is at most one call's worst case, a prompt being reserved at one token per byte; measured in
+    # benchmarks/budget_utilisation.py with the table in docs/budgets.md. The aim is 90%; a run is allowed 3 points
+    # below it, since which call finds no room is a race.
+    assert 0.87 <= row["spent"] / cap <= 1.0, row
     assert row["late_requests"] == row["late_spend"] == row["late_calls"] == 0, row
 
 
@@ -120,7 +129,7 @@ def test_four_processes_on_a_shared_ledger_spend_most_of_the_cap(slow_server, le
     url = f"sqlite:///{tmp_path}/budgets.db" if ledger == "sqlite" else redis_url()
     row = util.shared_rows(slow_server.api_base, cap, 4, url, f"shared-util-{ledger}-{time.time_ns()}", slow_server)
     assert row["stopped"]
-    assert 0.85 <= row["spent"] / cap <= 1.0, row
+    assert 0.87 <= row["spent"] / cap <= 1.0, row
     assert row["late_requests"] == row["late_spend"] == 0, row
     assert slow_server.count - 20 == row["calls"]  # the pilot's 20, then exactly what the ledger counted
 

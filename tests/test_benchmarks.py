@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ("pricing_lookup.py", ["--n", "200"], "lookup, cached"),
     ("span_cost.py", ["--spans", "200"], "BudgetSpanProcessor"),
     ("ledger_scale.py", ["--sizes", "1000", "--ops", "32", "--procs", "1,4", "--rounds", "1"], "p50 vs empty"),
+    ("budget_utilisation.py", ["--threads", "4", "--ledgers", "memory"], "utilisation"),
 ])
 def test_benchmark_runs(script, args, expect):
     if script == "ledger_scale.py" and shutil.which("redis-server") is None:

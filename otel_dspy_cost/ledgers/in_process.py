@@ -57,6 +57,8 @@ class InFlight:
         return True
 
 
+_NOTHING = 1e-9  # USD: what shared ledgers count in (integer nano-dollars); less is float residue
+
 _every_in_flight: weakref.WeakSet[InFlight] = weakref.WeakSet()
 
 
@@ -123,9 +125,13 @@ class InProcessLedger:
         ph = reservation.phase
         for name in reservation.accounts:
             st = self._accounts[name]
-            st.reserved_usd = max(0.0, st.reserved_usd - reservation.amount_usd)
+            # Float sums leave a residue (5e-20) when every reservation is gone: below a nano-dollar is nothing
+            # held, or a call would wait for calls in flight that do not exist.
+            left = st.reserved_usd - reservation.amount_usd
+            st.reserved_usd = left if left > _NOTHING else 0.0
             st.reserved_calls = max(0, st.reserved_calls - reservation.calls)
-            st.phase_reserved[ph] = max(0.0, st.phase_reserved.get(ph, 0.0) - reservation.amount_usd)
+            left = st.phase_reserved.get(ph, 0.0) - reservation.amount_usd
+            st.phase_reserved[ph] = left if left > _NOTHING else 0.0
         return True
 
     def settle(self, reservation: Reservation, actual_usd: float, economic_usd: float) -> None:

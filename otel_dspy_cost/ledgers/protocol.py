@@ -44,8 +44,8 @@ class Refusal:
     reserved_usd: float
     limit: float
     detail: str = ""
-    # True when the call would fit once the calls in flight settle (spend alone leaves room for it): the
-    # caller waits and asks again instead of stopping; the ledger does not trip the account for it.
+    # True while other calls of the account are in flight: the caller waits for them to settle and asks again
+    # instead of stopping; the ledger does not trip the account for it (see `check_limits`).
     wait: bool = False
 
 
@@ -77,22 +77,22 @@ def check_limits(name: str, lim: Limits, amount_usd: float, phase: str, st: Acco
     spend, reservations and calls as of now, this call excluded. `calls` is 0 for room held for a retry of a
     call already counted (money, not another call).
 
-    A refusal with `wait` set is not a stop: the call fits under spend alone and only the reservations of
-    calls in flight are in the way (they usually settle for less than their worst case)."""
+    A refusal with `wait` set is not a stop: other calls of the account are in flight. They usually settle for
+    less than their worst case, and the caller waits for them and asks again; a call that does not fit beside
+    the spend alone keeps waiting while others run (smaller calls may still fit), and is refused, stopping the
+    account, only when it does not fit with nothing else in flight."""
     if not lim.enforce:
         return None
     if st.tripped:
         return Refusal(name, "tripped", st.spent_usd, st.reserved_usd, lim.limit_usd or 0.0)
     if calls and lim.max_calls is not None and st.calls + st.reserved_calls + calls > lim.max_calls:
-        return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls,
-                       wait=st.calls + calls <= lim.max_calls)
+        return Refusal(name, "max_calls", st.calls, st.reserved_calls, lim.max_calls, wait=st.reserved_calls > 0)
     if lim.limit_usd is not None and st.spent_usd + st.reserved_usd + amount_usd > lim.limit_usd:
-        return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd,
-                       wait=st.spent_usd + amount_usd <= lim.limit_usd)
+        return Refusal(name, "limit_usd", st.spent_usd, st.reserved_usd, lim.limit_usd, wait=st.reserved_usd > 0)
     cap = lim.phase_limits.get(phase)
     if cap is not None and st.phase_spent.get(phase, 0.0) + st.phase_reserved.get(phase, 0.0) + amount_usd > cap:
         return Refusal(name, f"max_{phase}_usd", st.phase_spent.get(phase, 0.0), st.phase_reserved.get(phase, 0.0),
-                       cap, wait=st.phase_spent.get(phase, 0.0) + amount_usd <= cap)
+                       cap, wait=st.phase_reserved.get(phase, 0.0) > 0)
     return None
 
 

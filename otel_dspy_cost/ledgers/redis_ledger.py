@@ -140,14 +140,14 @@ for i = 1, #KEYS do
     local spent, calls, pspent, reserved, rcalls, rphase = num(t[1]), num(t[2]), num(t[3]), num(r[1]), num(r[2]),
       num(r[3])
     local amt = tonumber(amount)
-    -- the fifth value: 1 when the call fits under spend alone (it waits for calls in flight, stops nothing)
+    -- the fifth value: 1 while other calls are in flight (the call waits for them, stops nothing)
     local refused, wait, a, b = false, 0, 0, 0
     if ncalls > 0 and maxcalls >= 0 and calls + rcalls + ncalls > maxcalls then
-      refused, wait, a, b = 'max_calls', (calls + ncalls <= maxcalls) and 1 or 0, calls, rcalls
+      refused, wait, a, b = 'max_calls', (rcalls > 0) and 1 or 0, calls, rcalls
     elseif limit >= 0 and spent + reserved + amt > limit then
-      refused, wait, a, b = 'limit_usd', (spent + amt <= limit) and 1 or 0, spent, reserved
+      refused, wait, a, b = 'limit_usd', (reserved > 0) and 1 or 0, spent, reserved
     elseif cap >= 0 and pspent + rphase + amt > cap then
-      refused, wait, a, b = 'max_' .. phase .. '_usd', (pspent + amt <= cap) and 1 or 0, pspent, rphase
+      refused, wait, a, b = 'max_' .. phase .. '_usd', (rphase > 0) and 1 or 0, pspent, rphase
     end
     if refused then
       if wait == 0 then stop(p, refused, hold) end
