@@ -201,6 +201,18 @@ def test_demo_runs_against_the_simulator_for_anthropic_and_gemini_models(tmp_pat
     assert list(summary["by_model"]) == [model] and summary["unknown_cost_calls"] == 0
 
 
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-sonnet-4", "gemini/gemini-2.5-pro"])
+def test_demo_with_its_default_cap_reaches_the_trial_table_for_each_provider(tmp_path, model):
+    """The default cap is scaled by the model's price: an expensive model trips at the same point (issue 27:
+    claude-sonnet-4 stopped after 1 call, gemini-2.5-pro after 2, under gpt-4o-mini's $0.012)."""
+    result = _cli("demo", "--model", model, "--out", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    spent, calls = _spent_and_calls(result.stdout)
+    limit = float(re.search(r"budget \$([0-9.]+)", result.stdout).group(1))
+    assert calls > 20 and spent <= limit and "trials: cost next to score" in result.stdout
+    assert spent / limit > 0.8
+
+
 def test_miprov2_without_optuna_is_refused_before_any_lm_call():
     script = textwrap.dedent(f"""
         import sys

@@ -484,3 +484,18 @@ def test_a_planted_secret_never_leaves_the_process(server, tmp_path, caplog, whe
     for path in (tmp_path / "runs").rglob("*"):
         if path.is_file():
             assert secret not in path.read_text(errors="ignore"), path
+
+
+def test_a_direct_call_that_times_out_after_sending_counts_its_worst_case(otel):
+    """The provider may have billed a request it did not answer in time: counted at the worst case, not $0."""
+    import openai
+
+    with SimulatorServer(SimulatedLM(latency_s=2.0)) as slow:
+        client = openai.OpenAI(base_url=slow.api_base, api_key="sk-test-0000000000", max_retries=0, timeout=0.3)
+        with otel_dspy_cost.budget(limit_usd=1.0, label="direct-timeout") as b:
+            with pytest.raises(openai.APITimeoutError):
+                client.chat.completions.create(model="gpt-4o-mini", max_tokens=64,
+                                               messages=[{"role": "user", "content": "slow"}])
+    span = lm_spans(otel[0])[-1]
+    assert span.attributes[A.LM_OUTCOME] == "unknown" and span.attributes[A.COST_ESTIMATE_REASON] == "timeout"
+    assert b.spent_usd == pytest.approx(span.attributes[A.BUDGET_RESERVED_USD]) and b.spent_usd > 0

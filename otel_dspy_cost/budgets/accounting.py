@@ -174,6 +174,36 @@ class Accountant:
         raised before any request is made. Any other exception is our bug: nothing stays reserved, and the
         caller logs it and goes on with `admit_unbudgeted`.
         """
+        prepared = self._prepare(call)
+        if prepared is not None:
+            self._reserve_waiting(call, *prepared)
+            self._admitted(call, *prepared)
+
+    async def admit_async(self, call: LMCall) -> None:
+        """`admit` for a coroutine: waiting for room yields to the event loop (the calls in flight that would
+        make room may be tasks of the same loop)."""
+        prepared = self._prepare(call)
+        if prepared is not None:
+            await self._reserve_waiting_async(call, *prepared)
+            self._admitted(call, *prepared)
+
+    def admit_extra(self, call: LMCall, amount: float) -> None:
+        """Room for one more request of an admitted call (a retry), held until the call settles: waits and stops
+        as an admission does (money only: a retry is not another call under `max_calls`)."""
+        if call.plan is not None and call.holds and amount > 0:
+            own_holds = call.holds
+            self._reserve_waiting(call, call.plan, amount, call.term, own=_held(call))
+            call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
+
+    async def admit_extra_async(self, call: LMCall, amount: float) -> None:
+        if call.plan is not None and call.holds and amount > 0:
+            own_holds = call.holds
+            await self._reserve_waiting_async(call, call.plan, amount, call.term, own=_held(call))
+            call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
+
+    def _prepare(self, call: LMCall) -> tuple[_Plan, float, str | None] | None:
+        """(plan, worst case, its dominant term) of a call with budgets; None for a call without (counted in
+        flight here: there is nothing to reserve)."""
         call.started = time.perf_counter()
         call.ts = time.time()
         budgets = call.budgets
@@ -183,39 +213,31 @@ class Accountant:
             if _context._open_budgets:
                 _outside_budgets(call.model)
             self._in_flight.add()
-            return
+            return None
         plan = call.plan = self._plan_for(budgets)
         if plan.in_process:
             _refuse_forked(plan.in_process, call.model)
         amount, term = self._worst_case(call)
-        waiting = self._reserve(call, plan, amount, term)
-        if waiting is not None:  # only calls in flight are in the way: wait for them to settle, then ask again
+        return plan, amount, term
+
+    def _reserve_waiting(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
+                         own: float | None = None) -> None:
+        """`_reserve`, waiting while it says to (only calls in flight are in the way), up to the bound."""
+        waiting = self._reserve(call, plan, amount, term, own=own)
+        if waiting is not None:
             deadline = time.monotonic() + waiting.timeout_s
             while waiting is not None:
                 waiting.sleep(deadline)
-                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline))
-        self._admitted(call, budgets, amount, term)
+                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
 
-    async def admit_async(self, call: LMCall) -> None:
-        """`admit` for a coroutine: waiting for room yields to the event loop (the calls in flight that would
-        make room may be tasks of the same loop)."""
-        budgets = call.budgets
-        if not budgets:
-            self.admit(call)
-            return
-        call.started = time.perf_counter()
-        call.ts = time.time()
-        plan = call.plan = self._plan_for(budgets)
-        if plan.in_process:
-            _refuse_forked(plan.in_process, call.model)
-        amount, term = self._worst_case(call)
-        waiting = self._reserve(call, plan, amount, term)
+    async def _reserve_waiting_async(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
+                                     own: float | None = None) -> None:
+        waiting = self._reserve(call, plan, amount, term, own=own)
         if waiting is not None:
             deadline = time.monotonic() + waiting.timeout_s
             while waiting is not None:
                 await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
-                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline))
-        self._admitted(call, budgets, amount, term)
+                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
 
     def _worst_case(self, call: LMCall) -> tuple[float, str | None]:
         amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
@@ -259,35 +281,8 @@ class Accountant:
         call.holds = tuple(held)
         return None
 
-    def admit_extra(self, call: LMCall, amount: float) -> None:
-        """Room for one more request of an admitted call (a retry), held until the call settles: waits and stops
-        as an admission does (money only: a retry is not another call under `max_calls`)."""
-        plan, own_holds = call.plan, call.holds
-        if plan is None or not own_holds or amount <= 0:
-            return
-        own = _held(call)
-        waiting = self._reserve(call, plan, amount, call.term, own=own)
-        if waiting is not None:
-            deadline = time.monotonic() + waiting.timeout_s
-            while waiting is not None:
-                waiting.sleep(deadline)
-                waiting = waiting.again(self._reserve(call, plan, amount, call.term, deadline, own=own))
-        call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
-
-    async def admit_extra_async(self, call: LMCall, amount: float) -> None:
-        plan, own_holds = call.plan, call.holds
-        if plan is None or not own_holds or amount <= 0:
-            return
-        own = _held(call)
-        waiting = self._reserve(call, plan, amount, call.term, own=own)
-        if waiting is not None:
-            deadline = time.monotonic() + waiting.timeout_s
-            while waiting is not None:
-                await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
-                waiting = waiting.again(self._reserve(call, plan, amount, call.term, deadline, own=own))
-        call.extra_holds, call.holds = call.extra_holds + call.holds, own_holds
-
-    def _admitted(self, call: LMCall, budgets: tuple[Budget, ...], amount: float, term: str | None) -> None:
+    def _admitted(self, call: LMCall, plan: _Plan, amount: float, term: str | None) -> None:
+        budgets = plan.budgets
         call.reserved_usd = amount
         call.term = term
         for b in budgets:  # each budget counts its calls in flight (a stop drains them); runs per LM call

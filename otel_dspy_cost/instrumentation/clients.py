@@ -24,14 +24,12 @@ from typing import Any
 
 import wrapt
 from opentelemetry import context as otel_context
-from opentelemetry.trace import SpanKind
 
 from otel_dspy_cost import _context, _redact, _runtime
 from otel_dspy_cost.budgets.accounting import LMCall
 from otel_dspy_cost.instrumentation import lm_call
 from otel_dspy_cost.pricing.cost import Usage, usage_from_openai, usage_from_verbatim
-from otel_dspy_cost.telemetry.processor import take_over_current
-from otel_dspy_cost.telemetry.spans import finish_detached, internal_error, skipped, start, unsampled
+from otel_dspy_cost.telemetry.spans import finish_detached, internal_error
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -124,15 +122,7 @@ def _begin(client: _Client, args: tuple, kwargs: dict):
         if request:
             _redact.remember(_redact.secrets_of(request))
         call, merged = lm_call.new_client_call(model, client.operation, messages, request)
-        take_over_current()
-        if unsampled(rt):
-            span, token = skipped()
-        else:
-            attrs = lm_call.start_attributes(rt, call, merged, None, messages)
-            span, token = start(rt.tracer, f"{call.operation} {lm_call.request_model(call.model)}", attrs,
-                                kind=SpanKind.CLIENT)
-        ctx = span.get_span_context()
-        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+        span, token = lm_call.open_span(rt, call, merged, None, messages)
         return rt, span, token, call, messages
     except Exception:
         internal_error("direct client call start")

@@ -11,6 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
+from opentelemetry.trace import SpanKind
+
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _redact
 from otel_dspy_cost._runtime import Runtime
@@ -25,6 +27,8 @@ from otel_dspy_cost.pricing.cost import (
     usage_from_openai,
     usage_from_verbatim,
 )
+from otel_dspy_cost.telemetry.processor import take_over_current
+from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 
 # Tokens an image may cost at most, per image part of a prompt (OpenAI's high-detail tiling of a
 # 2048 px image and Anthropic's 1.15 MP cap both stay well below this; base64 bytes are counted too).
@@ -232,6 +236,19 @@ def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: 
         payload = messages if messages is not None else [{"role": "user", "content": prompt}]
         attrs[A.GEN_AI_INPUT_MESSAGES] = _redact.scrub(json.dumps(payload, default=str), secrets)
     return attrs
+
+
+def open_span(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: Any, messages: Any) -> tuple[Any, Any]:
+    """(span, context token) of the call, made current; none made where nothing would record. A foreign LM
+    span around the call gives its reservation back first: this call counts."""
+    take_over_current()
+    if unsampled(rt):
+        return skipped()
+    attrs = start_attributes(rt, call, merged, prompt, messages)
+    span, token = start(rt.tracer, f"{call.operation} {request_model(call.model)}", attrs, kind=SpanKind.CLIENT)
+    ctx = span.get_span_context()
+    call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
+    return span, token
 
 
 def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -> None:

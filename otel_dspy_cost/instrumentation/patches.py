@@ -24,7 +24,6 @@ from typing import Any
 
 import wrapt
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _redact, _runtime
@@ -38,7 +37,6 @@ from otel_dspy_cost.instrumentation import attempts, clients, lm_call
 from otel_dspy_cost.instrumentation import threads as user_threads
 from otel_dspy_cost.optimizers import registry as optimizers
 from otel_dspy_cost.optimizers import runs as optimizer_runs
-from otel_dspy_cost.telemetry.processor import take_over_current
 from otel_dspy_cost.telemetry.spans import finish, internal_error, mark_refused, skipped, start, unsampled
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -335,8 +333,6 @@ def _lm_begin(instance, args, kwargs):
         return None
     rt, span, token, call, prompt, messages = prepared
     try:
-        ctx = span.get_span_context()
-        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
         rt.accountant.admit(call)  # the deliberate stops (budget, unpriced model) propagate from here
     except BaseException as exc:
         _admission_failed(rt, span, token, call, exc)
@@ -352,8 +348,6 @@ async def _lm_async(wrapped, instance, args, kwargs):
         return await wrapped(*args, **kwargs)
     rt, span, token, call, prompt, messages = prepared
     try:
-        ctx = span.get_span_context()
-        call.trace_id, call.span_id = ctx.trace_id, ctx.span_id
         await rt.accountant.admit_async(call)
     except BaseException as exc:
         _admission_failed(rt, span, token, call, exc)
@@ -396,13 +390,7 @@ def _lm_prepare(instance, args, kwargs):
         call, merged = lm_call.new_call(instance, prompt, messages, call_kwargs)
         if attempts.tracks_sending(instance):
             call.sent = False
-        take_over_current()  # a foreign LM span around this call gives its reservation back: this one counts
-        if unsampled(rt):
-            span, token = skipped()
-        else:
-            attrs = lm_call.start_attributes(rt, call, merged, prompt, messages)
-            span, token = start(rt.tracer, f"{call.operation} {lm_call.request_model(call.model)}", attrs,
-                                kind=SpanKind.CLIENT)
+        span, token = lm_call.open_span(rt, call, merged, prompt, messages)
     except Exception:
         internal_error("LM span start")
         return None
