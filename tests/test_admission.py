@@ -335,3 +335,21 @@ def test_a_retry_that_does_not_fit_is_refused_before_it_is_sent(otel, engine):
         # every request that reached the provider was admitted: none past the first without room
         requests = failing.count - sent
         assert requests * one <= cap + one
+
+
+def test_a_connect_error_in_the_chain_means_not_sent_only_when_nothing_was_sent_after_it():
+    """A retry's read timeout raised while an earlier attempt's connect error was handled: that request left."""
+    import httpx
+
+    from otel_dspy_cost.budgets.accounting import classify_failure
+
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    refused = httpx.ConnectError("connection refused", request=request)
+    assert classify_failure(refused) == ("not_sent", "no connection: ConnectError")
+    try:
+        try:
+            raise refused
+        except httpx.ConnectError:
+            raise httpx.ReadTimeout("timed out", request=request)  # noqa: B904 - the retry's own failure
+    except httpx.ReadTimeout as timeout:
+        assert classify_failure(timeout)[0] == "unknown"

@@ -490,6 +490,10 @@ def _status(err: BaseException) -> int | None:
 # refused or unreachable port, a connect timeout, a TLS handshake (httpx/httpcore and DSPy 3.4's lm15 wrap
 # each of these as `ConnectError`/`ConnectTimeout`; PoolTimeout: no connection was ever free).
 _CONNECT_PHASE = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout", "gaierror", "ConnectionRefusedError"})
+# Anywhere in the chain, these transport errors say a request did leave: it may have been billed whatever else
+# the chain holds (a retry's read timeout raised while an earlier attempt's connect error was being handled).
+# Wrappers' names and statuses are not read here: LiteLLM reports a refused connection as a 500.
+_AFTER_SEND = ("ReadTimeout", "WriteTimeout", "ReadError", "WriteError", "RemoteProtocolError")
 
 
 def classify_failure(exc: BaseException) -> tuple[str, str]:
@@ -498,16 +502,22 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     5xx, an unknown error) may have been billed after the request left, so it settles at the worst case."""
     seen: set[int] = set()
     err: BaseException | None = exc
+    connect, sent = None, False
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if type(err).__name__ in _CONNECT_PHASE:
-            return NOT_SENT, f"no connection: {type(err).__name__}"
+        kind = type(err).__name__
         status = _status(err)
         if status is not None and 400 <= status < 500 and status != 408:
             return REJECTED, f"provider answered {status}"
-        if status is None and type(err).__name__ in _REJECTED_ERRORS:
-            return REJECTED, f"provider answered: {type(err).__name__}"
+        if status is None and kind in _REJECTED_ERRORS:
+            return REJECTED, f"provider answered: {kind}"
+        if kind in _CONNECT_PHASE:
+            connect = connect or kind
+        elif kind in _AFTER_SEND:
+            sent = True  # e.g. a read timeout of a retry, whose chain still holds an earlier connect error
         err = err.__cause__ or err.__context__
+    if connect and not sent:
+        return NOT_SENT, f"no connection: {connect}"
     name = type(exc).__name__
     lowered = f"{name} {str(exc)[:300]}".lower()
     if "cancel" in lowered:
