@@ -176,8 +176,11 @@ class Accountant:
         """
         prepared = self._prepare(call)
         if prepared is not None:
-            self._reserve_waiting(call, *prepared)
-            self._admitted(call, *prepared)
+            plan, amount, term = prepared
+            waiting = self._reserve(call, plan, amount, term)
+            if waiting is not None:  # the rare path: others in flight are in the way
+                self._wait_for_room(call, plan, amount, term, waiting)
+            self._admitted(call, plan, amount, term)
 
     async def admit_async(self, call: LMCall) -> None:
         """`admit` for a coroutine: waiting for room yields to the event loop (the calls in flight that would
@@ -225,10 +228,14 @@ class Accountant:
         """`_reserve`, waiting while it says to (only calls in flight are in the way), up to the bound."""
         waiting = self._reserve(call, plan, amount, term, own=own)
         if waiting is not None:
-            deadline = time.monotonic() + waiting.timeout_s
-            while waiting is not None:
-                waiting.sleep(deadline)
-                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
+            self._wait_for_room(call, plan, amount, term, waiting, own)
+
+    def _wait_for_room(self, call: LMCall, plan: _Plan, amount: float, term: str | None, waiting: _Waiting,
+                       own: float | None = None) -> None:
+        deadline = time.monotonic() + waiting.timeout_s
+        while waiting is not None:
+            waiting.sleep(deadline)
+            waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
 
     async def _reserve_waiting_async(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
                                      own: float | None = None) -> None:
