@@ -36,7 +36,7 @@ from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
 from otel_dspy_cost.ledgers.in_process import InFlight
 from otel_dspy_cost.pricing.cost import UNKNOWN_COST, CallCost, Usage
 from otel_dspy_cost.pricing.engine import CostEngine
-from otel_dspy_cost.telemetry.rollup import Node, RollupTree
+from otel_dspy_cost.telemetry.rollup import ENDED_KEPT, Node, RollupTree
 from otel_dspy_cost.telemetry.spans import mark_refused
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -133,8 +133,11 @@ class BudgetSpanProcessor(SpanProcessor):
             elif node.calls:
                 self.tree.add_to_parent(node)
             node.span = None
-            if not node.is_lm:
-                self.tree.ended(span.context.span_id, node)
+            if not node.is_lm:  # kept a while for children that start after it (`RollupTree.ended`, inline)
+                ended = self.tree.recently_ended
+                ended[span.context.span_id] = node
+                if len(ended) > ENDED_KEPT:
+                    self.tree.ended_trim()
         except Exception:
             self._internal_error("on_end")
 

@@ -57,7 +57,7 @@ def is_lm(attrs: Any) -> bool:
     return attrs.get(A.SPAN_KIND) == "lm" or attrs.get(A.GEN_AI_OPERATION) in A.LM_OPERATIONS
 
 
-_ENDED_KEPT = 4096  # recently ended spans remembered (bounded: nothing grows with the run's length)
+ENDED_KEPT = 4096  # recently ended spans remembered (bounded: nothing grows with the run's length)
 
 
 class RollupTree:
@@ -67,7 +67,7 @@ class RollupTree:
     def __init__(self) -> None:
         self._live: dict[int, Node] = {}
         # Spans that ended lately, so a child started after its parent ended still finds its place in the tree.
-        self._ended: dict[int, Node] = {}
+        self.recently_ended: dict[int, Node] = {}
         self._lock = threading.Lock()
         # (ended parent, node): a subtree's totals arrived after its parent ended (set by the processor)
         self.on_late: Callable[[Node, Node], None] | None = None
@@ -82,7 +82,7 @@ class RollupTree:
         if parent_ctx is not None:
             # A parent that ended already (a thread started under a span that has ended since) is found among the
             # recently ended: the child's totals are late from the start (see `add_to_parent`).
-            parent = self._live.get(parent_ctx.span_id) or self._ended.get(parent_ctx.span_id)
+            parent = self._live.get(parent_ctx.span_id) or self.recently_ended.get(parent_ctx.span_id)
         node = Node(span, parent, is_lm(attrs), ours)
         if parent is not None:
             node.lm_ancestor = parent if parent.is_lm else parent.lm_ancestor
@@ -97,19 +97,17 @@ class RollupTree:
     def pop(self, span_id: int) -> Node | None:
         return self._live.pop(span_id, None)
 
-    def ended(self, span_id: int, node: Node) -> None:
-        """`node`'s span has ended (its `span` is None): kept for a while, for children that start after it."""
-        ended = self._ended
-        ended[span_id] = node
-        if len(ended) > _ENDED_KEPT:
-            try:
-                ended.pop(next(iter(ended)), None)  # the oldest (insertion order)
-            except (RuntimeError, StopIteration):  # another thread changed it meanwhile: the next end trims
-                pass
+    def ended_trim(self) -> None:
+        """Ended spans are kept a while (the processor adds each as it ends) for children that start after their
+        parent ended; past `ENDED_KEPT` the oldest goes."""
+        try:
+            self.recently_ended.pop(next(iter(self.recently_ended)), None)  # the oldest (insertion order)
+        except (RuntimeError, StopIteration):  # another thread changed it meanwhile: the next end trims
+            pass
 
     def clear(self) -> None:
         self._live.clear()
-        self._ended.clear()
+        self.recently_ended.clear()
 
     def count(self, node: Node, call: LMCall) -> None:
         """`node` is the span that counts this settled call: its totals, added to every open ancestor."""
