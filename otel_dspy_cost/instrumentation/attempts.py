@@ -61,13 +61,9 @@ def _send_failed(call: LMCall | None, exc: BaseException) -> None:
 
 def _mark_sent_sync(wrapped, instance, args, kwargs):
     call = _context.CURRENT_CALL.get()
-    if call is not None and not call.retry_pending:  # the usual first attempt, inline (once per LM call)
-        call.sent = True
-        call.dspy_attempts += 1
-    else:
-        retry = _send_begin(call)
-        if retry is not None:
-            _admit_retry(retry, per_request(retry, dspy_layer=True))
+    retry = _send_begin(call)
+    if retry is not None:
+        _admit_retry(retry, per_request(retry, dspy_layer=True))
     try:
         return wrapped(*args, **kwargs)
     except BaseException as exc:

@@ -79,8 +79,8 @@ def _litellm_messages(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("messages", args[1] if len(args) > 1 else None)
 
 
-_LITELLM_CHAT = _Client("", "chat", lambda r: _openai_like_usage(r), _litellm_messages)
-_LITELLM_EMBED = _Client("", "embeddings", lambda r: _openai_like_usage(r), _embedding_input)
+_LITELLM_CHAT = _Client("", "chat", _openai_like_usage, _litellm_messages)
+_LITELLM_EMBED = _Client("", "embeddings", _openai_like_usage, _embedding_input)
 _OPENAI_CHAT = _Client("openai/", "chat", _openai_like_usage)
 _OPENAI_RESPONSES = _Client("openai/", "chat", _openai_like_usage, _responses_messages)
 _OPENAI_EMBED = _Client("openai/", "embeddings", _openai_like_usage, _embedding_input)
