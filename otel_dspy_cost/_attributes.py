@@ -94,6 +94,16 @@ PRICING_TIER_MISSING = "dspy.pricing.tier_missing"  # the tier asked for, absent
 PRICING_FALLBACK = "dspy.pricing.fallback"
 # The 1-hour part of gen_ai.usage.cache_creation.input_tokens (Anthropic bills it at 2x input, 5-minute at 1.25x).
 CACHE_WRITE_1H_TOKENS = "dspy.usage.cache_write_1h_tokens"
+# Units billed apart from text tokens (set only when the provider reported some): audio in (part of
+# gen_ai.usage.input_tokens), audio and image out (part of gen_ai.usage.output_tokens), web searches or grounded
+# queries; what they cost, and the units the price entry had no rate for.
+AUDIO_INPUT_TOKENS = "dspy.usage.audio_input_tokens"
+AUDIO_OUTPUT_TOKENS = "dspy.usage.audio_output_tokens"
+IMAGE_OUTPUT_TOKENS = "dspy.usage.image_output_tokens"
+WEB_SEARCH_REQUESTS = "dspy.usage.web_search_requests"
+COST_MEDIA_USD = "dspy.cost.media_usd"  # audio and image tokens at their own rates
+COST_SEARCH_USD = "dspy.cost.search_usd"  # web searches and per-request fees
+COST_UNPRICED_UNITS = "dspy.cost.unpriced_units"  # e.g. ["web_search_requests"]: the call settled at its worst case
 # Proposed GenAI cost attributes (semantic-conventions PR #443), experimental: names may change upstream.
 GEN_AI_COST_AMOUNT = "gen_ai.usage.cost.amount"
 GEN_AI_COST_CURRENCY = "gen_ai.usage.cost.currency"

@@ -13,7 +13,7 @@ pricing goes wrong:
   split by TTL in `cache_creation` (5 minutes, 1 hour);
 - Gemini `generateContent` (`.../models/<m>:generateContent`): thoughts are counted apart from the
   candidates.
-Streaming (server-sent events) is spoken in the OpenAI dialect only.
+Streaming (server-sent events) is spoken in the OpenAI dialect only; so are embeddings (`.../embeddings`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from otel_dspy_cost.pricing.tokenizers import encoding_for
 
 _OUTPUT_FIELDS = re.compile(r"Your output fields are:\s*\n(.*?)(?:\n\n|\Z)", re.S)
 _FIELD = re.compile(r"^\s*\d+\.\s*`(\w+)`\s*\(([^)]*\)?)\)?", re.M)
@@ -36,6 +39,15 @@ _WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbo
 
 def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
+
+
+def _counter(model: str) -> Callable[[str], int]:
+    """How the provider counts tokens: OpenAI models by their own tokenizer (as OpenAI bills; offline, from
+    LiteLLM's bundled files), anything else at about four characters a token."""
+    enc = encoding_for(model)
+    if enc is None:
+        return _tokens
+    return lambda text: max(1, len(enc.encode(text, disallowed_special=())))
 
 
 def _content_text(content: Any) -> str:
@@ -61,8 +73,9 @@ class SimulatedLM:
     echo_credentials: bool = False
     # With `error_status`: only this many requests fail, the rest are answered (a transient error, retried).
     errors_left: int | None = None
-    # Report exactly this usage (OpenAI-style totals: prompt_tokens includes cached_tokens and cache_write_tokens,
-    # completion_tokens includes reasoning_tokens; cache_write_1h_tokens is the 1-hour part of the writes),
+    # Report exactly this usage (OpenAI-style totals: prompt_tokens includes cached_tokens, cache_write_tokens and
+    # audio_input_tokens, completion_tokens includes reasoning_tokens, audio_output_tokens and image_output_tokens;
+    # cache_write_1h_tokens is the 1-hour part of the writes; web_search_requests are searches the provider ran),
     # rendered in each dialect's own conventions. For hand-computed cost figures in tests.
     fixed_usage: dict[str, int] | None = None
     _seen_prefixes: set[str] = field(default_factory=set)
@@ -74,9 +87,10 @@ class SimulatedLM:
         convo = "".join(_content_text(m.get("content")) for m in messages if m.get("role") != "system")
         json_mode = bool(body.get("response_format")) or "Outputs will be a JSON object" in system
         text = self._answer(system, convo, messages, json_mode)
-        prompt_tokens = sum(_tokens(_content_text(m.get("content"))) + 4 for m in messages)
+        count = _counter(str(body.get("model") or ""))
+        prompt_tokens = sum(count(_content_text(m.get("content"))) + 4 for m in messages)
         cached = 0
-        prefix_tokens = _tokens(system) if system else 0
+        prefix_tokens = count(system) if system else 0
         key = hashlib.sha256(system.encode()).hexdigest()
         with self._lock:
             if system and key in self._seen_prefixes and prefix_tokens >= self.min_cache_tokens:
@@ -84,9 +98,9 @@ class SimulatedLM:
             self._seen_prefixes.add(key)
         tools = body.get("tools") or body.get("functions")
         if tools:  # providers bill tool schemas as prompt tokens
-            prompt_tokens += _tokens(json.dumps(tools))
+            prompt_tokens += count(json.dumps(tools))
         n = max(1, int(body.get("n") or 1))
-        completion = (_tokens(text) + self.reasoning_tokens) * n  # n completions are n times the output
+        completion = (count(text) + self.reasoning_tokens) * n  # n completions are n times the output
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                  "total_tokens": prompt_tokens + completion,
                  "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
@@ -156,11 +170,17 @@ class SimulatedLM:
 
 
 def _openai_usage(fixed: dict[str, int]) -> dict[str, Any]:
+    """OpenAI's usage; audio in and out in the details (as gpt-audio reports them), inside the totals."""
     prompt, completion = fixed.get("prompt_tokens", 0), fixed.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": fixed.get("cached_tokens", 0),
-                                      "cache_write_tokens": fixed.get("cache_write_tokens", 0)},
-            "completion_tokens_details": {"reasoning_tokens": fixed.get("reasoning_tokens", 0)}}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": fixed.get("cached_tokens", 0),
+                                       "cache_write_tokens": fixed.get("cache_write_tokens", 0)},
+             "completion_tokens_details": {"reasoning_tokens": fixed.get("reasoning_tokens", 0)}}
+    if fixed.get("audio_input_tokens"):
+        usage["prompt_tokens_details"]["audio_tokens"] = fixed["audio_input_tokens"]
+    if fixed.get("audio_output_tokens"):
+        usage["completion_tokens_details"]["audio_tokens"] = fixed["audio_output_tokens"]
+    return usage
 
 
 def _fixed(usage: dict[str, Any]) -> dict[str, int]:
@@ -188,9 +208,13 @@ def _from_anthropic(body: dict[str, Any]) -> dict[str, Any]:
 def _anthropic_usage(fixed: dict[str, int], ttl_1h: int) -> dict[str, Any]:
     """Anthropic's counters are disjoint: input_tokens excludes cache reads and writes."""
     read, write = fixed.get("cached_tokens", 0), fixed.get("cache_write_tokens", 0)
-    return {"input_tokens": fixed["prompt_tokens"] - read - write, "output_tokens": fixed["completion_tokens"],
-            "cache_read_input_tokens": read, "cache_creation_input_tokens": write,
-            "cache_creation": {"ephemeral_5m_input_tokens": write - ttl_1h, "ephemeral_1h_input_tokens": ttl_1h}}
+    usage: dict[str, Any] = {
+        "input_tokens": fixed["prompt_tokens"] - read - write, "output_tokens": fixed["completion_tokens"],
+        "cache_read_input_tokens": read, "cache_creation_input_tokens": write,
+        "cache_creation": {"ephemeral_5m_input_tokens": write - ttl_1h, "ephemeral_1h_input_tokens": ttl_1h}}
+    if fixed.get("web_search_requests"):  # the server-side web search tool
+        usage["server_tool_use"] = {"web_search_requests": fixed["web_search_requests"]}
+    return usage
 
 
 def _from_gemini(body: dict[str, Any], path: str) -> dict[str, Any]:
@@ -206,9 +230,18 @@ def _gemini_usage(fixed: dict[str, int]) -> dict[str, Any]:
     """Gemini counts thoughts apart: candidatesTokenCount is the visible output only."""
     thoughts = fixed.get("reasoning_tokens", 0)
     visible = fixed["completion_tokens"] - thoughts
-    return {"promptTokenCount": fixed["prompt_tokens"], "candidatesTokenCount": visible,
-            "thoughtsTokenCount": thoughts, "cachedContentTokenCount": fixed.get("cached_tokens", 0),
-            "totalTokenCount": fixed["prompt_tokens"] + fixed["completion_tokens"]}
+    usage: dict[str, Any] = {
+        "promptTokenCount": fixed["prompt_tokens"], "candidatesTokenCount": visible,
+        "thoughtsTokenCount": thoughts, "cachedContentTokenCount": fixed.get("cached_tokens", 0),
+        "totalTokenCount": fixed["prompt_tokens"] + fixed["completion_tokens"]}
+    audio_in, image_out = fixed.get("audio_input_tokens", 0), fixed.get("image_output_tokens", 0)
+    if audio_in:  # modality breakdowns, as Gemini reports them
+        usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": fixed["prompt_tokens"] - audio_in},
+                                        {"modality": "AUDIO", "tokenCount": audio_in}]
+    if image_out:
+        usage["candidatesTokensDetails"] = [{"modality": "TEXT", "tokenCount": visible - image_out},
+                                            {"modality": "IMAGE", "tokenCount": image_out}]
+    return usage
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -239,6 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
             dialect = "gemini"
         elif path.endswith(("/chat/completions", "/completions")):
             dialect = "openai"
+        elif path.endswith("/embeddings"):
+            dialect = "embeddings"
         else:
             self._json(404, {"error": {"message": f"unknown path {self.path}"}})
             return
@@ -260,6 +295,9 @@ class _Handler(BaseHTTPRequestHandler):
         if dialect == "anthropic":
             self._anthropic(body)
             return
+        if dialect == "embeddings":
+            self._embeddings(body)
+            return
         if dialect == "gemini":
             self._gemini(body, path)
             return
@@ -275,6 +313,21 @@ class _Handler(BaseHTTPRequestHandler):
                                 "message": {"role": "assistant", "content": text}} for i in range(n)]}
         if sim.include_usage:
             payload["usage"] = usage
+        self._json(200, payload)
+
+    def _embeddings(self, body: dict[str, Any]) -> None:
+        """OpenAI's embeddings: a small deterministic vector per input, usage as input tokens only."""
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs or []]
+        count = _counter(str(body.get("model") or ""))
+        tokens = sum(count(t) for t in texts)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": [b / 255 for b in hashlib.sha256(t.encode()).digest()[:8]]} for i, t in enumerate(texts)]
+        payload = {"object": "list", "data": data, "model": body.get("model", "sim")}
+        if self.server.sim.fixed_usage is not None:
+            tokens = self.server.sim.fixed_usage.get("prompt_tokens", tokens)
+        if self.server.sim.include_usage:
+            payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
         self._json(200, payload)
 
     def _anthropic(self, body: dict[str, Any]) -> None:
@@ -298,6 +351,10 @@ class _Handler(BaseHTTPRequestHandler):
             "modelVersion": request["model"], "responseId": f"sim-{self.server.count:08d}"}
         if sim.include_usage:
             payload["usageMetadata"] = _gemini_usage(sim.fixed_usage or _fixed(usage))
+        searches = (sim.fixed_usage or {}).get("web_search_requests", 0)
+        if searches:  # grounding with Google Search: the distinct queries it ran
+            payload["candidates"][0]["groundingMetadata"] = {
+                "webSearchQueries": [f"query {i}" for i in range(searches)], "groundingChunks": []}
         self._json(200, payload)
 
     def _stream(self, rid: str, model: str, text: str, usage: dict[str, Any], body: dict[str, Any]) -> None:

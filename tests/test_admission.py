@@ -110,10 +110,10 @@ def test_a_parallel_evaluate_spends_most_of_its_cap_and_stops_for_good(otel, slo
     cap = util.CAP_CALLS * unit
     row = util.run_one(slow_server.api_base, cap, threads, None, f"util-{threads}", lambda: slow_server.count)
     assert row["stopped"]
-    # What is left is at most one call's worst case, a prompt being reserved at one token per byte; measured in
-    # benchmarks/budget_utilisation.py with the table in docs/budgets.md. The aim is 90%; a run is allowed 3 points
-    # below it, since which call finds no room is a race.
-    assert 0.87 <= row["spent"] / cap <= 1.0, row
+    # What is left is less than one call's worst case: near the cap the prompt is counted by the model's own
+    # tokenizer (gpt-4o-mini), not at one token per byte. Measured 95-98% in benchmarks/budget_utilisation.py
+    # (the table in docs/budgets.md); the aim is 90%.
+    assert 0.90 <= row["spent"] / cap <= 1.0, row
     assert row["late_requests"] == row["late_spend"] == row["late_calls"] == 0, row
 
 
@@ -129,7 +129,7 @@ def test_four_processes_on_a_shared_ledger_spend_most_of_the_cap(slow_server, le
     url = f"sqlite:///{tmp_path}/budgets.db" if ledger == "sqlite" else redis_url()
     row = util.shared_rows(slow_server.api_base, cap, 4, url, f"shared-util-{ledger}-{time.time_ns()}", slow_server)
     assert row["stopped"]
-    assert 0.87 <= row["spent"] / cap <= 1.0, row
+    assert 0.90 <= row["spent"] / cap <= 1.0, row
     assert row["late_requests"] == row["late_spend"] == 0, row
     assert slow_server.count - 20 == row["calls"]  # the pilot's 20, then exactly what the ledger counted
 
@@ -140,7 +140,7 @@ def test_a_wait_is_bounded_and_says_so(otel, server):
                  num_retries=0)
     with otel_dspy_cost.budget(limit_usd=1.0, wait_timeout_s=0.3, drain_timeout_s=0.1, label="bounded") as b:
         ledger, account = b.ledger, b.account
-        hung = ledger.reserve([account], 0.9999, "infer")  # a call in flight that never settles
+        hung = ledger.reserve([account], 0.99999, "infer")  # in flight, never settles; leaves less than a call
         b.in_flight.add()
         started = time.monotonic()
         with pytest.raises(BudgetExceededError) as info, dspy.context(lm=lm):
@@ -319,7 +319,8 @@ def test_a_retry_that_does_not_fit_is_refused_before_it_is_sent(otel, engine):
     with SimulatorServer(SimulatedLM(error_status=500)) as failing:
         lm = dspy.LM(MODEL, api_base=failing.api_base, api_key="sk-test-0000000000", cache=False, max_tokens=64,
                      num_retries=3, **kwargs)
-        probe = otel_dspy_cost.budget(limit_usd=1.0, label="probe")
+        # near its cap, as the budget below is: the prompt is counted exactly in both
+        probe = otel_dspy_cost.budget(limit_usd=1e-4, label="probe")
         with probe, dspy.context(lm=lm), pytest.raises(Exception):  # noqa: B017
             lm.num_retries = 0
             lm("one request")

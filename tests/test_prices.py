@@ -24,9 +24,10 @@ def D(day: str) -> dt.datetime:
     return dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
 
 
-def U(inp, out, read=0, write=0, reasoning=0, write_1h=0):
+def U(inp, out, read=0, write=0, reasoning=0, write_1h=0, audio_in=0, audio_out=0, image_out=0, searches=0):
     return Usage(inp, out, cache_read_tokens=read, cache_creation_tokens=write, reasoning_tokens=reasoning,
-                 cache_write_1h_tokens=write_1h)
+                 cache_write_1h_tokens=write_1h, audio_input_tokens=audio_in, audio_output_tokens=audio_out,
+                 image_output_tokens=image_out, web_search_requests=searches)
 
 
 # (model, usage, tier, date or None for now, expected USD, how)
@@ -98,6 +99,27 @@ CASES = [
     ("openai/ft:gpt-4o-2024-08-06:acme::abc123", U(10_000, 1_000), None, None, 0.0525,
      "the catalog's fine-tuned gpt-4o entry: 10,000x3.75 + 1,000x15"),
     ("ollama_chat/llama3.1", U(10_000, 1_000), None, None, 0.0, "a local model spends nothing"),
+    # -- billed apart from text tokens (issue 29) --
+    ("openai/gpt-audio", U(1_500, 800, audio_in=1_000, audio_out=500), None, None, 0.06825,
+     "LiteLLM's rates: 500x2.5 + 1,000x32 (audio in) + 300x10 + 500x64 (audio out)"),
+    ("openai/gpt-audio", U(1_500, 800, read=200, audio_in=1_000, audio_out=500), None, None, 0.06825,
+     "no cached-input rate: the 200 cached text tokens at the input rate, as before"),
+    ("gemini/gemini-2.5-flash-image", U(1_000, 1_390, image_out=1_290), None, None, 0.03925,
+     "1,000x0.3 + 100x2.5 + 1,290x30 (image out)"),
+    ("gemini/gemini-2.5-flash", U(2_000, 200, audio_in=1_000), None, None, 0.0018,
+     "1,000x0.3 + 1,000x1.0 (audio in) + 200x2.5"),
+    ("gemini/gemini-2.5-flash", U(2_000, 200, audio_in=1_000), "batch", None, 0.0009,
+     "1,000x0.15 + 1,000x0.5 (batch audio in) + 200x1.25"),
+    ("gemini/gemini-2.5-flash", U(1_000, 200, searches=1), None, None, 0.0358,
+     "1,000x0.3 + 200x2.5 + 1 grounded query at $35/1,000"),
+    ("anthropic/claude-sonnet-4", U(1_000, 300, searches=3), None, None, 0.0375,
+     "1,000x3 + 300x15 + 3 web searches at $10/1,000"),
+    ("anthropic/claude-sonnet-4", U(1_000, 300, searches=3), "batch", None, 0.03375,
+     "batch halves tokens, not searches: 1,000x1.5 + 300x7.5 + 3x$0.01"),
+    ("openai/gpt-4o-mini-search-preview", U(1_000, 300), None, None, 0.02533,
+     "1,000x0.15 + 300x0.6 + one request at $25/1,000"),
+    ("openai/gpt-4o-mini", U(1_000, 300, searches=2), None, None, 0.05033,
+     "web search tool calls: 1,000x0.15 + 300x0.6 + 2 at $25/1,000"),
 ]
 
 
@@ -203,7 +225,7 @@ def test_pricing_diff_lists_each_field_and_appends_litellms_figures(tmp_path):
          "input": 0.15, "cached_input": 0.1, "output": 0.6, "max_output_tokens": 16384,
          "tiers": {"batch": {"input": 0.075, "output": 0.3}}},
         {"provider": "openai", "model": "gpt-4.1", "price_version": 1, "effective_at": "2025-04-14T00:00:00Z",
-         "input": 2.0, "cached_input": 0.5, "output": 9.0, "max_output_tokens": 32768,
+         "input": 2.0, "cached_input": 0.5, "output": 9.0, "max_output_tokens": 32768, "web_search": 25.0,
          "tiers": {"batch": {"input": 1.0, "output": 4.0}, "priority": {"input": 3.5, "cached_input": 0.875,
                                                                          "output": 14.0}},
          "differs_from_litellm": {"output": "a negotiated price"}}]}))
@@ -218,6 +240,7 @@ def test_pricing_diff_lists_each_field_and_appends_litellms_figures(tmp_path):
     new = data["entries"][-1]
     assert (new["model"], new["price_version"], new["effective_at"]) == ("gpt-4o-mini", 2, "2026-01-01T00:00:00Z")
     assert new["cached_input"] == 0.075 and new["tiers"]["priority"]["input"] == 0.25
+    assert new["web_search"] == 25.0  # every field we bill: web search tool calls, $25 per 1,000
     assert data["entries"][0]["cached_input"] == 0.1  # append-only: v1 untouched
     after = _cli("pricing", "diff", "--file", str(path))
     assert after.returncode == 0 and " 0 unexplained" in after.stdout

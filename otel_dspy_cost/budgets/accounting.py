@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from otel_dspy_cost.errors import BudgetExceededError, ForkedBudgetError, Unpric
 from otel_dspy_cost.ledgers.in_process import InFlight
 from otel_dspy_cost.ledgers.protocol import Refusal
 from otel_dspy_cost.pricing.cost import CallCost, Usage
+from otel_dspy_cost.pricing.tokenizers import prompt_tokens_bound
 
 if TYPE_CHECKING:
     from otel_dspy_cost.budgets.budget import Budget
@@ -60,11 +62,16 @@ class LMCall:
     role: str | None = None
     budgets: tuple[Budget, ...] = ()
     lm: Any = None
+    # Units billed apart that the request carries or asks for (audio_input, audio_output, image_output), and
+    # the most web searches its tools allow: the worst case covers them (`CostEngine.worst_case`).
+    apart: tuple[str, ...] = ()
+    searches: int = 0
     # -- what DSPy's finalisation reported (the usage hooks fill these in) --
     captured: bool = False
     usage: Usage | None = None
     original_usage: Usage | None = None  # of a DSPy cache hit: what the first call used
     cache_hit: bool = False
+    usage_counted_by_client: bool = False  # a stream without usage, which LiteLLM counted from the text
     response_model: str | None = None
     finish_reasons: tuple[str, ...] = ()
     # Whether the request was handed to the provider's client: None when we cannot tell (a path our marker
@@ -78,6 +85,8 @@ class LMCall:
     retry_pending: bool = False
     failed_attempts: list[str] = dataclasses.field(default_factory=list)
     # -- admission --
+    # (messages, request) as sent, while a tighter prompt bound may still be asked for near a cap (see `_refined`)
+    prompt: tuple[Any, Any] | None = None
     reserved_usd: float = 0.0
     term: str | None = None
     holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
@@ -179,7 +188,11 @@ class Accountant:
             plan, amount, term = prepared
             waiting = self._reserve(call, plan, amount, term)
             if waiting is not None:  # the rare path: others in flight are in the way
-                self._wait_for_room(call, plan, amount, term, waiting)
+                if call.prompt is not None:  # near the cap: with an exact prompt count it may fit now
+                    amount, term = self._refined(call, amount, term)
+                    waiting = waiting.again(self._reserve(call, plan, amount, term))
+                if waiting is not None:
+                    self._wait_for_room(call, plan, amount, term, waiting)
             self._admitted(call, plan, amount, term)
 
     async def admit_async(self, call: LMCall) -> None:
@@ -187,8 +200,15 @@ class Accountant:
         make room may be tasks of the same loop)."""
         prepared = self._prepare(call)
         if prepared is not None:
-            await self._reserve_waiting_async(call, *prepared)
-            self._admitted(call, *prepared)
+            plan, amount, term = prepared
+            waiting = self._reserve(call, plan, amount, term)
+            if waiting is not None:
+                if call.prompt is not None:  # near the cap, as in `admit`
+                    amount, term = self._refined(call, amount, term)
+                    waiting = waiting.again(self._reserve(call, plan, amount, term))
+                if waiting is not None:
+                    await self._wait_for_room_async(call, plan, amount, term, waiting)
+            self._admitted(call, plan, amount, term)
 
     def admit_extra(self, call: LMCall, amount: float) -> None:
         """Room for one more request of an admitted call (a retry), held until the call settles: waits and stops
@@ -221,7 +241,27 @@ class Accountant:
         if plan.in_process:
             _refuse_forked(plan.in_process, call.model)
         amount, term = self._worst_case(call)
+        if call.prompt is not None:
+            near = amount * _NEAR_CAP
+            for b in budgets:
+                if near > b.room_hint:
+                    return plan, *self._refined(call, amount, term)
         return plan, amount, term
+
+    def _refined(self, call: LMCall, amount: float, term: str | None) -> tuple[float, str | None]:
+        """The worst case with the prompt counted by the model's own tokenizer where it has one offline
+        (`pricing.tokenizers`: OpenAI models), instead of one token per byte: asked once per call, and only near
+        a cap, where the byte bound (about 4x the real count for English) would stop a run calls early."""
+        prompt, call.prompt = call.prompt, None
+        try:
+            bound = prompt_tokens_bound(call.model, *prompt) if prompt is not None else None
+        except Exception:  # noqa: BLE001 - our bug must not stop the call: the byte bound holds
+            logger.debug("otel-dspy-cost: exact prompt count failed", exc_info=True)
+            bound = None
+        if bound is None or bound >= call.input_tokens_bound:
+            return amount, term
+        call.input_tokens_bound = bound
+        return self._worst_case(call)
 
     def _reserve_waiting(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
                          own: float | None = None) -> None:
@@ -241,17 +281,22 @@ class Accountant:
                                      own: float | None = None) -> None:
         waiting = self._reserve(call, plan, amount, term, own=own)
         if waiting is not None:
-            deadline = time.monotonic() + waiting.timeout_s
-            while waiting is not None:
-                await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
-                waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
+            await self._wait_for_room_async(call, plan, amount, term, waiting, own)
+
+    async def _wait_for_room_async(self, call: LMCall, plan: _Plan, amount: float, term: str | None,
+                                   waiting: _Waiting, own: float | None = None) -> None:
+        deadline = time.monotonic() + waiting.timeout_s
+        while waiting is not None:
+            await asyncio.sleep(min(waiting.next_delay(), max(0.0, deadline - time.monotonic())))
+            waiting = waiting.again(self._reserve(call, plan, amount, term, deadline, own=own))
 
     def _worst_case(self, call: LMCall) -> tuple[float, str | None]:
-        amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+        amount, term = self.engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n,
+                                              call.apart, call.searches)
         if amount is None:  # no price known: a USD cap cannot be kept for this call
             capped = [b for b in call.budgets if b.caps_usd]
             if capped:
-                raise UnpricedModelError(_unpriced_message(call.model, capped[-1]))
+                raise UnpricedModelError(_unpriced_message(call.model, capped[-1], term))
             amount = 0.0
         elif term == "max_tokens_unset":
             self.engine.warn_unbounded(call.model, amount)
@@ -274,6 +319,9 @@ class Accountant:
                     continue
                 if own is not None and outcome.wait and outcome.reserved_usd - own <= 1e-12:
                     outcome = dataclasses.replace(outcome, wait=False)  # only its own call is in flight
+                if outcome.wait:
+                    for b in group:
+                        b.room_hint = -math.inf  # the cap is near: later calls count their prompts exactly
                 if outcome.wait and (deadline is None or time.monotonic() < deadline):
                     _give_back(held)  # a waiting call holds nothing: the calls it waits for may need the room
                     held = []
@@ -313,6 +361,7 @@ class Accountant:
         """The call was admitted but never sent: give its reservations back, count nothing."""
         _give_back(call.holds + call.extra_holds)
         call.holds = call.extra_holds = ()
+        call.prompt = None
         for b in call.budgets:
             b.in_flight.done()
         self._in_flight.done()
@@ -320,6 +369,7 @@ class Accountant:
     def settle(self, call: LMCall) -> None:
         """Count a call that was sent: ledgers, warn/exceed crossings, spend report, metrics, cost log."""
         cost = call.cost
+        call.prompt = None  # not kept with the call: prompts can be large
         if cost is None:
             self.release(call)
             return
@@ -334,6 +384,7 @@ class Accountant:
                 _give_back(call.extra_holds)
                 call.extra_holds = ()
             for b in budgets:
+                b.room_hint -= cost.usd  # a racy float: a hint for `_prepare`, never a limit
                 # Once a budget has nothing left to fire (no warn threshold or already warned; a stop, or an
                 # exceed already fired), it costs no call here.
                 if b.events_pending:
@@ -350,7 +401,8 @@ class Accountant:
             (call.module or "(no module)", call.model or "(unknown model)", call.phase,
              plan.labels if plan is not None else (), None if call.trial is None else call.trial_key),
             1, cost.usd, cost.economic_usd, usage.input_tokens, usage.cache_read_tokens, usage.output_tokens,
-            usage.reasoning_tokens, int(cost.unknown), int(call.estimated), int(call.cache_hit))
+            usage.reasoning_tokens, int(cost.unknown), int(call.estimated), int(call.cache_hit),
+            1 if cost.unpriced else 0)
         metrics = self.metrics
         if metrics is not None:
             try:
@@ -367,6 +419,11 @@ class Accountant:
                 sink(call)
             except Exception:
                 logger.exception("otel-dspy-cost: the cost log could not record a call")
+
+
+# A call's prompt is counted exactly once its worst case times this is more than a budget's room: the last
+# calls of a cap, where the byte bound would refuse what fits (`benchmarks/budget_utilisation.py`).
+_NEAR_CAP = 8.0
 
 
 def _held(call: LMCall) -> float:
@@ -470,7 +527,14 @@ def _refuse_forked(budgets: tuple[Budget, ...], model: str) -> None:
                 label=b.label, spent_usd=0.0, limit=b.limit_usd or 0.0, reason="forked")
 
 
-def _unpriced_message(model: str, b: Budget) -> str:
+def _unpriced_message(model: str, b: Budget, term: str | None = None) -> str:
+    if term and term.startswith("unpriced:"):
+        units = term.split(":", 1)[1]
+        return (f"Budget {b.label!r} refused a call to {model}: the request can be billed for {units}, which has "
+                f"no price for {model!r}, so a USD cap cannot be kept (an unpriced unit is never counted as $0). "
+                f"Add the rate with instrument(pricing_overrides={{{model!r}: {{...}}}}) or a catalog entry "
+                f"(fields audio_input, audio_output, image_output: USD per 1M tokens; web_search: USD per 1,000 "
+                f"searches), or leave that part out of the request.")
     return (f"Budget {b.label!r} refused a call to {model}: no price is known for {model!r}, so a USD cap cannot be "
             f"kept (an unpriced call is never reserved or counted as $0). Add its price with "
             f"`otel-dspy-cost pricing add {model} --input R --output R` (USD per 1M tokens) or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -112,6 +113,11 @@ class Budget:
         self.drain_timeout_s = drain_timeout_s
         self.wait_timeout_s = wait_timeout_s
         self.in_flight = InFlight()  # calls admitted under this budget and not yet settled
+        # What is left, as far as this process knows (its own settled spend; a shared ledger's fleet spends too,
+        # so there it is unknown): admission asks for an exact prompt count once a call's worst case comes near
+        # it (`Accountant._refined`), and a call that had to wait sets it to -inf. A hint: never a limit.
+        caps = [v for v in (limit_usd, *self.phase_limits.values()) if v is not None] if action == "stop" else []
+        self.room_hint = (-math.inf if self.ledger.shared else min(caps)) if caps else math.inf
         self.ledger.open(self.account, Limits(limit_usd, max_calls, self.phase_limits, enforce=action == "stop",
                                               window=self.window))
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 FIELDS = ("calls", "usd", "economic_usd", "input_tokens", "cached_input_tokens", "output_tokens",
-           "reasoning_tokens", "unknown_cost_calls", "estimated_calls", "cache_hits")
+           "reasoning_tokens", "unknown_cost_calls", "estimated_calls", "cache_hits", "unpriced_unit_calls")
 DIMENSIONS = ("module", "model", "phase", "budget", "trial")
 
 
@@ -28,7 +28,7 @@ class SpendAggregator:
         self._total = blank_row()
         # (module, model, phase, budgets, trial) -> the rows that key adds to (the total and one per dimension).
         self._rows: dict[tuple[Any, ...], list[dict[str, float]]] = {}
-        # A call adds its ten figures to its key's sums only; they are folded into the rows of every dimension
+        # A call adds its eleven figures to its key's sums only; they are folded into the rows of every dimension
         # when the report is read. Reads are rare and calls are many: one row per call instead of six.
         self._sums: dict[tuple[Any, ...], list[float]] = {}
 
@@ -57,7 +57,7 @@ class SpendAggregator:
 
     def add(self, key: tuple[Any, ...], calls: int, usd: float, economic_usd: float, input_tokens: int,
             cached_input_tokens: int, output_tokens: int, reasoning_tokens: int, unknown_cost_calls: int,
-            estimated_calls: int, cache_hits: int) -> None:
+            estimated_calls: int, cache_hits: int, unpriced_unit_calls: int = 0) -> None:
         """One call's figures in `FIELDS` order, under `key` = (module, model, phase, budgets, trial)."""
         with self._lock:
             sums = self._sums.get(key)
@@ -75,6 +75,8 @@ class SpendAggregator:
             sums[7] += unknown_cost_calls
             sums[8] += estimated_calls
             sums[9] += cache_hits
+            if unpriced_unit_calls:
+                sums[10] += unpriced_unit_calls
 
     def _fold(self) -> None:
         """Add every key's sums to its rows and forget them (caller holds the lock)."""

@@ -80,6 +80,7 @@ def _litellm_messages(args: tuple, kwargs: dict) -> Any:
 
 
 _LITELLM_CHAT = _Client("", "chat", _openai_like_usage, _litellm_messages)
+_LITELLM_STREAM_BUILDER = _Client("", "stream_builder", lambda response: None)
 _LITELLM_EMBED = _Client("", "embeddings", _openai_like_usage, _embedding_input)
 _OPENAI_CHAT = _Client("openai/", "chat", _openai_like_usage)
 _OPENAI_RESPONSES = _Client("openai/", "chat", _openai_like_usage, _responses_messages)
@@ -90,7 +91,8 @@ _ANTHROPIC = _Client("anthropic/", "chat", lambda r: _anthropic_usage(getattr(r,
 # module -> [(owner path inside it, attribute, client)]
 _POINTS: dict[str, list[tuple[str, str, _Client]]] = {
     "litellm": [("", "completion", _LITELLM_CHAT), ("", "acompletion", _LITELLM_CHAT),
-                ("", "embedding", _LITELLM_EMBED), ("", "aembedding", _LITELLM_EMBED)],
+                ("", "embedding", _LITELLM_EMBED), ("", "aembedding", _LITELLM_EMBED),
+                ("", "stream_chunk_builder", _LITELLM_STREAM_BUILDER)],
     "openai": [("resources.chat.completions.Completions", "create", _OPENAI_CHAT),
                ("resources.chat.completions.AsyncCompletions", "create", _OPENAI_CHAT),
                ("resources.responses.Responses", "create", _OPENAI_RESPONSES),
@@ -129,11 +131,58 @@ def _begin(client: _Client, args: tuple, kwargs: dict):
         return None
 
 
+# -- streams: ask for usage, and tell when none came back ---------------------------------------------------
+
+_stream_options: dict[str, bool] = {}  # model -> whether LiteLLM passes `stream_options` on to its provider
+
+
+def _ask_for_stream_usage(args: tuple, kwargs: dict) -> None:
+    """DSPy's LiteLLM engine streams (`dspy.streamify`) without `stream_options.include_usage`, so the provider
+    sends no usage and LiteLLM counts the visible text itself (no cached or reasoning tokens). Asked for here,
+    inside a DSPy call only (DSPy assembles the chunks with LiteLLM's builder, which reads the usage chunk; a
+    user's own stream would get one more chunk than it expects), where LiteLLM supports it for the provider."""
+    if not kwargs.get("stream") or kwargs.get("stream_options") is not None or _context.CURRENT_CALL.get() is None:
+        return
+    model = str(kwargs.get("model", args[0] if args and isinstance(args[0], str) else ""))
+    if model not in _stream_options:
+        try:
+            import litellm
+
+            provider = litellm.get_llm_provider(model)[1]
+            supported = litellm.get_supported_openai_params(model=model, custom_llm_provider=provider) or ()
+            _stream_options[model] = "stream_options" in supported
+        except Exception:  # noqa: BLE001 - a model LiteLLM cannot place: the request stays as DSPy made it
+            _stream_options[model] = False
+    if _stream_options[model]:
+        kwargs["stream_options"] = {"include_usage": True}
+
+
+def _built_from_stream(wrapped, instance, args, kwargs):
+    """LiteLLM's `stream_chunk_builder`, where DSPy assembles a streamed answer: when no chunk carried the
+    provider's usage, the builder counts tokens from the text; the call is then one without usage (priced by
+    `instrument(missing_usage=...)`), not a call with exact usage."""
+    call = _context.CURRENT_CALL.get()
+    if call is not None:
+        try:
+            chunks = kwargs.get("chunks", args[0] if args else None)
+            if isinstance(chunks, list) and chunks and not any(getattr(c, "usage", None) for c in chunks):
+                call.usage_counted_by_client = True
+        except Exception:
+            internal_error("stream usage check")
+    return wrapped(*args, **kwargs)
+
+
 def _wrapper(client: _Client) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(sync, async) wrappers for one client call point."""
     from otel_dspy_cost.instrumentation import patches  # the LM wrapper's admission and end: one path
 
+    if client is _LITELLM_STREAM_BUILDER:
+        return _built_from_stream, _built_from_stream
+    ask_for_usage = client is _LITELLM_CHAT
+
     def sync_wrapper(wrapped, instance, args, kwargs):
+        if ask_for_usage:
+            _ask_for_stream_usage(args, kwargs)
         begun = _begin(client, args, kwargs)
         if begun is None:
             return wrapped(*args, **kwargs)
@@ -151,6 +200,8 @@ def _wrapper(client: _Client) -> tuple[Callable[..., Any], Callable[..., Any]]:
         return _finish(client, state, result)
 
     async def async_wrapper(wrapped, instance, args, kwargs):
+        if ask_for_usage:
+            _ask_for_stream_usage(args, kwargs)
         begun = _begin(client, args, kwargs)
         if begun is None:
             return await wrapped(*args, **kwargs)

@@ -17,6 +17,7 @@ from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _redact
 from otel_dspy_cost._runtime import Runtime
 from otel_dspy_cost.budgets.accounting import NOT_SENT, OK, REJECTED, UNKNOWN, LMCall, classify_failure
+from otel_dspy_cost.instrumentation import billed_units
 from otel_dspy_cost.optimizers import runs as optimizer_runs
 from otel_dspy_cost.pricing.cost import (
     MONEY_DIGITS,
@@ -24,9 +25,8 @@ from otel_dspy_cost.pricing.cost import (
     CallCost,
     Usage,
     estimate_tokens,
-    usage_from_openai,
-    usage_from_verbatim,
 )
+from otel_dspy_cost.pricing.tokenizers import SCHEMA_KWARGS
 from otel_dspy_cost.telemetry.processor import take_over_current
 from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 
@@ -35,15 +35,13 @@ from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 IMAGE_TOKENS_BOUND = 6_000
 _IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
 # Request kwargs the provider turns into prompt tokens besides the messages.
-_SCHEMA_KWARGS = ("tools", "functions", "tool_choice", "response_format")
+_SCHEMA_KWARGS = SCHEMA_KWARGS
 
 _PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
               "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "groq": "groq", "mistral": "mistral_ai",
               "deepseek": "deepseek", "xai": "x_ai", "cohere": "cohere", "perplexity": "perplexity",
               "databricks": "databricks", "ollama": "ollama", "ollama_chat": "ollama"}
 _OPERATIONS = {"chat": "chat", "text": "text_completion", "responses": "chat"}
-# Where the first call's usage rides on a DSPy cache hit (set by the cache patch in `instrumentation.patches`).
-CACHED_USAGE_ATTR = "_otel_dspy_cost_usage"
 
 
 def _str_len(value: str) -> int:
@@ -76,12 +74,18 @@ def input_tokens_bound(prompt: Any, messages: Any, request: dict[str, Any] | Non
     """An upper bound on prompt tokens: every token is at least one UTF-8 byte, plus chat overhead, plus
     tool/function and response-format schemas, plus `IMAGE_TOKENS_BOUND` per image.
 
-    A tokenizer count would be tighter but is model-specific (and tiktoken fetches its tables online);
-    a bound is what keeps the no-overshoot guarantee true for every provider.
+    A tokenizer count would be tighter but is model-specific: admission asks for one near a cap, where the
+    model's tokenizer ships offline (`pricing.tokenizers`); a bound is what keeps the no-overshoot guarantee
+    true for every provider.
     """
+    return _prompt_bound(prompt, messages, request)[0]
+
+
+def _prompt_bound(prompt: Any, messages: Any, request: dict[str, Any] | None) -> tuple[int, Any]:
+    """(`input_tokens_bound`, the messages when some content is not a plain string, else None)."""
     msgs = messages if messages is not None else [prompt]
     if type(msgs) is not list:
-        return _bound_extras(_text_len(msgs) + 8 + 16, request)
+        return _bound_extras(_text_len(msgs) + 8 + 16, request), None if isinstance(msgs, str) else msgs
     bound = 8 * len(msgs) + 16
     multimodal = False
     for m in msgs:  # DSPy's chat shape ({"role": str, "content": str}) inline: this runs once per LM call
@@ -98,7 +102,16 @@ def input_tokens_bound(prompt: Any, messages: Any, request: dict[str, Any] | Non
             bound += _text_len(m)
     if multimodal:
         bound += IMAGE_TOKENS_BOUND * _images(msgs)  # multimodal content parts: only then is it worth a walk
-    return _bound_extras(bound, request)
+    return _bound_extras(bound, request), msgs if multimodal else None
+
+
+# Request kwargs through which a call can be billed for units apart from text (`billed_units`).
+_UNIT_KWARGS = frozenset({"modalities", "response_modalities", "audio", "tools", "web_search_options"})
+
+
+def _units(call: LMCall, request: dict[str, Any], multimodal: Any) -> None:
+    if multimodal is not None or not _UNIT_KWARGS.isdisjoint(request):  # the usual request has none of them
+        call.apart, call.searches = billed_units.request_units(request, multimodal)
 
 
 def _bound_extras(bound: int, request: dict[str, Any] | None) -> int:
@@ -149,11 +162,14 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
     state = _context.current()
     module = _context.CURRENT_MODULE.get()
     provider, operation = _names(model, getattr(lm, "model_type", "chat"))
+    bound, multimodal = _prompt_bound(prompt, messages, merged)
     call = LMCall(
-        model, provider, operation, input_tokens_bound(prompt, messages, merged),
+        model, provider, operation, bound,
         max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
         _completions(merged), module[1] if module is not None else "", state.phase, state.optimizer or "",
         state.trial, optimizer_runs.role_for(lm) or state.lm_role, state.budgets, lm)
+    _units(call, merged, multimodal)
+    call.prompt = (messages if messages is not None else [{"role": "user", "content": prompt}], merged)
     return call, merged
 
 
@@ -190,11 +206,14 @@ def new_client_call(model: str, operation: str, messages: Any, request: dict[str
             "max_output_tokens")
     state = _context.current()
     module = _context.CURRENT_MODULE.get()
+    bound, multimodal = _prompt_bound(None, messages, request)
     call = LMCall(
-        model, provider_of(model), operation, input_tokens_bound(None, messages, request),
+        model, provider_of(model), operation, bound,
         max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
         _completions(request), module[1] if module is not None else "", state.phase, state.optimizer or "",
         state.trial, state.lm_role, state.budgets, None)
+    _units(call, request, multimodal)
+    call.prompt = (messages if operation != "embeddings" or isinstance(messages, list) else [messages], request)
     return call, request
 
 
@@ -259,6 +278,16 @@ def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -
     usage = call.original_usage if call.cache_hit else call.usage
     if usage is not None and not call.cache_hit and not usage.input_tokens and not usage.output_tokens:
         usage = call.usage = None  # "0 tokens" from a provider that answered is no usage at all
+    if call.usage_counted_by_client and not call.cache_hit:
+        if rt.engine.missing_usage == "worst_case":
+            usage = call.usage = None  # the provider reported nothing: LiteLLM's count of the text is no bill
+        elif usage is not None:  # "estimate": LiteLLM's count is the estimate (its tokenizer, not ~4 chars)
+            rt.engine.warn_estimated(call.model)
+            call.usage_missing = True
+            call.billed = usage
+            call.cost = rt.engine.cost(call.model, usage)
+            call.estimated, call.estimate_reason, call.outcome = True, "stream without usage", OK
+            return
     if usage is None and not call.cache_hit and rt.engine.missing_usage == "worst_case":
         # A provider that reports nothing (or hides reasoning it bills) must not set its own price: the call
         # counts as the most it could have cost.
@@ -277,8 +306,23 @@ def price(rt: Runtime, call: LMCall, prompt: Any, messages: Any, outputs: Any) -
             rt.engine.warn_estimated(call.model)
     call.usage_missing = call.usage is None and not call.cache_hit
     call.billed = usage if not call.cache_hit else Usage()
-    call.cost = rt.engine.cost(call.model, usage, cache_hit=call.cache_hit)
+    call.cost = cost = rt.engine.cost(call.model, usage, cache_hit=call.cache_hit)
     call.outcome = OK
+    if cost.unpriced and not call.cache_hit:
+        _settle_unpriced(rt, call, cost)
+
+
+def _settle_unpriced(rt: Runtime, call: LMCall, cost: CallCost) -> None:
+    """The provider billed a unit the price entry has no rate for (a search with no search price, audio with no
+    audio rate): the call's cost is not known, so it counts as the most it could have cost as far as we know,
+    its reserved worst case or its token cost at the highest rate, whichever is more (docs/budgets.md)."""
+    rt.engine.warn_unpriced(call.model, cost.unpriced)
+    reason = "unpriced unit: " + ", ".join(cost.unpriced)
+    call.estimated = True
+    call.estimate_reason = f"{call.estimate_reason}; {reason}" if call.estimate_reason else reason
+    if call.reserved_usd > cost.usd:
+        extra = call.reserved_usd - cost.usd
+        call.cost = dataclasses.replace(cost, usd=call.reserved_usd, economic_usd=cost.economic_usd + extra)
 
 
 def price_failure(engine: Any, call: LMCall, exc: BaseException | None) -> None:
@@ -299,7 +343,8 @@ def price_failure(engine: Any, call: LMCall, exc: BaseException | None) -> None:
     amount = call.reserved_usd
     if not call.budgets:  # nothing was reserved: the same worst case, priced now
         try:
-            worst, _ = engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n)
+            worst, _ = engine.worst_case(call.model, call.input_tokens_bound, call.max_tokens, call.n, call.apart,
+                                         call.searches)
         except BaseException:  # noqa: BLE001 - an unknown price after the fact is an unknown cost, never a stop
             worst = None
         if worst is None:
@@ -338,6 +383,7 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
     if call.budgets:  # what admission reserved, under which budgets
         attrs[A.BUDGET_RESERVED_USD] = call.reserved_usd
         attrs[A.BUDGET_LABEL] = ",".join(call.budget_labels)
+        attrs[A.INPUT_TOKENS_BOUND] = call.input_tokens_bound  # counted exactly near a cap (`_refined`)
     if call.estimate_reason:
         attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
     cost = call.cost
@@ -361,6 +407,8 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
             attrs[A.PRICING_FALLBACK] = cost.fallback
     if billed.cache_write_1h_tokens:
         attrs[A.CACHE_WRITE_1H_TOKENS] = billed.cache_write_1h_tokens
+    if billed.billed_apart or (cost is not None and (cost.search_usd or cost.unpriced)):
+        _apart_attributes(attrs, billed, cost)
     if rt.engine.tier and call.model in rt.engine.tier_missing:
         attrs[A.PRICING_TIER_MISSING] = rt.engine.tier
     if call.response_model:
@@ -373,110 +421,15 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
     return attrs
 
 
-# -- usage capture from DSPy's finalisation (version specific, feature-detected) ---------------------
-
-def _finish_reason_list(values: Any) -> tuple[str, ...]:
-    return tuple(str(v) for v in values if v)
-
-
-def _claim(lm: Any) -> LMCall | None:
-    """The LM call in progress on `lm`, the first time a usage hook reports it."""
-    rec = _context.CURRENT_CALL.get()
-    if rec is None or rec.captured or rec.lm is not lm:
-        return None
-    rec.captured = True
-    return rec
-
-
-def _store(rec: LMCall, usage: Usage | None, cache_hit: bool) -> None:
-    """Billed usage, or for a DSPy cache hit the first call's usage (what the hit is worth)."""
-    rec.cache_hit = cache_hit
-    if cache_hit:
-        rec.original_usage = usage
-    else:
-        rec.usage = usage
-
-
-def _prefix(model: str) -> str:
-    return model.split("/", 1)[0].lower() if "/" in model else "openai"
-
-
-def _ttl_1h(response: Any) -> int:
-    """Anthropic's 1-hour cache writes, from the provider's own usage that lm15 keeps in `provider_data`."""
-    data = getattr(response, "provider_data", None)
-    usage = data.get("usage") if isinstance(data, dict) else None
-    creation = usage.get("cache_creation") if isinstance(usage, dict) else None
-    return _int_or_0(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else 0
-
-
-def _int_or_0(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _native_usage(responses: Any, model: str) -> Usage | None:
-    """Usage of lm15 responses (DSPy 3.4's native engine; n completions are n responses), summed."""
-    total = None
-    for response in responses or ():
-        u = usage_from_verbatim(getattr(response, "usage", None), _prefix(model), _ttl_1h(response))
-        if u is not None:
-            total = u if total is None else total + u
-    return total
-
-
-def _stashed_usage(response: Any) -> Usage | None:
-    return usage_from_openai(getattr(response, CACHED_USAGE_ATTR, None)) if response is not None else None
-
-
-def capture_from_call_result(lm: Any, result: Any) -> None:
-    """DSPy 3.4 `execution.finalize(lm, call, result)`: result is a CallResult."""
-    rec = _claim(lm)
-    if rec is None:
-        return
-    cache_hit = bool(getattr(result, "cache_hit", False))
-    responses = getattr(result, "responses", ()) or ()
-    raw = getattr(result, "raw", None)
-    if cache_hit:  # DSPy cleared the usage: the native responses keep theirs, LiteLLM's rode along
-        usage = _native_usage(responses, rec.model) if responses else _stashed_usage(raw)
-    else:
-        usage = usage_from_openai(getattr(result, "usage", None))
-        if usage is not None and responses:
-            usage.cache_write_1h_tokens = min(usage.cache_creation_tokens, sum(_ttl_1h(r) for r in responses))
-    _store(rec, usage, cache_hit)
-    rec.response_model = getattr(result, "response_model", None)
-    if responses:
-        rec.finish_reasons = _finish_reason_list(getattr(r, "finish_reason", None) for r in responses)
-    if not rec.finish_reasons and raw is not None:
-        rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None)
-                                                 for c in (getattr(raw, "choices", None) or ()))
-
-
-def capture_from_provider_response(lm: Any, response: Any) -> None:
-    """DSPy 3.3 `BaseLM._process_lm_response`: an OpenAI-shaped (LiteLLM) response."""
-    rec = _claim(lm)
-    if rec is None:
-        return
-    cache_hit = bool(getattr(response, "cache_hit", False))
-    usage = _stashed_usage(response) if cache_hit else usage_from_openai(
-        response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None))
-    _store(rec, usage, cache_hit)
-    rec.response_model = getattr(response, "model", None)
-    choices = getattr(response, "choices", None) or ()
-    rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None) for c in choices)
-
-
-def capture_from_lm_response(lm: Any, response: Any) -> None:
-    """DSPy 3.3 `BaseLM._finalize_lm_response` (typed path): an LMResponse."""
-    rec = _claim(lm)
-    if rec is None:
-        return
-    cache_hit = bool(getattr(response, "cache_hit", False))
-    if cache_hit:
-        usage = _stashed_usage(getattr(response, "provider_response", None))
-    else:
-        usage_fn = getattr(response, "usage_as_dict", None)
-        usage = usage_from_openai(usage_fn() if callable(usage_fn) else getattr(response, "usage", None))
-    _store(rec, usage, cache_hit)
-    rec.response_model = getattr(response, "model", None)
-    reason = getattr(response, "finish_reason", None)
-    if reason:
-        rec.finish_reasons = (str(reason),)
+def _apart_attributes(attrs: dict[str, Any], billed: Usage, cost: CallCost | None) -> None:
+    for key, value in ((A.AUDIO_INPUT_TOKENS, billed.audio_input_tokens),
+                       (A.AUDIO_OUTPUT_TOKENS, billed.audio_output_tokens),
+                       (A.IMAGE_OUTPUT_TOKENS, billed.image_output_tokens),
+                       (A.WEB_SEARCH_REQUESTS, billed.web_search_requests)):
+        if value:
+            attrs[key] = value
+    if cost is not None and not cost.unknown:
+        attrs[A.COST_MEDIA_USD] = round(cost.media_usd, MONEY_DIGITS)
+        attrs[A.COST_SEARCH_USD] = round(cost.search_usd, MONEY_DIGITS)
+        if cost.unpriced:
+            attrs[A.COST_UNPRICED_UNITS] = list(cost.unpriced)

@@ -33,7 +33,7 @@ from otel_dspy_cost._context import IN_ADAPTER_OP as _IN_ADAPTER_OP
 from otel_dspy_cost._context import IN_COMPILE as _IN_COMPILE
 from otel_dspy_cost.budgets.accounting import REFUSED
 from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
-from otel_dspy_cost.instrumentation import attempts, clients, lm_call
+from otel_dspy_cost.instrumentation import attempts, clients, lm_call, usage_capture
 from otel_dspy_cost.instrumentation import threads as user_threads
 from otel_dspy_cost.optimizers import registry as optimizers
 from otel_dspy_cost.optimizers import runs as optimizer_runs
@@ -626,7 +626,7 @@ def _capture_finalize(wrapped, instance, args, kwargs):
     try:
         lm = args[0] if args else kwargs.get("lm")
         result = args[2] if len(args) > 2 else kwargs.get("result")
-        lm_call.capture_from_call_result(lm, result)
+        usage_capture.capture_from_call_result(lm, result)
     except Exception:
         internal_error("usage capture (finalize)")
     return wrapped(*args, **kwargs)
@@ -634,7 +634,7 @@ def _capture_finalize(wrapped, instance, args, kwargs):
 
 def _capture_process_response(wrapped, instance, args, kwargs):
     try:
-        lm_call.capture_from_provider_response(instance, args[0] if args else kwargs.get("response"))
+        usage_capture.capture_from_provider_response(instance, args[0] if args else kwargs.get("response"))
     except Exception:
         internal_error("usage capture (_process_lm_response)")
     return wrapped(*args, **kwargs)
@@ -642,7 +642,7 @@ def _capture_process_response(wrapped, instance, args, kwargs):
 
 def _capture_finalize_lm_response(wrapped, instance, args, kwargs):
     try:
-        lm_call.capture_from_lm_response(instance, args[1] if len(args) > 1 else kwargs.get("response"))
+        usage_capture.capture_from_lm_response(instance, args[1] if len(args) > 1 else kwargs.get("response"))
     except Exception:
         internal_error("usage capture (_finalize_lm_response)")
     return wrapped(*args, **kwargs)
@@ -660,7 +660,7 @@ def _keep_cached_usage(wrapped, instance, args, kwargs):
     out = wrapped(*args, **kwargs)
     if usage:
         try:
-            object.__setattr__(out, lm_call.CACHED_USAGE_ATTR, usage)
+            object.__setattr__(out, usage_capture.CACHED_USAGE_ATTR, usage)
         except Exception:  # noqa: BLE001 - an object that refuses attributes: the hit is estimated instead
             pass
     return out

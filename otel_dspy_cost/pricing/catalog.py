@@ -29,7 +29,8 @@ PRICING_FILE_ENV = "OTEL_DSPY_COST_PRICING_FILE"
 USER_CATALOG_ENV = "OTEL_DSPY_COST_USER_CATALOG"
 LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "lm_studio", "hosted_vllm", "local", "llamafile"})
 EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning")
+RATE_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "audio_input",
+               "audio_output", "image_output", "web_search", "request")
 STANDARD_TIERS = (None, "", "default", "standard")
 # Dated snapshot suffixes: `gpt-4o-2024-08-06`, `claude-sonnet-4-20250514` belong to the family before them.
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -40,7 +41,9 @@ class Rates:
     """USD per 1M tokens. `None` means "not priced apart" (falls back as documented in `pricing.cost`).
 
     `cache_write` is a 5-minute prompt-cache write, `cache_write_1h` a 1-hour one (Anthropic bills
-    1.25x and 2x the input rate).
+    1.25x and 2x the input rate). Audio and image tokens are billed apart from text where a price list
+    says so. Two are not per token: `web_search` is USD per 1,000 searches (or grounded queries) a call
+    makes, `request` USD per 1,000 requests, charged on every call (OpenAI's search-preview models).
     """
 
     input: float | None = None
@@ -49,6 +52,11 @@ class Rates:
     cache_write_1h: float | None = None
     output: float | None = None
     reasoning: float | None = None
+    audio_input: float | None = None
+    audio_output: float | None = None
+    image_output: float | None = None
+    web_search: float | None = None
+    request: float | None = None
 
     @classmethod
     def of(cls, raw: Mapping[str, Any]) -> Rates:

@@ -60,7 +60,10 @@ def _billed(rates: Rates) -> dict[str, float | None]:
             "cache_write": cache_write,
             "cache_write_1h": rates.cache_write_1h if rates.cache_write_1h is not None else cache_write,
             "output": rates.output,
-            "reasoning": rates.reasoning if rates.reasoning is not None else rates.output}
+            "reasoning": rates.reasoning if rates.reasoning is not None else rates.output,
+            # billed apart, no fallback: a unit without a rate is an unpriced unit (`pricing.cost`)
+            "audio_input": rates.audio_input, "audio_output": rates.audio_output, "image_output": rates.image_output,
+            "web_search": rates.web_search, "request": rates.request}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -212,7 +215,7 @@ def append_litellm_versions(path: Path, diffs: Iterable[EntryDiff], *, effective
         if info is None:
             continue
         new = {k: copy.deepcopy(v) for k, v in latest.items() if k not in _REPLACED}
-        new.update(copy.deepcopy(litellm_entry_fields(info[1])))
+        new.update(copy.deepcopy(litellm_entry_fields(info[1], info[0])))
         for row in diff.disagreements:
             if row.explained is not None:
                 _set_path(new, _raw_path(row.field), _get_path(latest, _raw_path(row.field)))

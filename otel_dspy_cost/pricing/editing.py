@@ -100,7 +100,7 @@ def import_litellm(path: Path, *, providers: Iterable[str] = (), models: Iterabl
         model = name.split("/", 1)[1] if name.startswith(provider + "/") else name
         if (providers and provider not in providers) or (models and name not in models and model not in models):
             continue
-        fields = litellm_entry_fields(info)
+        fields = litellm_entry_fields(info, name)
         if "input" not in fields or "output" not in fields or "/" in model:
             continue  # not priced per token, or a routed name we cannot key by provider/model
         prev = latest.get((provider, model))

@@ -48,7 +48,8 @@ class _PriceCard:
     rates: Rates  # the tier's rates below any long-context threshold
     long_above: int | None  # prompts above this many tokens are priced at long-context rates (rates do not apply)
     worst_in: float  # USD per 1M prompt tokens at most (a prompt token may be a cache write)
-    worst_out: float  # USD per 1M output tokens at most (an output token may be a reasoning one)
+    worst_out: float  # USD per 1M output tokens at most (an output token may be a reasoning one, or an image)
+    fee: float = 0.0  # USD every request costs besides tokens (`Rates.request`, per 1,000)
 
 
 def default_policy() -> str:
@@ -164,7 +165,7 @@ class CostEngine:
         tier = self.tier_for(model)  # after entry_for: it learns whether the model lacks the tier
         rates = entry.rates_for(tier, 0)
         long_above = entry.long_context_threshold if entry.long_context_rates is not None else None
-        card = _PriceCard(entry, tier, rates, long_above, *worst_rates(rates))
+        card = _PriceCard(entry, tier, rates, long_above, *worst_rates(rates), (rates.request or 0.0) / 1000)
         self._cards[model] = card
         return card
 
@@ -179,10 +180,12 @@ class CostEngine:
         short = card.long_above is None or usage.input_tokens <= card.long_above  # else long-context rates
         return compute_cost(usage, card.entry, tier=card.tier, cache_hit=cache_hit, rates=card.rates if short else None)
 
-    def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None, n: int = 1
-                   ) -> tuple[float | None, str | None]:
+    def worst_case(self, model: str, input_tokens_bound: int, max_tokens: int | None, n: int = 1,
+                   apart: tuple[str, ...] = (), searches: int = 0) -> tuple[float | None, str | None]:
         """(USD to reserve, the term that dominates it) for a call about to be made; (None, None) when no
-        price is known. `n` completions are `n` times the call."""
+        price is known, (None, "unpriced:<units>") when the request can cause a unit billed apart that has no
+        price (`apart`: audio_input / audio_output / image_output the request carries or asks for; `searches`:
+        the most web searches its tools allow). `n` completions are `n` times the call."""
         card = self._card(model)
         if card is None:
             return None, None
@@ -194,6 +197,21 @@ class CostEngine:
         else:  # worst_case_usd's arithmetic on the card's rates
             in_part, out_part = input_tokens_bound * card.worst_in / PER_MILLION, out * card.worst_out / PER_MILLION
             total = in_part + out_part
+        if apart or searches:  # the rare request: audio in or out, images out, search tools
+            rates = card.rates
+            missing = [u for u in apart if getattr(rates, u) is None]
+            if searches and rates.web_search is None:
+                missing.append("web_search")
+            if missing and not entry.local:
+                return None, "unpriced:" + ",".join(missing)
+            for unit in apart:
+                rate = getattr(rates, unit) or 0.0
+                if unit == "audio_input":
+                    in_part = max(in_part, input_tokens_bound * rate / PER_MILLION)
+                else:
+                    out_part = max(out_part, out * rate / PER_MILLION)
+            total = in_part + out_part + (0.0 if entry.local else searches * (rates.web_search or 0.0) / 1000)
+        total += card.fee
         # n completions: DSPy 3.4's native engine sends n requests (each billed for the prompt), LiteLLM one
         # request with n choices (prompt billed once). The bound covers both: the whole call, n times.
         copies = max(1, n)
@@ -221,6 +239,12 @@ class CostEngine:
                    "worst case (dspy.cost.estimated=true, reason 'usage missing'). If it never reports usage and "
                    "never bills hidden tokens, instrument(missing_usage='estimate') counts from the text instead.",
                    model)
+
+    def warn_unpriced(self, model: str, units: tuple[str, ...]) -> None:
+        self._once("unpriced_unit", model, "%s billed %s, which has no price for it: such calls count at their worst "
+                   "case (dspy.cost.unpriced_units on their spans). Add the rate with pricing_overrides or a catalog "
+                   "entry (audio_input, audio_output, image_output per 1M tokens; web_search per 1,000).",
+                   model, ", ".join(units))
 
     def warn_estimated(self, model: str) -> None:
         self._once("estimated", model, "Provider reported no token usage for %s: tokens were estimated from the text "

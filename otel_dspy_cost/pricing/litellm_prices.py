@@ -16,7 +16,11 @@ from otel_dspy_cost.pricing.catalog import PriceEntry, entry_from_raw, split_mod
 _LITELLM_RATES = {"input": "input_cost_per_token", "cached_input": "cache_read_input_token_cost",
                   "cache_write": "cache_creation_input_token_cost",
                   "cache_write_1h": "cache_creation_input_token_cost_above_1hr",
-                  "output": "output_cost_per_token", "reasoning": "output_cost_per_reasoning_token"}
+                  "output": "output_cost_per_token", "reasoning": "output_cost_per_reasoning_token",
+                  "audio_input": "input_cost_per_audio_token", "audio_output": "output_cost_per_audio_token",
+                  "image_output": "output_cost_per_image_token"}
+# USD per search (LiteLLM's search context sizes price alike for every model we bill; the highest is kept).
+_LITELLM_SEARCH = "search_context_cost_per_query"
 # LiteLLM's key suffixes for the tiers it records; long-context rates are `_above_<N>k_tokens`.
 LITELLM_TIERS = {"batch": "_batches", "priority": "_priority", "flex": "_flex"}
 _LITELLM_LONG_CONTEXT = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
@@ -32,7 +36,7 @@ def litellm_rates(info: Mapping[str, Any], suffix: str = "") -> dict[str, float]
     return out
 
 
-def litellm_entry_fields(info: Mapping[str, Any]) -> dict[str, Any]:
+def litellm_entry_fields(info: Mapping[str, Any], key: str = "") -> dict[str, Any]:
     """Everything billing needs from a LiteLLM record, in catalog form: rates, tiers, long context (with each
     tier's own long-context rates), 1-hour cache writes and the output cap. The one place LiteLLM's naming
     is read, shared by the live fallback, `pricing import-litellm` and `pricing diff`.
@@ -41,6 +45,13 @@ def litellm_entry_fields(info: Mapping[str, Any]) -> dict[str, Any]:
     when in doubt, count more).
     """
     fields: dict[str, Any] = _without_default_reasoning(litellm_rates(info))
+    search = info.get(_LITELLM_SEARCH)
+    if isinstance(search, Mapping):
+        per_query = [v for v in search.values() if isinstance(v, int | float) and not isinstance(v, bool)]
+        if per_query:
+            # OpenAI's search-preview chat models search on every request (a fee per call); elsewhere the fee
+            # is per search the tool makes (Anthropic web search, Gemini grounding: when in doubt, per query).
+            fields["request" if _searches_every_request(info, key) else "web_search"] = round(max(per_query) * 1000, 10)
     thresholds = sorted(int(m.group(1)) for k in info if (m := _LITELLM_LONG_CONTEXT.match(k)))
     lc_suffix = f"_above_{thresholds[0]}k_tokens" if thresholds else None
     if lc_suffix and (lc := _without_default_reasoning(litellm_rates(info, lc_suffix))):
@@ -59,6 +70,11 @@ def litellm_entry_fields(info: Mapping[str, Any]) -> dict[str, Any]:
             and info["max_output_tokens"] > 0:
         fields["max_output_tokens"] = info["max_output_tokens"]
     return fields
+
+
+def _searches_every_request(info: Mapping[str, Any], key: str) -> bool:
+    """OpenAI's search chat models (`gpt-4o-mini-search-preview`, `gpt-5-search-api`): every request searches."""
+    return info.get("litellm_provider") in ("openai", "azure") and "search" in key.rsplit("/", 1)[-1]
 
 
 def _without_default_reasoning(rates: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +112,7 @@ def litellm_entry(model: str, provider: str | None = None) -> PriceEntry | None:
 def litellm_price_entry(key: str, info: Mapping[str, Any], provider: str, model: str) -> PriceEntry:
     """One LiteLLM record as a `PriceEntry` of `provider/model` (price_version 0: LiteLLM keeps no history)."""
     raw = {"provider": provider, "model": model, "price_version": 1, "effective_at": "1970-01-01T00:00:00Z",
-           **litellm_entry_fields(info)}
+           **litellm_entry_fields(info, key)}
     entry = entry_from_raw(raw, f"LiteLLM price map: {key}", source="litellm",
                            catalog_version=f"litellm-{litellm_version()}")
     return dataclasses.replace(entry, price_version=0)

@@ -63,12 +63,14 @@ def _line(call: LMCall) -> dict[str, Any]:
         "ts": _dt.datetime.fromtimestamp(call.ts or time.time(), _dt.UTC).isoformat(),
         "trace_id": f"{call.trace_id:032x}", "span_id": f"{call.span_id:016x}",
         "module": call.module, "phase": call.phase, "optimizer": call.optimizer or None, "trial": call.trial,
-        "role": call.role, "model": call.model, "tier": cost.tier if cost is not None else None,
+        "role": call.role, "model": call.model, "operation": call.operation,
+        "tier": cost.tier if cost is not None else None,
         "input_tokens": usage.input_tokens, "cached_input_tokens": usage.cache_read_tokens,
         "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
         "usd": None if unknown else _round(cost.usd), "economic_usd": None if unknown else _round(cost.economic_usd),
         "cache_hit": call.cache_hit, "estimated": call.estimated, "estimate_reason": call.estimate_reason,
         "unknown_cost": unknown, "outcome": call.outcome,
+        "unpriced_units": list(cost.unpriced) if cost is not None and cost.unpriced else None,
         "latency_s": round(call.duration_s or 0.0, 6),
         "pricing_source": None if unknown else cost.source, "pricing_version": None if unknown else cost.version,
         "budget": ",".join(call.budget_labels) or None, "error": call.error_type,
@@ -188,7 +190,8 @@ def aggregate(lines: list[dict[str, Any]]) -> SpendAggregator:
                            "input_tokens": line["input_tokens"], "cached_input_tokens": line["cached_input_tokens"],
                            "output_tokens": line["output_tokens"], "reasoning_tokens": line["reasoning_tokens"],
                            "unknown_cost_calls": int(line["unknown_cost"]), "estimated_calls": int(line["estimated"]),
-                           "cache_hits": int(line["cache_hit"])})
+                           "cache_hits": int(line["cache_hit"]),
+                           "unpriced_unit_calls": int(bool(line.get("unpriced_units")))})
     return agg
 
 
@@ -221,6 +224,7 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, pro
         "inference_economic_cost_usd": infer.get("economic_usd", 0.0),
         "total_economic_cost_usd": total["economic_usd"],
         "unknown_cost_calls": total["unknown_cost_calls"], "estimated_calls": total["estimated_calls"],
+        "unpriced_unit_calls": total["unpriced_unit_calls"],
         "program_runs": program_runs, "program_runs_failed": program_runs_failed,
         # per completed run; what failed runs spent is in the numerator: when in doubt, count more
         "program_cost_per_million_runs": (infer.get("usd", 0.0) / program_runs * 1e6) if program_runs else None,
