@@ -107,6 +107,12 @@ class SimulatedLM:
                  "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
         if self.fixed_usage is not None:
             usage = _openai_usage(self.fixed_usage)
+        if str(body.get("model") or "").startswith("deepseek"):  # DeepSeek's own cache counters, no details
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            usage = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                     "total_tokens": usage["total_tokens"], "prompt_cache_hit_tokens": cached,
+                     "prompt_cache_miss_tokens": usage["prompt_tokens"] - cached,
+                     "completion_tokens_details": usage["completion_tokens_details"]}
         return text, usage
 
     def _answer(self, system: str, convo: str, messages: list[dict[str, Any]], json_mode: bool = False) -> str:

@@ -244,3 +244,20 @@ def test_a_unit_billed_without_a_price_is_never_zero_and_is_counted(otel, tmp_pa
     assert run.summary["unpriced_unit_calls"] == 1
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "costs.jsonl").read_text().splitlines()]
     assert row["unpriced_units"] == ["audio_input_tokens"]
+
+
+@pytest.mark.parametrize("engine", _NATIVE_TOO, ids=lambda e: e.get("engine", "default"))
+def test_deepseek_cache_hits_are_billed_at_the_hit_rate_on_every_engine(otel, engine):
+    """DeepSeek reports hits as `prompt_cache_hit_tokens` (no `prompt_tokens_details`): LiteLLM maps them, DSPy
+    3.4's native engine does not, and we read them from its answer."""
+    exporter, _ = otel
+    usage = {"prompt_tokens": 10_000, "completion_tokens": 500, "cached_tokens": 8_000}
+    with SimulatorServer(SimulatedLM(fixed_usage=usage)) as server:
+        lm = dspy.LM("deepseek/deepseek-chat", api_base=server.api_base, api_key="sk-test-0000000000", cache=False,
+                     max_tokens=600, num_retries=0, **engine)
+        with dspy.context(lm=lm):
+            dspy.Predict(QA)(question="what is cached?")
+    (span,) = lm_spans(exporter)
+    assert span.attributes[A.GEN_AI_CACHE_READ_TOKENS] == 8_000
+    # LiteLLM's deepseek-chat rates: 2,000x0.28 + 8,000x0.028 (hits) + 500x0.42, per 1M
+    assert span.attributes[A.COST_USD] == pytest.approx(0.000994, abs=1e-9)

@@ -99,6 +99,13 @@ CASES = [
     ("openai/ft:gpt-4o-2024-08-06:acme::abc123", U(10_000, 1_000), None, None, 0.0525,
      "the catalog's fine-tuned gpt-4o entry: 10,000x3.75 + 1,000x15"),
     ("ollama_chat/llama3.1", U(10_000, 1_000), None, None, 0.0, "a local model spends nothing"),
+    # -- price data fixed at its source (issue 29) --
+    ("anthropic/claude-sonnet-4-5", U(250_000, 567), None, None, 1.5127575,
+     "above 200k input tokens: 250,000x6 + 567x22.5 (Anthropic's long-context rates, not LiteLLM's <=200k)"),
+    ("anthropic/claude-opus-4-5", U(10_000, 1_000, write=4_000, write_1h=4_000), "batch", None, 0.0475,
+     "LiteLLM-priced, batch halves 1-hour writes too: 6,000x2.5 + 4,000x5 + 1,000x12.5"),
+    ("openai/ft:gpt-4o-2024-08-06:acme::abc123", U(10_000, 1_000, read=4_000), "batch", None, 0.02625,
+     "as its explanation says: 6,000x1.875 + 4,000x1.875 (cached at the batch input rate) + 1,000x7.5"),
     # -- billed apart from text tokens (issue 29) --
     ("openai/gpt-audio", U(1_500, 800, audio_in=1_000, audio_out=500), None, None, 0.06825,
      "LiteLLM's rates: 500x2.5 + 1,000x32 (audio in) + 300x10 + 500x64 (audio out)"),
@@ -216,6 +223,18 @@ def test_pricing_diff_finds_no_unexplained_disagreement_in_the_shipped_catalog()
     result = _cli("pricing", "diff")
     assert result.returncode == 0, result.stdout + result.stderr
     assert " 0 unexplained" in result.stdout
+
+
+def test_pricing_diff_compares_cloud_keys_and_premium_fine_tunes_and_says_why():
+    """Claude models LiteLLM lists only under Bedrock's key are compared there, and fine-tunes priced by the
+    premium against LiteLLM's ft: records; every disagreement kept is printed with its reason."""
+    result = _cli("pricing", "diff")
+    out = result.stdout
+    assert "[anthropic.claude-sonnet-4-20250514-v1:0]" in out and "[anthropic.claude-opus-4-1-20250805-v1:0]" in out
+    assert "openai/gpt-4o-mini@fine-tuned (premium)" in out and "[ft:gpt-4o-mini-2024-07-18]" in out
+    disagreements = [line for line in out.splitlines() if "| LiteLLM" in line]
+    assert disagreements and all("(explained: " in line for line in disagreements)
+    assert "not in LiteLLM's map (not compared): gemini/gemini-2.0-flash" in out
 
 
 def test_pricing_diff_lists_each_field_and_appends_litellms_figures(tmp_path):

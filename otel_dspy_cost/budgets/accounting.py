@@ -87,6 +87,7 @@ class LMCall:
     # -- admission --
     # (messages, request) as sent, while a tighter prompt bound may still be asked for near a cap (see `_refined`)
     prompt: tuple[Any, Any] | None = None
+    refined: bool = False  # input_tokens_bound is the tokenizer's count, not the byte bound the span started with
     reserved_usd: float = 0.0
     term: str | None = None
     holds: tuple[tuple[Any, Any], ...] = ()  # (ledger, reservation) per ledger the call is reserved in
@@ -261,6 +262,7 @@ class Accountant:
         if bound is None or bound >= call.input_tokens_bound:
             return amount, term
         call.input_tokens_bound = bound
+        call.refined = True
         return self._worst_case(call)
 
     def _reserve_waiting(self, call: LMCall, plan: _Plan, amount: float, term: str | None,

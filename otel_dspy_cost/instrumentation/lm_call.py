@@ -109,11 +109,6 @@ def _prompt_bound(prompt: Any, messages: Any, request: dict[str, Any] | None) ->
 _UNIT_KWARGS = frozenset({"modalities", "response_modalities", "audio", "tools", "web_search_options"})
 
 
-def _units(call: LMCall, request: dict[str, Any], multimodal: Any) -> None:
-    if multimodal is not None or not _UNIT_KWARGS.isdisjoint(request):  # the usual request has none of them
-        call.apart, call.searches = billed_units.request_units(request, multimodal)
-
-
 def _bound_extras(bound: int, request: dict[str, Any] | None) -> int:
     """Tool/function and response-format schemas: the provider turns them into prompt tokens too."""
     if request:
@@ -168,7 +163,8 @@ def new_call(lm: Any, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> tup
         max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
         _completions(merged), module[1] if module is not None else "", state.phase, state.optimizer or "",
         state.trial, optimizer_runs.role_for(lm) or state.lm_role, state.budgets, lm)
-    _units(call, merged, multimodal)
+    if multimodal is not None or not _UNIT_KWARGS.isdisjoint(merged):  # the usual request has none of them
+        call.apart, call.searches = billed_units.request_units(merged, multimodal)
     call.prompt = (messages if messages is not None else [{"role": "user", "content": prompt}], merged)
     return call, merged
 
@@ -212,7 +208,8 @@ def new_client_call(model: str, operation: str, messages: Any, request: dict[str
         max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
         _completions(request), module[1] if module is not None else "", state.phase, state.optimizer or "",
         state.trial, state.lm_role, state.budgets, None)
-    _units(call, request, multimodal)
+    if multimodal is not None or not _UNIT_KWARGS.isdisjoint(request):
+        call.apart, call.searches = billed_units.request_units(request, multimodal)
     call.prompt = (messages if operation != "embeddings" or isinstance(messages, list) else [messages], request)
     return call, request
 
@@ -383,7 +380,8 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
     if call.budgets:  # what admission reserved, under which budgets
         attrs[A.BUDGET_RESERVED_USD] = call.reserved_usd
         attrs[A.BUDGET_LABEL] = ",".join(call.budget_labels)
-        attrs[A.INPUT_TOKENS_BOUND] = call.input_tokens_bound  # counted exactly near a cap (`_refined`)
+        if call.refined:  # counted exactly near a cap (`Accountant._refined`): the bound the span started with
+            attrs[A.INPUT_TOKENS_BOUND] = call.input_tokens_bound
     if call.estimate_reason:
         attrs[A.COST_ESTIMATE_REASON] = call.estimate_reason
     cost = call.cost
@@ -407,7 +405,9 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
             attrs[A.PRICING_FALLBACK] = cost.fallback
     if billed.cache_write_1h_tokens:
         attrs[A.CACHE_WRITE_1H_TOKENS] = billed.cache_write_1h_tokens
-    if billed.billed_apart or (cost is not None and (cost.search_usd or cost.unpriced)):
+    # units billed apart: a priced call has their USD (or names them unpriced); an unpriced call only its usage
+    if (cost.media_usd or cost.search_usd or cost.unpriced) if cost is not None and not cost.unknown \
+            else billed.billed_apart:
         _apart_attributes(attrs, billed, cost)
     if rt.engine.tier and call.model in rt.engine.tier_missing:
         attrs[A.PRICING_TIER_MISSING] = rt.engine.tier

@@ -89,6 +89,8 @@ def capture_from_call_result(lm: Any, result: Any) -> None:
             usage.cache_write_1h_tokens = min(usage.cache_creation_tokens, sum(_ttl_1h(r) for r in responses))
             if rec.searches or rec.apart or rec.provider in _UNITS_IN_PROVIDER_DATA or "image" in rec.model:
                 billed_units.add_native_units(usage, responses)
+            if not usage.cache_read_tokens and rec.provider == "deepseek":
+                _deepseek_cache_hits(usage, responses)
     _store(rec, usage, cache_hit)
     rec.response_model = getattr(result, "response_model", None)
     if responses:
@@ -96,6 +98,20 @@ def capture_from_call_result(lm: Any, result: Any) -> None:
     if not rec.finish_reasons and raw is not None:
         rec.finish_reasons = _finish_reason_list(getattr(c, "finish_reason", None)
                                                  for c in (getattr(raw, "choices", None) or ()))
+
+
+def _deepseek_cache_hits(usage: Usage, responses: Any) -> None:
+    """DeepSeek reports cache hits as `usage.prompt_cache_hit_tokens`, which DSPy 3.4's native engine does not
+    read (LiteLLM maps it to `prompt_tokens_details.cached_tokens`): without it every prompt token would be
+    billed at the full input rate, 10x the hit rate."""
+    hits = 0
+    for response in responses:
+        raw = getattr(response, "provider_data", None)
+        counters = raw.get("usage") if isinstance(raw, dict) else None
+        value = counters.get("prompt_cache_hit_tokens") if isinstance(counters, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            hits += value
+    usage.cache_read_tokens = min(hits, usage.input_tokens)
 
 
 def capture_from_provider_response(lm: Any, response: Any) -> None:

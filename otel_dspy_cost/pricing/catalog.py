@@ -216,10 +216,21 @@ class _Premium:
     effective_at: _dt.datetime
     applies_to: tuple[str, ...]
     factors: Mapping[str, float]
+    explained: Mapping[str, str] = dataclasses.field(default_factory=dict)  # `pricing diff`'s reasons
 
     def covers(self, provider: str, model: str, when: _dt.datetime) -> bool:
         return (self.provider == provider and self.effective_at <= when
                 and any(fnmatch.fnmatchcase(model, pattern) for pattern in self.applies_to))
+
+
+def with_premium(base: PriceEntry, premium: Any) -> PriceEntry:
+    """A fine-tune of `base` priced by a provider's premium (its multipliers over every rate of the base)."""
+    f = premium.factors
+    return dataclasses.replace(
+        base, standard_rates=base.standard_rates.scaled(f), variant="fine-tuned",
+        inherits=f"{base.provider}/{base.model}", tiers={k: v.scaled(f) for k, v in base.tiers.items()},
+        long_context_rates=base.long_context_rates.scaled(f) if base.long_context_rates else None,
+        tier_long_context={k: v.scaled(f) for k, v in base.tier_long_context.items()})
 
 
 def entry_from_raw(raw: Mapping[str, Any], where: str, *, source: str, catalog_version: str, currency: str = "USD",
@@ -279,7 +290,8 @@ class Catalog:
                      tuple(p.get("applies_to", ("*",))),
                      {"input": p.get("input_multiplier", 1.0), "cached_input": p.get("cached_input_multiplier", 1.0),
                       "cache_write": p.get("input_multiplier", 1.0), "cache_write_1h": p.get("input_multiplier", 1.0),
-                      "output": p.get("output_multiplier", 1.0), "reasoning": p.get("output_multiplier", 1.0)})
+                      "output": p.get("output_multiplier", 1.0), "reasoning": p.get("output_multiplier", 1.0)},
+                     dict(p.get("differs_from_litellm", {})))
             for p in data.get("fine_tune_premiums", [])
         ]
         self.training = [

@@ -210,7 +210,8 @@ def compute_cost(usage: Usage, entry: PriceEntry, *, tier: str | None = None, ca
     if rates is None:
         rates = entry.rates_for(tier, usage.input_tokens)
     if not (usage.cache_read_tokens or usage.cache_creation_tokens or usage.reasoning_tokens
-            or cache_hit or entry.local or usage.billed_apart or rates.request):
+            or cache_hit or entry.local or rates.request or usage.audio_input_tokens or usage.audio_output_tokens
+            or usage.image_output_tokens or usage.web_search_requests):  # `billed_apart` inline: per LM call
         # The usual call (no cache, no reasoning, billed): the arithmetic below with its zero terms left out,
         # the same floats (adding 0.0 changes none); this runs once per LM call.
         input_usd = usage.input_tokens * (rates.input or 0.0) / PER_MILLION

@@ -20,7 +20,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from otel_dspy_cost.pricing.catalog import RATE_FIELDS, Catalog, PriceEntry, Rates, inherit, split_model
+from otel_dspy_cost.pricing.catalog import (
+    RATE_FIELDS,
+    Catalog,
+    PriceEntry,
+    Rates,
+    inherit,
+    model_family,
+    split_model,
+    with_premium,
+)
 from otel_dspy_cost.pricing.litellm_prices import litellm_entry_fields, litellm_price_entry, litellm_record
 
 _SCALAR_FIELDS = ("max_output_tokens",)
@@ -118,12 +127,25 @@ def _litellm_names(entry: PriceEntry, catalog: Catalog) -> list[str]:
     return [entry.model, *entry.aliases]
 
 
-def _litellm_entry_for(entry: PriceEntry, catalog: Catalog) -> tuple[str, PriceEntry] | None:
-    for name in _litellm_names(entry, catalog):
+def _litellm_entries_for(entry: PriceEntry, catalog: Catalog) -> list[tuple[str, PriceEntry]]:
+    """LiteLLM's records for an entry: its own key where LiteLLM has one; else, for Anthropic's models, Bedrock's
+    global key (`anthropic.<name>-v1:0`), which carries Anthropic's list prices with their cache rates. Vertex's
+    records are not compared: they lack cache rates and list some models at other prices (Claude 3.5 Haiku at
+    $1 / $5 against Anthropic's $0.80 / $4), and Vertex's Gemini prices are not AI Studio's."""
+    names = _litellm_names(entry, catalog)
+    for name in names:
         found = litellm_record(name, provider=entry.provider)
         if found is not None:
-            return found[0], litellm_price_entry(*found, entry.provider, entry.model)
-    return None
+            return [(found[0], litellm_price_entry(*found, entry.provider, entry.model))]
+    out: dict[str, PriceEntry] = {}
+    if entry.provider != "anthropic":  # Bedrock and Vertex list Anthropic's prices; Vertex's Gemini prices differ
+        return []
+    for name in names:
+        for key in (f"anthropic.{name}-v1:0", f"anthropic.{name}-v2:0"):
+            found = litellm_record(key)
+            if found is not None and found[0] not in out:
+                out[found[0]] = litellm_price_entry(*found, entry.provider, entry.model)
+    return list(out.items())
 
 
 def _in_force(catalog: Catalog, when: _dt.datetime) -> list[PriceEntry]:
@@ -147,15 +169,41 @@ def diff_catalog(catalog: Catalog, *, when: _dt.datetime | None = None) -> list[
         if entry.variant == "fine-tuned" and entry.inherits:  # compared as priced: over its base in force
             base = catalog.find(entry.inherits, when)
             entry = inherit(entry, base) if base is not None else entry
-        found = _litellm_entry_for(entry, catalog)
-        if found is None:
+        found = _litellm_entries_for(entry, catalog)
+        if not found:
             out.append(EntryDiff(entry.key, entry.price_version, None))
             continue
-        litellm_key, theirs = found
         raw = raw_by_version.get((entry.provider, entry.model, entry.variant, entry.price_version), {})
         explained = raw.get("differs_from_litellm", {})
-        rows = tuple(Disagreement(f, a, b, _explanation(explained, f)) for f, a, b in compare(entry, theirs))
-        out.append(EntryDiff(entry.key, entry.price_version, litellm_key, rows))
+        for litellm_key, theirs in found:
+            rows = tuple(Disagreement(f, a, b, _explanation(explained, f)) for f, a, b in compare(entry, theirs))
+            out.append(EntryDiff(entry.key, entry.price_version, litellm_key, rows))
+    out.extend(_premium_diffs(catalog, when))
+    return out
+
+
+def _premium_diffs(catalog: Catalog, when: _dt.datetime) -> list[EntryDiff]:
+    """Fine-tunes priced by a provider premium (2x a mini base...), as billed, against LiteLLM's `ft:` records of
+    the same bases; keyed `<base>@fine-tuned (premium)`, explained by the premium's own `differs_from_litellm`."""
+    out = []
+    explicit = {model_family(split_model(e.inherits)[1]) for e in catalog.entries
+                if e.variant == "fine-tuned" and e.inherits}
+    for entry in _in_force(catalog, when):
+        if entry.variant != "default" or model_family(entry.model) in explicit:
+            continue
+        premium = next((p for p in reversed(catalog.premiums) if p.covers(entry.provider, entry.model, when)), None)
+        if premium is None:
+            continue
+        priced = with_premium(entry, premium)
+        for name in (entry.model, *entry.aliases):
+            found = litellm_record(f"ft:{name}", provider=entry.provider)
+            if found is None:
+                continue
+            theirs = litellm_price_entry(*found, entry.provider, entry.model)
+            rows = tuple(Disagreement(f, a, b, _explanation(premium.explained, f))
+                         for f, a, b in compare(priced, theirs))
+            out.append(EntryDiff(f"{entry.key}@fine-tuned (premium)", entry.price_version, found[0], rows))
+            break
     return out
 
 

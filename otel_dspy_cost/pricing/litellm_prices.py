@@ -61,6 +61,11 @@ def litellm_entry_fields(info: Mapping[str, Any], key: str = "") -> dict[str, An
         rates: dict[str, Any] = _without_default_reasoning(litellm_rates(info, suffix))
         if not rates:
             continue
+        if "cache_write" in rates and "cache_write_1h" not in rates and fields.get("cache_write") \
+                and fields.get("cache_write_1h") is not None:
+            # LiteLLM lists a tier's 5-minute write but not its 1-hour one (Claude batch): the tier's discount
+            # applies to both, as Anthropic's batch pricing halves every token rate.
+            rates["cache_write_1h"] = round(fields["cache_write_1h"] * rates["cache_write"] / fields["cache_write"], 10)
         if lc_suffix and (tier_lc := litellm_rates(info, lc_suffix + suffix)):
             rates["long_context"] = tier_lc
         tiers[tier] = rates

@@ -29,6 +29,7 @@ from otel_dspy_cost.pricing.catalog import (
     model_family,
     split_model,
     user_catalog_path,
+    with_premium,
 )
 from otel_dspy_cost.pricing.litellm_prices import litellm_entry
 
@@ -185,12 +186,7 @@ class PricingResolver:
         for catalog in self.catalogs:
             premium = next((p for p in reversed(catalog.premiums) if p.covers(base.provider, base.model, when)), None)
             if premium is not None:
-                f = premium.factors
-                return dataclasses.replace(
-                    base, standard_rates=base.standard_rates.scaled(f), variant="fine-tuned",
-                    inherits=f"{base.provider}/{base.model}", tiers={k: v.scaled(f) for k, v in base.tiers.items()},
-                    long_context_rates=base.long_context_rates.scaled(f) if base.long_context_rates else None,
-                    tier_long_context={k: v.scaled(f) for k, v in base.tier_long_context.items()})
+                return with_premium(base, premium)
         if self.use_litellm and base.source != "litellm":
             for name in (base.model, *base.aliases):
                 found = litellm_entry(f"ft:{name}", provider=base.provider)
