@@ -62,9 +62,12 @@ class CatalogError(ValueError):
 class UnknownModelError(LookupError):
     """No price is known for a model; the message names the nearest known models."""
 
-    def __init__(self, model: str, suggestions: list[str]):
+    def __init__(self, model: str, suggestions: list[str], detail: str | None = None):
         self.model = model
         self.suggestions = suggestions
+        if detail is not None:  # the model is known, what was asked of it is not (a price_version)
+            super().__init__(detail)
+            return
         hint = f" Nearest known models: {', '.join(suggestions)}." if suggestions else ""
         super().__init__(
             f"No price known for model {model!r}.{hint} Add it with `otel-dspy-cost pricing add`, pass "

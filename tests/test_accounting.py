@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 import otel_dspy_cost
 from otel_dspy_cost import BudgetExceededError, ForkedBudgetError
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.reports.artifacts import read_costs
+from otel_dspy_cost.reports.run_files import read_costs
 
 LIMIT = 0.002  # a few dozen one-Predict calls at gpt-4o-mini prices with max_tokens=512
 VARIANTS = ("full", "always_off", "env_always_off", "ratio_0.01", "sdk_disabled", "noop_provider", "concurrent_multi")

@@ -9,7 +9,8 @@ import pytest
 from conftest import ResearchAgent, examples, run_cli
 
 import otel_dspy_cost
-from otel_dspy_cost.reports.artifacts import CostLog, read_costs, read_summary, totals
+from otel_dspy_cost.reports.artifacts import CostLog, totals
+from otel_dspy_cost.reports.run_files import read_costs, read_summary
 
 
 def _recorded_run(otel, lm, tmp_path, limit=0.006):

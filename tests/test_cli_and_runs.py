@@ -17,7 +17,7 @@ from conftest import MODEL
 
 import otel_dspy_cost
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.reports.artifacts import read_costs
+from otel_dspy_cost.reports.run_files import read_costs
 
 ENV = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
 

@@ -14,7 +14,7 @@ from conftest import MODEL
 import otel_dspy_cost
 from otel_dspy_cost import BudgetExceededError, LedgerUnavailableError, UnpricedModelError
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.reports.artifacts import read_costs
+from otel_dspy_cost.reports.run_files import read_costs
 
 SECRET = "sk-planted-SECRET-0123456789abcdef"
 

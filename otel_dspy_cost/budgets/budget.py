@@ -18,6 +18,7 @@ from otel_dspy_cost.ledgers.in_process import InFlight, InProcessLedger
 from otel_dspy_cost.ledgers.protocol import Ledger, Limits, Refusal
 from otel_dspy_cost.ledgers.urls import LEDGER_ENV, ledger_from_url, shared_ledger
 from otel_dspy_cost.ledgers.windows import parse_window
+from otel_dspy_cost.pricing.cost import usd_text
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -329,7 +330,8 @@ class Budget:
             what = "stopped a call whose worst case did not fit in what was left"
         else:
             what = "exceeded"
-        logger.warning("budget %r %s: $%.6f spent of $%s limit", self.label, what, spent, self.limit_usd)
+        logger.warning("budget %r %s: $%s spent of $%s limit", self.label, what, usd_text(spent),
+                       usd_text(self.limit_usd) if self.limit_usd is not None else "no")
         callback = self.on_warn if kind == "warn" else self.on_exceed
         if callback is not None:
             try:

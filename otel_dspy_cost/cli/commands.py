@@ -12,11 +12,16 @@ from typing import Any
 
 from otel_dspy_cost._redact import scrub
 from otel_dspy_cost.optimizers import registry
+from otel_dspy_cost.pricing.cost import money
 
 
 def _demo(args: argparse.Namespace) -> int:
     from otel_dspy_cost.cli.demo import run
 
+    if args.examples < 1:  # before any work: the compile would run first and the evaluation then fail
+        raise _UsageError(f"--examples must be at least 1, not {args.examples}")
+    if args.budget is not None and not (args.budget > 0 and args.budget < float("inf")):
+        raise _UsageError(f"--budget must be a positive number of USD, not {args.budget}")
     return run(args)
 
 
@@ -94,8 +99,11 @@ def _pricing(args: argparse.Namespace) -> int:
                   f"effective {entry['effective_at']}")
             return 0
         if args.action == "import-litellm":
-            added, unchanged = editing.import_litellm(Path(args.out), providers=args.provider,
-                                                            models=args.only)
+            out = Path(args.out)
+            if not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or (out.exists()
+                                                                                 and not os.access(out, os.W_OK)):
+                raise _UsageError(f"--out {args.out}: cannot write there (its folder must exist and be writable)")
+            added, unchanged = editing.import_litellm(out, providers=args.provider, models=args.only)
             print(f"{args.out}: {added} entries added, {unchanged} unchanged (from LiteLLM's bundled price map)")
             return 0
         if args.action == "diff":
@@ -171,15 +179,6 @@ def _pricing_parser(sub: Any) -> None:
     pricing.set_defaults(fn=_pricing)
 
 
-def _optimizer_from_name(name: str, args: argparse.Namespace) -> object:
-    if name == "evaluate":
-        return None
-    found = registry.from_cli(name, args)
-    if found is None:
-        raise _UsageError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
-    return _stub(found[0], **found[1])
-
-
 OPTIMIZERS = registry.cli_names()
 
 
@@ -200,10 +199,20 @@ def _load_program(spec: str) -> Any:
     except (ImportError, AttributeError) as exc:
         raise _UsageError(f"--program {spec}: {exc}") from None
     if isinstance(target, type) or (callable(target) and not hasattr(target, "named_predictors")):
-        target = target()
+        try:
+            target = target()
+        except Exception as exc:  # noqa: BLE001 - e.g. dspy:ChainOfThought, a class that needs a signature
+            raise _UsageError(f"--program {spec}: calling {spec} with no arguments failed ({type(exc).__name__}: "
+                              f"{exc}); point at a program instance, or a function that builds one") from None
     if not hasattr(target, "named_predictors"):
         raise _UsageError(f"--program {spec}: {type(target).__name__} is not a dspy.Module")
     return target
+
+
+_ESTIMATE_FLAGS = {"trainset_size=": "--trainset", "devset_size=": "--devset", "optimizer=": "--optimizer",
+                   "trainset_size": "--trainset", "valset_size": "--valset", "devset_size": "--devset",
+                   "max_tokens": "--max-tokens", "input_chars": "--input-chars", "cache_hit_rate": "--cache-hit-rate",
+                   "budget_usd": "--budget", "max_metric_calls": "--max-metric-calls", "demos": "--demos"}
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -217,12 +226,15 @@ def _estimate(args: argparse.Namespace) -> int:
     else:
         program = _load_program(args.program)
     try:
-        est = estimate(program, model=args.model, optimizer=_optimizer_from_name(args.optimizer, args),
-                       trainset_size=args.trainset, valset_size=args.valset, devset_size=args.devset,
-                       max_tokens=args.max_tokens, input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate,
-                       budget_usd=args.budget)
-    except UnknownModelError as exc:
-        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        est = estimate(program, model=args.model, optimizer=args.optimizer, trainset_size=args.trainset,
+                       valset_size=args.valset, devset_size=args.devset, max_tokens=args.max_tokens,
+                       input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate, budget_usd=args.budget,
+                       demos=args.demos, max_metric_calls=args.max_metric_calls)
+    except (UnknownModelError, ValueError, TypeError) as exc:  # the user's input, said in one line
+        message = scrub(str(exc))
+        for name, flag in _ESTIMATE_FLAGS.items():  # the API's argument names, as this command spells them
+            message = message.replace(name, flag)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     if args.json:
         from dataclasses import asdict
@@ -238,11 +250,6 @@ def _estimate(args: argparse.Namespace) -> int:
         print(f"projection ${est.usd_high:.6f} may exceed the budget ${args.budget:.6f}", file=sys.stderr)
         return 1 if os.environ.get("CI") or args.strict else 0
     return 0
-
-
-def _stub(name: str, **settings: object) -> object:
-    """Stands for an optimizer by its class name and settings: all the estimator reads of one."""
-    return type(name, (), settings)()
 
 
 def _check_ledger_url(url: str, *, creating: bool) -> None:
@@ -271,6 +278,11 @@ def _budget(args: argparse.Namespace) -> int:
     try:
         ledger = ledger_from_url(args.ledger_url)
         account = ledger.key(args.label)
+        known = getattr(ledger.inner, "labels", None)
+        labels = known() if callable(known) and args.action == "status" else None
+        if labels is not None and args.label not in labels:  # a typo would otherwise read as $0 spent
+            raise _UsageError(f"no budget labelled {args.label!r} on {scrub(args.ledger_url)} (labels are exact); "
+                              f"labels there: {', '.join(repr(x) for x in labels) or 'none yet'}")
         window = parse_window(args.window, args.tz)
         ledger.open(account, Limits(args.limit, None, {}, False, window))
         if args.action == "reset":
@@ -281,9 +293,9 @@ def _budget(args: argparse.Namespace) -> int:
     except (LedgerUnavailable, ValueError) as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 2
-    data = {"ledger": scrub(args.ledger_url), "label": args.label, "spent_usd": state.spent_usd,
-            "economic_usd": state.economic_usd, "calls": state.calls, "reserved_usd": state.reserved_usd,
-            "reserved_calls": state.reserved_calls, "by_phase": state.phase_spent}
+    data = {"ledger": scrub(args.ledger_url), "label": args.label, "spent_usd": money(state.spent_usd),
+            "economic_usd": money(state.economic_usd), "calls": state.calls, "reserved_usd": money(state.reserved_usd),
+            "reserved_calls": state.reserved_calls, "by_phase": {k: money(v) for k, v in state.phase_spent.items()}}
     if window is not None:
         import datetime as dt
         import time
@@ -292,7 +304,7 @@ def _budget(args: argparse.Namespace) -> int:
         data["window"] = {"kind": window.describe(), "start": dt.datetime.fromtimestamp(start, dt.UTC).isoformat(),
                           "end": dt.datetime.fromtimestamp(end, dt.UTC).isoformat()}
     if args.limit is not None:
-        data["limit_usd"], data["remaining_usd"] = args.limit, max(0.0, args.limit - state.spent_usd)
+        data["limit_usd"], data["remaining_usd"] = args.limit, money(max(0.0, args.limit - state.spent_usd))
     print(json.dumps(data, indent=1))
     return 0
 

@@ -377,6 +377,17 @@ class RedisLedger(SharedAccounts):
         ms = None if until is None else max(1, int((until - now) * 1000))
         self._call(lambda: self.client.set(f"{account}:trip", reason, px=ms, nx=True))
 
+    def labels(self) -> list[str]:
+        """The budget labels this ledger has accounts for (`budget status` tells a misspelt label by it)."""
+        prefix = f"{self.namespace}{{"
+        keys = self._call(lambda: list(self.client.scan_iter(match=f"{prefix}*}}:*", count=1000)))
+        found = set()
+        for key in keys:
+            text = key.decode() if isinstance(key, bytes) else str(key)
+            if text.startswith(prefix) and "}:" in text:
+                found.add(text[len(prefix):text.rindex("}:")])
+        return sorted(found)
+
     def reset(self, account: str) -> None:
         self._call(lambda: self._reset(keys=[account]))
         self._stored.pop(account, None)

@@ -355,6 +355,16 @@ class SqliteLedger(SharedAccounts):
                             {k: v / NANO for k, v in st.phase_reserved.items()}, st.tripped)
 
     @_errors_as_unavailable
+    def labels(self) -> list[str]:
+        """The budget labels this ledger has accounts for (`budget status` tells a misspelt label by it)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT account FROM accounts UNION SELECT account FROM totals").fetchall()
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='spend'").fetchone():
+                rows += db.execute("SELECT DISTINCT account FROM spend").fetchall()  # the per-call layout
+        n = len(self.namespace)
+        return sorted({a[n:] for (a,) in rows if a.startswith(self.namespace)})
+
+    @_errors_as_unavailable
     def reset(self, account: str) -> None:
         with self._tx() as db:
             for table in ("accounts", "buckets", "totals", "reservations", "expired", "replayed", "trips"):

@@ -19,8 +19,10 @@ against the simulator and assert the actual cost falls inside the range (docs/es
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
+from otel_dspy_cost import _validate
 from otel_dspy_cost.optimizers import registry as optimizers
 from otel_dspy_cost.pricing.cost import Usage, compute_cost, estimate_tokens
 
@@ -65,6 +67,46 @@ class Estimate:
 class _CallShape:
     prompt_tokens: int
     outputs: int  # output fields
+
+
+def _checked(program: Any, model: Any, optimizer: Any, trainset_size: Any, valset_size: Any, devset_size: Any,
+             max_tokens: Any, input_chars: Any, cache_hit_rate: Any, budget_usd: Any, demos: Any,
+             max_metric_calls: Any) -> Any:
+    """`estimate`'s inputs checked, before any work (a user's mistake is a ValueError or TypeError that names
+    the argument, never a negative forecast); returns the optimizer, a CLI name made into its stand-in."""
+    if not hasattr(program, "named_predictors"):
+        raise TypeError(f"program must be a dspy.Module, not {type(program).__name__}")
+    if not isinstance(model, str) or not model.strip():
+        raise TypeError(f"model must be a model name such as 'openai/gpt-4o-mini', not {model!r}")
+    for name, value in (("trainset_size", trainset_size), ("devset_size", devset_size)):
+        _validate.integer(name, value, allow_none=False)
+    _validate.integer("valset_size", valset_size, minimum=1)
+    _validate.integer("max_tokens", max_tokens, minimum=1)
+    _validate.integer("input_chars", input_chars, minimum=1, allow_none=False)
+    _validate.integer("demos", demos, allow_none=False)
+    _validate.integer("max_metric_calls", max_metric_calls, minimum=1)
+    if _validate.number("cache_hit_rate", cache_hit_rate, allow_none=False) > 1:
+        raise ValueError(f"cache_hit_rate is a fraction of calls, 0..1, not {cache_hit_rate!r}")
+    _validate.number("budget_usd", budget_usd, strict=True)
+    if isinstance(optimizer, str):
+        optimizer = optimizer_named(optimizer, demos=demos, max_metric_calls=max_metric_calls)
+    if optimizer is None and not devset_size:
+        raise ValueError("nothing to estimate: give optimizer= with trainset_size= for a compile, or devset_size= "
+                         "for an evaluation")
+    if optimizer is not None and not trainset_size:
+        raise ValueError(f"trainset_size must be > 0 to estimate a {type(optimizer).__name__} compile")
+    return optimizer
+
+
+def optimizer_named(name: str, *, demos: int = 4, max_metric_calls: int | None = None) -> Any:
+    """A stand-in for the optimizer a CLI name means (`evaluate` is None): its class name and the settings the
+    estimator reads. An unknown name is a ValueError listing the known ones."""
+    if name == "evaluate":
+        return None
+    found = optimizers.from_cli(name, types.SimpleNamespace(demos=demos, max_metric_calls=max_metric_calls))
+    if found is None:
+        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(optimizers.cli_names())}")
+    return type(found[0], (), found[1])()
 
 
 def _predictor_shapes(program: Any, input_chars: int) -> list[tuple[Any, _CallShape, int, int]]:
@@ -116,9 +158,17 @@ def _runs(optimizer: Any, trainset_size: int, valset_size: int | None, devset_si
 def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: int = 0,
              valset_size: int | None = None, devset_size: int = 0, max_tokens: int | None = None,
              input_chars: int = 200, cache_hit_rate: float = 0.0, budget_usd: float | None = None,
-             resolver: Any = None) -> Estimate:
-    """Project LM calls and USD for compiling (if `optimizer`) and evaluating `program` on `model`."""
+             resolver: Any = None, demos: int = 4, max_metric_calls: int | None = None) -> Estimate:
+    """Project LM calls and USD for compiling (if `optimizer`) and evaluating `program` on `model`.
+
+    `optimizer`: an optimizer (its class and settings are read), or one of the CLI's names (`evaluate`,
+    `bootstrap`, `mipro-light|medium|heavy`, `gepa`...: `registry.cli_names()`), with `demos` and
+    `max_metric_calls` as the CLI takes them. Every input is checked before any work: a negative size, a
+    cache-hit rate outside 0..1 or nothing to estimate is a ValueError naming the argument."""
     from otel_dspy_cost.pricing.resolver import default_resolver
+
+    optimizer = _checked(program, model, optimizer, trainset_size, valset_size, devset_size, max_tokens,
+                         input_chars, cache_hit_rate, budget_usd, demos, max_metric_calls)
 
     entry = (resolver or default_resolver()).lookup(model)
     max_out = max_tokens or entry.max_output_tokens or 4096

@@ -100,6 +100,8 @@ def from_cli(name: str, args: Any) -> tuple[str, dict[str, Any]] | None:
     if not name.startswith("mipro"):
         return None
     auto = name.split("-", 1)[1] if "-" in name else "light"
+    if name not in ("mipro", "mipro-light", "mipro-medium", "mipro-heavy"):
+        return None  # `mipro-fast` is a typo, not a setting
     return "MIPROv2", {"auto": auto, "max_bootstrapped_demos": args.demos, "max_labeled_demos": args.demos}
 
 

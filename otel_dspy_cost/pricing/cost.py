@@ -188,6 +188,13 @@ def money(value: float) -> float:
     return round(value, MONEY_DIGITS)
 
 
+def usd_text(value: float) -> str:
+    """USD for a sentence: to the nano-dollar, fixed notation, no float noise (0.0015456, not
+    0.0015456000000000003 or 2.376e-05)."""
+    text = f"{money(value):.9f}".rstrip("0").rstrip(".")
+    return text or "0"
+
+
 def estimate_tokens(text_chars: int) -> int:
     """Rough tokens for text when a provider reports no usage: about 4 characters per token."""
     return math.ceil(text_chars / 4)

@@ -18,7 +18,8 @@ from otel_dspy_cost.errors import CatalogError
 from otel_dspy_cost.pricing.catalog import Catalog, split_model
 from otel_dspy_cost.pricing.litellm_prices import litellm_entry_fields
 
-_BILLING_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "tiers",
+_BILLING_FIELDS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "reasoning", "audio_input",
+                   "audio_output", "image_output", "web_search", "request", "tiers",
                    "long_context", "max_output_tokens")
 
 
@@ -93,6 +94,7 @@ def import_litellm(path: Path, *, providers: Iterable[str] = (), models: Iterabl
             latest[key] = e
     added = unchanged = 0
     now = now_iso()
+    imported: set[tuple[str, str]] = set()  # LiteLLM lists some models under two names for one provider/model
     for name, info in sorted(litellm.model_cost.items()):
         if not isinstance(info, Mapping) or info.get("mode") not in ("chat", "completion", "responses"):
             continue
@@ -103,6 +105,9 @@ def import_litellm(path: Path, *, providers: Iterable[str] = (), models: Iterabl
         fields = litellm_entry_fields(info, name)
         if "input" not in fields or "output" not in fields or "/" in model:
             continue  # not priced per token, or a routed name we cannot key by provider/model
+        if (provider, model) in imported:  # the first name sorted wins (one price per model and import)
+            continue
+        imported.add((provider, model))
         prev = latest.get((provider, model))
         if prev is not None and all(prev.get(f) == fields.get(f) for f in _BILLING_FIELDS):
             unchanged += 1

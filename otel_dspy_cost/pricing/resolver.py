@@ -144,6 +144,14 @@ class PricingResolver:
         if found is None and self.use_litellm and price_version is None:
             found = litellm_entry(model if base_name is None else f"{provider}/{base_name}" if provider
                                    else base_name)
+        if found is None and price_version is not None:
+            versions = sorted({e.price_version for c in self.catalogs for e in c.entries if e.variant == "default"
+                               and (provider is None or e.provider == provider)
+                               and (e.model == (base_name or name) or (base_name or name) in e.aliases)})
+            if versions:  # the model is known: the version asked for is not
+                raise UnknownModelError(model, [], detail=(
+                    f"{model} has no price_version {price_version} (its versions: "
+                    f"{', '.join(str(v) for v in versions)}; `otel-dspy-cost pricing show {model}` lists them)"))
         if found is None:
             raise UnknownModelError(model, self.suggest(model))
         return self._fine_tuned(model, found, when, price_version) if fine_tuned else found

@@ -34,6 +34,7 @@ from otel_dspy_cost import _attributes as A
 from otel_dspy_cost.budgets.accounting import LMCall
 from otel_dspy_cost.budgets.spend import SpendAggregator
 from otel_dspy_cost.pricing.cost import money
+from otel_dspy_cost.reports.run_files import read_costs
 from otel_dspy_cost.reports.spend import spend_report
 
 logger = logging.getLogger("otel_dspy_cost")
@@ -166,32 +167,21 @@ class RunSpanExporter(SpanExporter):
         return None
 
 
-def read_costs(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every LM-call line of a run, oldest first (rotated files included)."""
-    base = Path(run_dir) / "costs.jsonl"
-    files = sorted(base.parent.glob("costs.jsonl.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit()
-                   else 0) + [base]
-    out = []
-    for path in files:
-        if path.exists():
-            out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return out
-
-
 def aggregate(lines: list[dict[str, Any]]) -> SpendAggregator:
     """The log's calls fed to the same aggregator the live processor fills, so a report built from a
     run's `costs.jsonl` is `spend_report()` of that run by construction."""
     agg = SpendAggregator()
     for line in lines:
-        trial = None if line["trial"] is None else f"{line['optimizer'] or 'optimizer'}#{line['trial']}"
+        g = line.get  # lines as `run_files.read_costs` checked them; older lines may lack the newer keys
+        trial = None if g("trial") is None else f"{g('optimizer') or 'optimizer'}#{line['trial']}"
         agg.record(module=line["module"] or "(no module)", model=line["model"] or "(unknown model)",
-                   phase=line["phase"], budgets=[b for b in (line.get("budget") or "").split(",") if b], trial=trial,
-                   values={"calls": 1, "usd": line["usd"] or 0.0, "economic_usd": line["economic_usd"] or 0.0,
-                           "input_tokens": line["input_tokens"], "cached_input_tokens": line["cached_input_tokens"],
-                           "output_tokens": line["output_tokens"], "reasoning_tokens": line["reasoning_tokens"],
-                           "unknown_cost_calls": int(line["unknown_cost"]), "estimated_calls": int(line["estimated"]),
-                           "cache_hits": int(line["cache_hit"]),
-                           "unpriced_unit_calls": int(bool(line.get("unpriced_units")))})
+                   phase=line["phase"], budgets=[b for b in str(g("budget") or "").split(",") if b], trial=trial,
+                   values={"calls": 1, "usd": g("usd") or 0.0, "economic_usd": g("economic_usd") or 0.0,
+                           "input_tokens": g("input_tokens", 0), "cached_input_tokens": g("cached_input_tokens", 0),
+                           "output_tokens": g("output_tokens", 0), "reasoning_tokens": g("reasoning_tokens", 0),
+                           "unknown_cost_calls": int(bool(g("unknown_cost"))),
+                           "estimated_calls": int(bool(g("estimated"))), "cache_hits": int(bool(g("cache_hit"))),
+                           "unpriced_unit_calls": int(bool(g("unpriced_units")))})
     return agg
 
 
@@ -203,8 +193,9 @@ def totals(lines: list[dict[str, Any]], by: str = "module", depth: int | None = 
 def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, program_runs_failed: int = 0,
                   trials: list[dict[str, Any]] = (),
                   budget: Any = None, estimate: Any = None, score: float | None = None,
-                  cancelled_reason: str | None = None, started_at: str | None = None) -> dict[str, Any]:
-    agg = aggregate(read_costs(run_dir))
+                  cancelled_reason: str | None = None, started_at: str | None = None,
+                  problems: list[str] | None = None) -> dict[str, Any]:
+    agg = aggregate(read_costs(run_dir, problems))
     by_phase = spend_report("phase", aggregator=agg)
     train, infer = by_phase.get("train", {}), by_phase.get("infer", {})
     total = by_phase["total"]
@@ -250,18 +241,6 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, pro
     if estimate is not None:
         summary["estimate"] = dataclasses.asdict(estimate) if dataclasses.is_dataclass(estimate) else dict(estimate)
     return summary
-
-
-def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """A run's summary; older summaries without cost fields read as zero cost, never as an error."""
-    path = Path(run_dir) / "summary.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    for key in ("train_cost_usd", "infer_cost_usd", "total_cost_usd", "inference_economic_cost_usd"):
-        data.setdefault(key, 0.0)
-    data.setdefault("trials", [])
-    data.setdefault("by_model", {})
-    data.setdefault("by_module", {})
-    return data
 
 
 @dataclasses.dataclass

@@ -13,13 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from otel_dspy_cost.reports.artifacts import aggregate, read_costs, read_summary
+from otel_dspy_cost.pricing.cost import usd_text
+from otel_dspy_cost.reports.artifacts import aggregate
+from otel_dspy_cost.reports.run_files import read_costs, read_summary
 from otel_dspy_cost.reports.spend import format_table, render_table, spend_report
 
 
-def run_report(run_dir: str | Path, *, depth: int | None = 2) -> dict[str, Any]:
-    agg = aggregate(read_costs(run_dir))
-    summary = read_summary(run_dir)
+def run_report(run_dir: str | Path, *, depth: int | None = 2, problems: list[str] | None = None) -> dict[str, Any]:
+    """The run's tables from its cost lines, and its summary (rebuilt from the cost lines, and marked
+    `incomplete`, when the run left none or an unreadable one). Damaged lines are skipped: said in `problems`
+    when given, else logged."""
+    agg = aggregate(read_costs(run_dir, problems))
+    summary = read_summary(run_dir, problems)
     tables = {by: spend_report(by, depth=(depth or None) if by == "module" else None, aggregator=agg)
               for by in ("module", "model", "phase", "trial")}
     return {"run": str(run_dir), **tables, "trials": summary.get("trials", []),
@@ -40,7 +45,8 @@ def _trials_table(trials: list[dict[str, Any]]) -> str:
 
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
-    out = [f"run {report['run']}: ${s.get('total_cost_usd', 0.0):.6f} actual "
+    out = [f"run {report['run']} did not finish: {s['incomplete']}"] if s.get("incomplete") else []
+    out += [f"run {report['run']}: ${s.get('total_cost_usd', 0.0):.6f} actual "
            f"(${s.get('total_economic_cost_usd', s.get('total_cost_usd', 0.0)):.6f} uncached), "
            f"{s.get('calls', 0)} LM calls; train ${s.get('train_cost_usd', 0.0):.6f}, "
            f"infer ${s.get('infer_cost_usd', 0.0):.6f}"]
@@ -52,7 +58,7 @@ def render(report: dict[str, Any]) -> str:
     budget = s.get("budget")
     if budget:
         out.append(f"budget {budget['label']!r}: {budget['status']}, ${budget['spent_usd']:.6f} of "
-                   f"${budget['limit_usd']}" + (f", cancelled: {budget['cancelled_reason']}"
+                   f"${usd_text(budget['limit_usd'])}" + (f", cancelled: {budget['cancelled_reason']}"
                                                 if budget.get("cancelled_reason") else ""))
     estimate = s.get("estimate")
     if estimate:
@@ -105,7 +111,10 @@ def main(args: Any) -> int:
             print(f"error: {run_dir} is not a run folder (it has neither costs.jsonl nor summary.json)",
                   file=sys.stderr, flush=True)
             return 2
-    report = run_report(args.run_dir, depth=args.depth)
+    problems: list[str] = []
+    report = run_report(args.run_dir, depth=args.depth, problems=problems)
+    for problem in dict.fromkeys(problems):  # the cost lines are read twice (tables, rebuilt summary): said once
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
     elif args.csv:
@@ -113,5 +122,8 @@ def main(args: Any) -> int:
     else:
         print(render(report))
     if args.compare:
-        print(compare(report, run_report(args.compare, depth=args.depth)))
+        other: list[str] = []
+        print(compare(report, run_report(args.compare, depth=args.depth, problems=other)))
+        for problem in dict.fromkeys(other):
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
     return 0
