@@ -308,7 +308,7 @@ def test_record_run_follows_the_instrumented_provider(lm, server, tmp_path):
         with otel_dspy_cost.record_run(tmp_path / "run") as run, dspy.context(lm=lm):
             ResearchAgent()(question="which provider?")
         assert len(read_costs(tmp_path / "run")) == server.count == run.summary["calls"] == 5
-        assert run.summary["program_runs"] == 1  # read from spans of the instrumented provider
+        assert run.summary["program_runs"] == 1  # recorded by the wrappers, whatever the provider
     finally:
         otel_dspy_cost.uninstrument()
 

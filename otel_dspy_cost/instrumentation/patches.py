@@ -316,10 +316,13 @@ def _module_begin(instance, args, kwargs):
 def _module_end(state, result, exc):
     span, token, mod_token, top_level, timings = state
     CURRENT_MODULE.reset(mod_token)
-    if exc is not None and top_level and isinstance(exc, Exception):
-        errors = _EVAL_ERRORS.get()
-        if errors is not None:
-            errors[0] += 1
+    if top_level:
+        if exc is not None and isinstance(exc, Exception):
+            errors = _EVAL_ERRORS.get()
+            if errors is not None:
+                errors[0] += 1
+        if optimizer_runs.watched and _context.current().phase == "infer":  # record_run's program runs
+            optimizer_runs.program_run_record(exc is None)
     finish(span, token, exc, _adapter_attributes(timings) if timings is not None and timings[2] else None)
 
 

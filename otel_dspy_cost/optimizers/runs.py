@@ -96,15 +96,88 @@ class OpenTrial:
     pushed: Any
     trial_token: Any
     summary: Any = None
+    optimizer: str = ""
 
     def set(self, attrs: dict[str, Any]) -> None:
         for span in (self.span, self.summary):
             if span is not None and span.is_recording():
                 span.set_attributes(attrs)
+        score = attrs.get(A.OPTIMIZER_SCORE)
+        if score is not None and watched:
+            trial_record(self.optimizer, self.number, score=score, trace_id=_recorded_trace(self.span))
+
+
+# -- trials and program runs, recorded whatever the tracer does (record_run's summary) ----------------------
+
+class RunRecords:
+    """The trials (score, evaluation kind, trace id where one was recorded) and program runs of a `record_run`
+    block, fed by the wrappers themselves: a sampled-out or disabled tracer leaves them the same, as it leaves
+    cost and budgets."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.trials: dict[tuple[str, int], dict[str, Any]] = {}
+        self.program_runs = 0  # top-level inference module calls that returned
+        self.program_runs_failed = 0
+
+    def trial(self, optimizer: str, number: int, score: float | None, eval_kind: str | None,
+              trace_id: str | None) -> None:
+        with self.lock:
+            row = self.trials.setdefault((optimizer, number), {"optimizer": optimizer, "trial": number, "score": None,
+                                                               "eval": None, "trace_id": None})
+            if score is not None:
+                row["score"] = score
+            if eval_kind is not None:
+                row["eval"] = eval_kind
+            if trace_id and not row["trace_id"]:
+                row["trace_id"] = trace_id
+
+    def program_run(self, ok: bool) -> None:
+        with self.lock:
+            if ok:
+                self.program_runs += 1
+            else:
+                self.program_runs_failed += 1
+
+
+watched: tuple[RunRecords, ...] = ()  # the record_run blocks open now (a tuple: read without a lock)
+_watching_lock = threading.Lock()
+
+
+def watch(records: RunRecords) -> None:
+    global watched
+    with _watching_lock:
+        watched = (*watched, records)
+
+
+def unwatch(records: RunRecords) -> None:
+    global watched
+    with _watching_lock:
+        watched = tuple(r for r in watched if r is not records)
+
+
+def trial_record(optimizer: str, number: int, *, score: float | None = None, eval_kind: str | None = None,
+                 trace_id: str | None = None) -> None:
+    for records in watched:
+        records.trial(optimizer, number, score, eval_kind, trace_id)
+
+
+def program_run_record(ok: bool) -> None:
+    """A top-level inference module call ended (`instrumentation.patches._module_end`)."""
+    for records in watched:
+        records.program_run(ok)
 
 
 def _hex(trace_id: int) -> str:
     return f"{trace_id:032x}"
+
+
+def _recorded_trace(span: Any) -> str | None:
+    """The trace id of a span that is recorded (sampled), else None: an id no backend holds is no pointer."""
+    context = span.get_span_context() if span is not None else None
+    if context is None or not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return _hex(context.trace_id)
 
 
 def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | None,
@@ -135,7 +208,7 @@ def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | Non
         except BaseException:
             summary.end()  # a trial that could not open leaves no summary span open behind it
             raise
-    return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary)
+    return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary, run.name)
 
 
 def close_trial(trial: OpenTrial, exc: BaseException | None = None, attrs: dict[str, Any] | None = None) -> None:
@@ -187,16 +260,20 @@ def evaluate_begin(span: Any, kwargs: dict, devset_size: int) -> None:
     metric_key = (kwargs.get("callback_metadata") or {}).get("metric_key")
     span.set_attribute(A.OPTIMIZER_NAME, run.name)
     trial_span = TRIAL_SPAN.get()
+    kind = None
     if trial_span is not None:
         if metric_key is not None:  # MIPROv2 says which; other optimizers do not
             kind = "minibatch" if metric_key == "eval_minibatch" else "full"
             trial_span.set_attribute(A.OPTIMIZER_EVAL, kind)
             span.set_attribute(A.OPTIMIZER_EVAL, kind)
     else:  # MIPROv2's final full evaluation of its last trial
+        kind = "full"
         span.set_attribute(A.OPTIMIZER_EVAL, "full")
     trial = _context.current().trial if trial_span is not None else run.last_trial
     if trial is not None:
         span.set_attribute(A.OPTIMIZER_TRIAL, trial)
+        if kind is not None and watched:
+            trial_record(run.name, trial, eval_kind=kind)
 
 
 def evaluate_end(span: Any, program: Any, score: float | None, metric_key: str | None) -> None:
@@ -207,6 +284,8 @@ def evaluate_end(span: Any, program: Any, score: float | None, metric_key: str |
         span.set_attribute(A.OPTIMIZER_SCORE, score)
     trial = _context.current().trial if TRIAL_SPAN.get() is not None else run.last_trial
     run.record(program, score, trial, full=metric_key != "eval_minibatch")
+    if score is not None and trial is not None and watched:
+        trial_record(run.name, trial, score=score, trace_id=_recorded_trace(TRIAL_SPAN.get() or span))
 
 
 # -- spans of an optimizer's own stages, with the role of the LM calls inside -------------------------------

@@ -33,6 +33,7 @@ from opentelemetry.trace import StatusCode
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost.budgets.accounting import LMCall
 from otel_dspy_cost.budgets.spend import SpendAggregator
+from otel_dspy_cost.optimizers import runs as optimizer_runs
 from otel_dspy_cost.pricing.cost import money
 from otel_dspy_cost.reports.run_files import read_costs
 from otel_dspy_cost.reports.spend import spend_report
@@ -294,8 +295,9 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     (`run.previous`). `append=True` adds to the run already there instead (one run recorded by several
     processes or steps), and the summary then covers every call in the folder.
 
-    Every LM call settled during the block is logged, sampled or not. Program runs and trial scores come
-    from spans, read on the instrumented tracer provider (or `tracer_provider`) when it is the SDK's."""
+    Every LM call settled during the block is logged, sampled or not; program runs and trial scores are
+    recorded by the wrappers the same way (a disabled or sampled-out tracer changes none of them). Trace ids
+    come from spans where they were recorded, on the instrumented provider (or `tracer_provider`)."""
     from otel_dspy_cost import _runtime
     from otel_dspy_cost.instrumentation.instrumentor import ensure_accounting
 
@@ -314,6 +316,8 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     accountant = rt.accountant if rt is not None else None
     if accountant is not None:
         accountant.add_sink(cost_log)
+    records = optimizer_runs.RunRecords()  # trials and program runs, whatever the tracer does
+    optimizer_runs.watch(records)
     run = Run(directory, cost_log, span_exporter, budget, estimate, previous=previous)
     started = _dt.datetime.now(_dt.UTC).isoformat()
     cancelled = None
@@ -326,6 +330,7 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
         raise
     finally:
         _runtime.wait_for_calls(drain_timeout_s)  # so calls still in flight are in the log and the summary
+        optimizer_runs.unwatch(records)
         if accountant is not None:
             accountant.remove_sink(cost_log)
         cost_log.flush()
@@ -333,14 +338,32 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
             processor.force_flush()
             _detach(provider, processor)
         try:
-            run.summary = build_summary(directory, program_runs=span_exporter.program_runs,
-                                        program_runs_failed=span_exporter.program_runs_failed,
-                                        trials=list(span_exporter.trials.values()), budget=budget, estimate=estimate,
-                                        score=run.score, cancelled_reason=cancelled, started_at=started)
+            run.summary = build_summary(directory, program_runs=records.program_runs,
+                                        program_runs_failed=records.program_runs_failed,
+                                        trials=_trials(directory, records, span_exporter), budget=budget,
+                                        estimate=estimate, score=run.score, cancelled_reason=cancelled,
+                                        started_at=started)
             run.summary = _rounded(run.summary)
             (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")
         except Exception:  # our bug must not mask the user's outcome
             logger.exception("otel-dspy-cost: could not write %s/summary.json", directory)
+
+
+def _trials(directory: Path, records: Any, spans: RunSpanExporter) -> list[dict[str, Any]]:
+    """Each scored trial: its score and evaluation kind from the always-on records, its calls and USD from the
+    cost lines (the trial each call was made in), its trace id from the trial's span where one was recorded."""
+    by_trial = spend_report("trial", aggregator=aggregate(read_costs(directory)))
+    out = []
+    with records.lock:
+        rows = [dict(r) for r in records.trials.values() if r["score"] is not None]
+    for row in rows:
+        key = (row["optimizer"], row["trial"])
+        spent = by_trial.get(f"{row['optimizer'] or 'optimizer'}#{row['trial']}", {})
+        seen = spans.trials.get(key, {})
+        row.update(usd=spent.get("usd", 0.0), calls=spent.get("calls", 0),
+                   trace_id=row["trace_id"] or seen.get("trace_id"), eval=row["eval"] or seen.get("eval"))
+        out.append(row)
+    return out
 
 
 def _detach(provider: Any, processor: BatchSpanProcessor) -> None:
