@@ -28,7 +28,6 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import StatusCode
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost.budgets.accounting import LMCall
@@ -40,7 +39,6 @@ from otel_dspy_cost.reports.spend import spend_report
 
 logger = logging.getLogger("otel_dspy_cost")
 SUMMARY_VERSION = 1
-_MODULE_KINDS = ("module", "predictor")
 
 
 def _round(value: float | None) -> float | None:
@@ -137,11 +135,10 @@ class CostLog:
 
 
 class RunSpanExporter(SpanExporter):
-    """What only spans say about a run: program runs (top-level inference module calls) and trial scores."""
+    """What only spans say about a run: each scored trial's trace id (program runs and scores themselves come
+    from `optimizers.runs.RunRecords`, whatever the tracer does)."""
 
     def __init__(self) -> None:
-        self.program_runs = 0  # completed: a run the budget refused, or that raised, made no program output
-        self.program_runs_failed = 0
         self.trials: dict[tuple[str, int], dict[str, Any]] = {}
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -150,12 +147,6 @@ class RunSpanExporter(SpanExporter):
             if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
                 continue
             a = span.attributes or {}
-            kind = a.get(A.SPAN_KIND)
-            if kind in _MODULE_KINDS and a.get(A.PHASE) == "infer" and "." not in str(a.get(A.MODULE_PATH, ".")):
-                if span.status.status_code == StatusCode.ERROR:
-                    self.program_runs_failed += 1
-                else:
-                    self.program_runs += 1
             if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
                 key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
                 self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
