@@ -65,3 +65,33 @@ def test_trials_and_program_runs_are_recorded_whatever_the_tracer_does(server, t
                              pytest.approx(t["usd"], abs=1e-12)) for t in ts]
         assert strip(other["trials"]) == strip(recorded["trials"]), mode
         assert not any(t["trace_id"] for t in other["trials"]), mode  # no trace was recorded to point at
+
+
+def test_miprov2_minibatch_and_full_evaluations_are_trials_numbered_as_dspy_logs_them(otel, lm, tmp_path, caplog):
+    """With minibatches (valset above 35), DSPy runs a full evaluation every few trials inside the trial before
+    it and logs it as a trial of its own: each is one here too, with its own calls and `eval`."""
+    import inspect
+    import logging
+    import re
+
+    import dspy
+
+    import otel_dspy_cost
+
+    caplog.set_level(logging.INFO, logger="dspy.teleprompt.mipro_optimizer_v2")
+    metric = lambda e, p, t=None: float(len(p.answer) % 3 == 0)  # noqa: E731
+    data = lambda n, k: [dspy.Example(question=f"{k} {i}", answer="a").with_inputs("question")  # noqa: E731
+                         for i in range(n)]
+    optimizer = dspy.MIPROv2(metric=metric, auto=None, num_candidates=3, num_threads=2, verbose=False,
+                             prompt_model=lm, task_model=lm)
+    kwargs = ({"requires_permission_to_run": False}
+              if "requires_permission_to_run" in inspect.signature(optimizer.compile).parameters else {})
+    with dspy.context(lm=lm), otel_dspy_cost.record_run(tmp_path / "run") as run:
+        optimizer.compile(dspy.Predict("question -> answer"), trainset=data(8, "t"), valset=data(40, "v"),
+                          num_trials=7, minibatch_size=35, minibatch_full_eval_steps=3, seed=3, **kwargs)
+    logged = [(int(n), "minibatch" if kind.startswith("Minibatch") else "full")
+              for n, kind in re.findall(r"Trial (\d+) / \d+ - ([A-Za-z ]+?) ?=", caplog.text)]
+    ours = [(t["trial"], t["eval"]) for t in run.summary["trials"]]
+    assert ours == logged and ("full") in {k for _, k in logged} and len(logged) >= 8
+    for t in run.summary["trials"]:  # a full evaluation is the 40 examples, a minibatch 35: nothing folded in
+        assert t["calls"] == (40 if t["eval"] == "full" else 35), t

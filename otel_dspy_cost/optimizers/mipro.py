@@ -2,12 +2,14 @@
 
 Each Optuna trial is a trial (a trace of its own) through Optuna's public `Study.optimize` (the objective
 wrapped), with the chosen instruction/demo indices and its score; the default-program evaluation before
-the trials is trial 1; the bootstrap and instruction-proposal stages are spans of their own (private
-methods, wrapped only where the class defines them: tested on every supported DSPy version).
+the trials is trial 1; with minibatches, each periodic full evaluation is a trial of its own, as DSPy logs it;
+the bootstrap and instruction-proposal stages are spans of their own (private methods, wrapped only where the
+class defines them: tested on every supported DSPy version).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -17,8 +19,47 @@ from otel_dspy_cost.optimizers import runs
 from otel_dspy_cost.telemetry.spans import internal_error
 
 NAMES = ("MIPROv2",)
+
+
+def _full_evaluation_begin(instance: Any, args: tuple, kwargs: dict) -> Any:
+    """MIPROv2 with minibatches runs a full evaluation of its best-averaging candidate every few trials, inside
+    the Optuna objective of the trial before it, and logs it as a trial of its own (`trial_num + 1`, added to
+    the study). It is a trial here too: numbered as DSPy logs it, `eval` = full, its calls its own."""
+    run = runs.COMPILE_RUN.get()
+    rt = _runtime.active()
+    if run is None or rt is None:
+        return None
+    try:  # arguments by name: the private method's order is DSPy's to change
+        bound = inspect.signature(instance._perform_full_evaluation).bind_partial(*args, **kwargs).arguments
+        trial_num = bound.get("trial_num")
+        if not isinstance(trial_num, int):
+            return None
+        number = trial_num + 1
+        with run.lock:
+            run.next_trial = max(run.next_trial, number + 1)
+        opened = runs.open_trial(rt, run, f"trial {number}", number, "task_model", {A.OPTIMIZER_EVAL: "full"})
+        runs.trial_record(run.name, number, eval_kind="full")
+        return opened, bound.get("trial_logs"), number
+    except Exception:
+        internal_error("full evaluation trial start")
+        return None
+
+
+def _full_evaluation_end(state: Any, result: Any, exc: BaseException | None) -> None:
+    opened, trial_logs, number = state
+    attrs: dict[str, Any] = {}
+    try:  # the score MIPROv2 logged for it (the method returns the best so far, not this one)
+        logged = trial_logs.get(number) if isinstance(trial_logs, dict) else None
+        if isinstance(logged, dict):
+            attrs = _score(logged.get("full_eval_score"))
+    except Exception:
+        internal_error("full evaluation score")
+    runs.close_trial(opened, exc, attrs)
+
+
 METHOD_HOOKS = {"MIPROv2": {"_bootstrap_fewshot_examples": runs.stage_hooks("bootstrap", "teacher"),
-                            "_propose_instructions": runs.stage_hooks("propose_instructions", "prompt_model")}}
+                            "_propose_instructions": runs.stage_hooks("propose_instructions", "prompt_model"),
+                            "_perform_full_evaluation": (_full_evaluation_begin, _full_evaluation_end)}}
 CLI_NAMES = ("mipro-light", "mipro-medium", "mipro-heavy")
 
 
