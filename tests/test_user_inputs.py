@@ -103,3 +103,19 @@ def test_budget_messages_print_money_without_float_noise(otel, caplog):
     b.ledger.settle(b.ledger.reserve([b.account], 0.001, "infer"), 0.0015069999999999999, 0.0015)
     b._fire("exceeded")
     assert "$0.001507 spent of $0.0015456 limit" in caplog.text
+
+
+def test_without_max_tokens_the_estimate_bounds_answers_by_the_configured_lm_and_says_what_dominates():
+    import dspy
+
+    program = demo_program()
+    unbounded = estimate(program, model="openai/gpt-4o-mini", devset_size=10)
+    assert any("98% output at max_tokens=16384" in n or "output at max_tokens=16384" in n
+               for n in unbounded.assumptions)
+    with dspy.context(lm=dspy.LM("openai/gpt-4o-mini", max_tokens=300)):
+        bounded = estimate(program, model="openai/gpt-4o-mini", devset_size=10)
+    assert any("max_tokens=300 (high: the configured LM's)" in n for n in bounded.assumptions)
+    assert bounded.usd_high < unbounded.usd_high / 10 and bounded.usd_low == unbounded.usd_low
+    with dspy.context(lm=dspy.LM("openai/gpt-4.1", max_tokens=300)):  # another model: its bound is not ours
+        other = estimate(program, model="openai/gpt-4o-mini", devset_size=10)
+    assert other.usd_high == unbounded.usd_high

@@ -69,6 +69,19 @@ class _CallShape:
     outputs: int  # output fields
 
 
+def _configured_max_tokens(model: str) -> int | None:
+    """The `max_tokens` of the LM configured in DSPy (`dspy.configure(lm=...)`) when it is the model
+    estimated: what the high end's answers are bounded by, instead of the model's maximum output."""
+    try:
+        import dspy
+
+        lm = dspy.settings.lm
+    except Exception:  # noqa: BLE001 - no DSPy settings: the model's maximum
+        return None
+    value = (getattr(lm, "kwargs", None) or {}).get("max_tokens") if getattr(lm, "model", None) == model else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _checked(program: Any, model: Any, optimizer: Any, trainset_size: Any, valset_size: Any, devset_size: Any,
              max_tokens: Any, input_chars: Any, cache_hit_rate: Any, budget_usd: Any, demos: Any,
              max_metric_calls: Any) -> Any:
@@ -171,6 +184,10 @@ def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: 
                          input_chars, cache_hit_rate, budget_usd, demos, max_metric_calls)
 
     entry = (resolver or default_resolver()).lookup(model)
+    bound_from = "given"
+    if max_tokens is None:
+        max_tokens = _configured_max_tokens(model)
+        bound_from = "the configured LM's" if max_tokens is not None else "the model's maximum output"
     max_out = max_tokens or entry.max_output_tokens or 4096
     shapes = _predictor_shapes(program, input_chars)
     short = {id(p): s.prompt_tokens for p, s, *_ in _predictor_shapes(program, max(1, input_chars // 4))}
@@ -207,6 +224,12 @@ def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: 
     usd_high = econ_high * (1 - free)  # a cold cache is the worst case
     notes.append(f"prompt tokens from DSPy's ChatAdapter with {input_chars // 4}..{input_chars * 2}-character "
                  f"inputs; output "
-                 f"{_FIELD_OUTPUT_TOKENS} tokens per field (low) to max_tokens={max_out} (high)")
+                 f"{_FIELD_OUTPUT_TOKENS} tokens per field (low) to max_tokens={max_out} (high: {bound_from})")
+    high_cost = compute_cost(high_usage, entry)
+    if high_cost.economic_usd > 0:
+        share = high_cost.output_usd / high_cost.economic_usd
+        if share >= 0.5:  # say which assumption makes the high end what it is
+            notes.append(f"the high end is {share:.0%} output at max_tokens={max_out} on every call ({bound_from}); "
+                         f"a tighter max_tokens on the LM narrows it")
     return Estimate(model, calls_low, calls_high, round(usd_low, 8), round(usd_high, 8), round(econ_low, 8),
                     round(econ_high, 8), budget_usd, budget_usd is not None and usd_high > budget_usd, stages, notes)
