@@ -95,3 +95,8 @@ def test_miprov2_minibatch_and_full_evaluations_are_trials_numbered_as_dspy_logs
     assert ours == logged and ("full") in {k for _, k in logged} and len(logged) >= 8
     for t in run.summary["trials"]:  # a full evaluation is the 40 examples, a minibatch 35: nothing folded in
         assert t["calls"] == (40 if t["eval"] == "full" else 35), t
+    # each trial points at its own trace: the root span of kind `trial` with its number
+    exporter, _ = otel
+    roots = {s.attributes["dspy.optimizer.trial"]: f"{s.context.trace_id:032x}" for s in exporter.get_finished_spans()
+             if s.attributes.get("dspy.span.kind") == "trial" and s.parent is None}
+    assert [t["trace_id"] for t in run.summary["trials"]] == [roots[t["trial"]] for t in run.summary["trials"]]

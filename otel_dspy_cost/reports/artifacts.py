@@ -20,16 +20,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-
-from otel_dspy_cost import _attributes as A
 from otel_dspy_cost.budgets.accounting import LMCall
 from otel_dspy_cost.budgets.spend import SpendAggregator
 from otel_dspy_cost.optimizers import runs as optimizer_runs
@@ -134,31 +129,6 @@ class CostLog:
                 os.replace(newer, older)
 
 
-class RunSpanExporter(SpanExporter):
-    """What only spans say about a run: each scored trial's trace id (program runs and scores themselves come
-    from `optimizers.runs.RunRecords`, whatever the tracer does)."""
-
-    def __init__(self) -> None:
-        self.trials: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        for span in spans:
-            scope = span.instrumentation_scope
-            if scope is None or scope.name != A.SCOPE_NAME:  # another instrumentation's span
-                continue
-            a = span.attributes or {}
-            if A.OPTIMIZER_SCORE in a and A.OPTIMIZER_TRIAL in a:
-                key = (str(a.get(A.OPTIMIZER_NAME, "")), int(a[A.OPTIMIZER_TRIAL]))
-                self.trials[key] = {"optimizer": key[0], "trial": key[1], "score": a[A.OPTIMIZER_SCORE],
-                                    "usd": a.get(A.TOTAL_USD, 0.0), "calls": a.get(A.LM_CALLS, 0),
-                                    "eval": a.get(A.OPTIMIZER_EVAL),
-                                    "trace_id": a.get(A.OPTIMIZER_TRIAL_TRACE_ID) or f"{span.context.trace_id:032x}"}
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
-
-
 def aggregate(lines: list[dict[str, Any]]) -> SpendAggregator:
     """The log's calls fed to the same aggregator the live processor fills, so a report built from a
     run's `costs.jsonl` is `spend_report()` of that run by construction."""
@@ -186,8 +156,9 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, pro
                   trials: list[dict[str, Any]] = (),
                   budget: Any = None, estimate: Any = None, score: float | None = None,
                   cancelled_reason: str | None = None, started_at: str | None = None,
-                  problems: list[str] | None = None) -> dict[str, Any]:
-    agg = aggregate(read_costs(run_dir, problems))
+                  problems: list[str] | None = None, aggregator: SpendAggregator | None = None) -> dict[str, Any]:
+    """`aggregator`: the run's cost lines already read (else they are read here, `problems` as in `read_costs`)."""
+    agg = aggregator if aggregator is not None else aggregate(read_costs(run_dir, problems))
     by_phase = spend_report("phase", aggregator=agg)
     train, infer = by_phase.get("train", {}), by_phase.get("infer", {})
     total = by_phase["total"]
@@ -242,7 +213,6 @@ class Run:
 
     directory: Path
     cost_log: CostLog
-    spans: RunSpanExporter
     budget: Any = None
     estimate: Any = None
     score: float | None = None
@@ -287,29 +257,24 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
     processes or steps), and the summary then covers every call in the folder.
 
     Every LM call settled during the block is logged, sampled or not; program runs and trial scores are
-    recorded by the wrappers the same way (a disabled or sampled-out tracer changes none of them). Trace ids
-    come from spans where they were recorded, on the instrumented provider (or `tracer_provider`)."""
+    recorded by the wrappers the same way (a disabled or sampled-out tracer changes none of them), with each
+    trial's trace id where its trace was recorded. `tracer_provider` is accepted for compatibility: nothing
+    here reads spans any more."""
     from otel_dspy_cost import _runtime
     from otel_dspy_cost.instrumentation.instrumentor import ensure_accounting
 
     ensure_accounting()
     rt = _runtime.active()
-    provider = tracer_provider or (rt.tracer_provider if rt is not None else None) or trace.get_tracer_provider()
     directory = Path(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     previous = None if append else _move_previous_run(directory)
     cost_log = CostLog(directory / "costs.jsonl", max_bytes=max_bytes)
-    span_exporter = RunSpanExporter()
-    processor = None
-    if hasattr(provider, "add_span_processor"):
-        processor = BatchSpanProcessor(span_exporter, max_queue_size=8192, schedule_delay_millis=1000)
-        provider.add_span_processor(processor)
     accountant = rt.accountant if rt is not None else None
     if accountant is not None:
         accountant.add_sink(cost_log)
     records = optimizer_runs.RunRecords()  # trials and program runs, whatever the tracer does
     optimizer_runs.watch(records)
-    run = Run(directory, cost_log, span_exporter, budget, estimate, previous=previous)
+    run = Run(directory, cost_log, budget, estimate, previous=previous)
     started = _dt.datetime.now(_dt.UTC).isoformat()
     cancelled = None
     try:
@@ -325,44 +290,28 @@ def record_run(run_dir: str | os.PathLike[str], *, budget: Any = None, estimate:
         if accountant is not None:
             accountant.remove_sink(cost_log)
         cost_log.flush()
-        if processor is not None:
-            processor.force_flush()
-            _detach(provider, processor)
         try:
+            agg = aggregate(read_costs(directory))  # read once: the trials' costs and the summary's totals
             run.summary = build_summary(directory, program_runs=records.program_runs,
                                         program_runs_failed=records.program_runs_failed,
-                                        trials=_trials(directory, records, span_exporter), budget=budget,
-                                        estimate=estimate, score=run.score, cancelled_reason=cancelled,
-                                        started_at=started)
+                                        trials=_trials(agg, records), budget=budget, estimate=estimate,
+                                        score=run.score, cancelled_reason=cancelled, started_at=started,
+                                        aggregator=agg)
             run.summary = _rounded(run.summary)
             (directory / "summary.json").write_text(json.dumps(run.summary, indent=1, default=str) + "\n")
         except Exception:  # our bug must not mask the user's outcome
             logger.exception("otel-dspy-cost: could not write %s/summary.json", directory)
 
 
-def _trials(directory: Path, records: Any, spans: RunSpanExporter) -> list[dict[str, Any]]:
-    """Each scored trial: its score and evaluation kind from the always-on records, its calls and USD from the
-    cost lines (the trial each call was made in), its trace id from the trial's span where one was recorded."""
-    by_trial = spend_report("trial", aggregator=aggregate(read_costs(directory)))
+def _trials(agg: SpendAggregator, records: Any) -> list[dict[str, Any]]:
+    """Each scored trial: its score, evaluation kind and trace id from the always-on records, its calls and USD
+    from the cost lines (the trial each call was made in)."""
+    by_trial = spend_report("trial", aggregator=agg)
     out = []
     with records.lock:
         rows = [dict(r) for r in records.trials.values() if r["score"] is not None]
     for row in rows:
-        key = (row["optimizer"], row["trial"])
         spent = by_trial.get(f"{row['optimizer'] or 'optimizer'}#{row['trial']}", {})
-        seen = spans.trials.get(key, {})
-        row.update(usd=spent.get("usd", 0.0), calls=spent.get("calls", 0),
-                   trace_id=row["trace_id"] or seen.get("trace_id"), eval=row["eval"] or seen.get("eval"))
+        row.update(usd=spent.get("usd", 0.0), calls=spent.get("calls", 0))
         out.append(row)
     return out
-
-
-def _detach(provider: Any, processor: BatchSpanProcessor) -> None:
-    """The SDK cannot remove a span processor; take ours out of its (private) list if it can, else stop it."""
-    multi = getattr(provider, "_active_span_processor", None)
-    procs = getattr(multi, "_span_processors", None)
-    lock = getattr(multi, "_lock", None)
-    if isinstance(procs, tuple) and lock is not None:
-        with lock:
-            multi._span_processors = tuple(p for p in procs if p is not processor)
-    processor.shutdown()

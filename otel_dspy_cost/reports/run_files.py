@@ -93,10 +93,12 @@ def _tell(said: list[str], problems: list[str] | None) -> None:
         logger.warning("otel-dspy-cost: %s", line)
 
 
-def read_summary(run_dir: str | os.PathLike[str], problems: list[str] | None = None) -> dict[str, Any]:
+def read_summary(run_dir: str | os.PathLike[str], problems: list[str] | None = None,
+                 aggregator: Any = None) -> dict[str, Any]:
     """A run's summary. Older summaries without cost fields read as zero cost, never as an error. A missing or
     unreadable `summary.json` of a folder with cost lines is rebuilt from them (its totals, models and
-    modules; trials and program runs are not in the cost lines) and marked `incomplete` with the reason."""
+    modules; trials and program runs are not in the cost lines) and marked `incomplete` with the reason.
+    `aggregator`: the cost lines already read (`artifacts.aggregate`), so a report reads them once."""
     path = Path(run_dir) / "summary.json"
     data: Any = None
     reason = None
@@ -114,7 +116,7 @@ def read_summary(run_dir: str | os.PathLike[str], problems: list[str] | None = N
         else:
             from otel_dspy_cost.reports.artifacts import build_summary
 
-            data = build_summary(run_dir, problems=problems)
+            data = build_summary(run_dir, problems=problems, aggregator=aggregator)
             data.pop("finished_at", None)
             data["incomplete"] = reason
             _tell([reason], problems)

@@ -24,7 +24,7 @@ def run_report(run_dir: str | Path, *, depth: int | None = 2, problems: list[str
     `incomplete`, when the run left none or an unreadable one). Damaged lines are skipped: said in `problems`
     when given, else logged."""
     agg = aggregate(read_costs(run_dir, problems))
-    summary = read_summary(run_dir, problems)
+    summary = read_summary(run_dir, problems, aggregator=agg)
     tables = {by: spend_report(by, depth=(depth or None) if by == "module" else None, aggregator=agg)
               for by in ("module", "model", "phase", "trial")}
     return {"run": str(run_dir), **tables, "trials": summary.get("trials", []),
@@ -113,7 +113,7 @@ def main(args: Any) -> int:
             return 2
     problems: list[str] = []
     report = run_report(args.run_dir, depth=args.depth, problems=problems)
-    for problem in dict.fromkeys(problems):  # the cost lines are read twice (tables, rebuilt summary): said once
+    for problem in problems:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(report, indent=1, default=str))
@@ -124,6 +124,6 @@ def main(args: Any) -> int:
     if args.compare:
         other: list[str] = []
         print(compare(report, run_report(args.compare, depth=args.depth, problems=other)))
-        for problem in dict.fromkeys(other):
+        for problem in other:
             print(f"warning: {problem}", file=sys.stderr, flush=True)
     return 0
