@@ -189,9 +189,7 @@ class Accountant:
             plan, amount, term = prepared
             waiting = self._reserve(call, plan, amount, term)
             if waiting is not None:  # the rare path: others in flight are in the way
-                if call.prompt is not None:  # near the cap: with an exact prompt count it may fit now
-                    amount, term = self._refined(call, amount, term)
-                    waiting = waiting.again(self._reserve(call, plan, amount, term))
+                amount, term, waiting = self._refined_again(call, plan, amount, term, waiting)
                 if waiting is not None:
                     self._wait_for_room(call, plan, amount, term, waiting)
             self._admitted(call, plan, amount, term)
@@ -204,9 +202,7 @@ class Accountant:
             plan, amount, term = prepared
             waiting = self._reserve(call, plan, amount, term)
             if waiting is not None:
-                if call.prompt is not None:  # near the cap, as in `admit`
-                    amount, term = self._refined(call, amount, term)
-                    waiting = waiting.again(self._reserve(call, plan, amount, term))
+                amount, term, waiting = self._refined_again(call, plan, amount, term, waiting)
                 if waiting is not None:
                     await self._wait_for_room_async(call, plan, amount, term, waiting)
             self._admitted(call, plan, amount, term)
@@ -248,6 +244,14 @@ class Accountant:
                 if near > b.room_hint:
                     return plan, *self._refined(call, amount, term)
         return plan, amount, term
+
+    def _refined_again(self, call: LMCall, plan: _Plan, amount: float, term: str | None, waiting: _Waiting
+                       ) -> tuple[float, str | None, _Waiting | None]:
+        """A call told to wait is near the cap: with its prompt counted exactly (if not yet) it may fit now."""
+        if call.prompt is None:
+            return amount, term, waiting
+        amount, term = self._refined(call, amount, term)
+        return amount, term, waiting.again(self._reserve(call, plan, amount, term))
 
     def _refined(self, call: LMCall, amount: float, term: str | None) -> tuple[float, str | None]:
         """The worst case with the prompt counted by the model's own tokenizer where it has one offline

@@ -81,7 +81,8 @@ def add_native_units(usage: Usage, responses: Any) -> None:
                 if isinstance(grounding, dict):
                     queries.update(q for q in grounding.get("webSearchQueries") or () if isinstance(q, str) and q)
             searches += len(queries)
-        server = (raw.get("usage") or {}).get("server_tool_use") if isinstance(raw.get("usage"), dict) else None
+        counters = raw.get("usage")
+        server = counters.get("server_tool_use") if isinstance(counters, dict) else None
         if isinstance(server, dict) and isinstance(server.get("web_search_requests"), int):
             searches += max(0, server["web_search_requests"])
     if images:

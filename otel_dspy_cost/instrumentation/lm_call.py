@@ -26,7 +26,7 @@ from otel_dspy_cost.pricing.cost import (
     Usage,
     estimate_tokens,
 )
-from otel_dspy_cost.pricing.tokenizers import SCHEMA_KWARGS
+from otel_dspy_cost.pricing.tokenizers import MESSAGE_OVERHEAD, REQUEST_OVERHEAD, SCHEMA_KWARGS, SCHEMA_OVERHEAD
 from otel_dspy_cost.telemetry.processor import take_over_current
 from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 
@@ -34,8 +34,6 @@ from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 # 2048 px image and Anthropic's 1.15 MP cap both stay well below this; base64 bytes are counted too).
 IMAGE_TOKENS_BOUND = 6_000
 _IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
-# Request kwargs the provider turns into prompt tokens besides the messages.
-_SCHEMA_KWARGS = SCHEMA_KWARGS
 
 _PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
               "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "groq": "groq", "mistral": "mistral_ai",
@@ -85,8 +83,9 @@ def _prompt_bound(prompt: Any, messages: Any, request: dict[str, Any] | None) ->
     """(`input_tokens_bound`, the messages when some content is not a plain string, else None)."""
     msgs = messages if messages is not None else [prompt]
     if type(msgs) is not list:
-        return _bound_extras(_text_len(msgs) + 8 + 16, request), None if isinstance(msgs, str) else msgs
-    bound = 8 * len(msgs) + 16
+        return (_bound_extras(_text_len(msgs) + MESSAGE_OVERHEAD + REQUEST_OVERHEAD, request),
+                None if isinstance(msgs, str) else msgs)
+    bound = MESSAGE_OVERHEAD * len(msgs) + REQUEST_OVERHEAD
     multimodal = False
     for m in msgs:  # DSPy's chat shape ({"role": str, "content": str}) inline: this runs once per LM call
         if isinstance(m, dict):
@@ -112,10 +111,10 @@ _UNIT_KWARGS = frozenset({"modalities", "response_modalities", "audio", "tools",
 def _bound_extras(bound: int, request: dict[str, Any] | None) -> int:
     """Tool/function and response-format schemas: the provider turns them into prompt tokens too."""
     if request:
-        for key in _SCHEMA_KWARGS:
+        for key in SCHEMA_KWARGS:
             value = request.get(key)
             if value:  # schemas count their keys too: json text, as the provider receives it
-                bound += len(json.dumps(value, default=str).encode("utf-8", "ignore")) + 16
+                bound += len(json.dumps(value, default=str).encode("utf-8", "ignore")) + SCHEMA_OVERHEAD
     return bound
 
 

@@ -108,9 +108,7 @@ def _deepseek_cache_hits(usage: Usage, responses: Any) -> None:
     for response in responses:
         raw = getattr(response, "provider_data", None)
         counters = raw.get("usage") if isinstance(raw, dict) else None
-        value = counters.get("prompt_cache_hit_tokens") if isinstance(counters, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            hits += value
+        hits += _int_or_0(counters.get("prompt_cache_hit_tokens")) if isinstance(counters, dict) else 0
     usage.cache_read_tokens = min(hits, usage.input_tokens)
 
 

@@ -26,13 +26,15 @@ from typing import Any
 
 logger = logging.getLogger("otel_dspy_cost")
 
-_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 # Providers that bill OpenAI's own tokenizer for OpenAI's model names (an `openai/` model served by another
 # backend bills its own tokens: a user who names it so gets OpenAI's count, as DSPy and LiteLLM assume too).
 _OPENAI_PROVIDERS = frozenset({"openai", "azure", "text-completion-openai"})
-_MESSAGE_OVERHEAD = 8  # OpenAI's chat format adds 3-4 tokens per message (role, separators) and 3 to prime a reply
-_REQUEST_OVERHEAD = 16
-# Request fields the provider turns into prompt tokens besides the messages (shared with the byte bound).
+# The chat format's framing, allowed for by both prompt bounds (this one and the byte bound of
+# `instrumentation.lm_call`): OpenAI's adds 3-4 tokens per message (role, separators) and 3 to prime a reply.
+MESSAGE_OVERHEAD = 8
+REQUEST_OVERHEAD = 16
+SCHEMA_OVERHEAD = 16  # per schema (tools, response format) around its JSON text
+# Request fields the provider turns into prompt tokens besides the messages.
 SCHEMA_KWARGS = ("tools", "functions", "tool_choice", "response_format")
 
 _lock = threading.Lock()
@@ -59,16 +61,15 @@ def encoding_for(model: str) -> Any:
 
 def prompt_tokens_bound(model: str, messages: Any, request: dict[str, Any] | None = None) -> int | None:
     """An upper bound on the prompt tokens of a chat request with text-only messages (or of an embedding
-    request's list of texts), from the model's own
-    tokenizer plus the chat format's overhead and the request's schemas (tools, response format) as JSON
-    text; None when there is no exact tokenizer or a part is not text (images, audio: the byte bound's
-    per-part allowances apply)."""
+    request's list of texts), from the model's own tokenizer plus the chat format's overhead and the request's
+    schemas (tools, response format) as JSON text; None when there is no exact tokenizer or a part is not text
+    (images, audio: the byte bound's per-part allowances apply)."""
     enc = encoding_for(model)
     if enc is None or not isinstance(messages, list):
         return None
-    total = _REQUEST_OVERHEAD
+    total = REQUEST_OVERHEAD
     for m in messages:
-        total += _MESSAGE_OVERHEAD
+        total += MESSAGE_OVERHEAD
         if isinstance(m, str):  # an embedding's inputs
             total += len(enc.encode(m, disallowed_special=()))
             continue
@@ -85,7 +86,7 @@ def prompt_tokens_bound(model: str, messages: Any, request: dict[str, Any] | Non
     for key in SCHEMA_KWARGS:
         value = (request or {}).get(key)
         if value:  # as the byte bound counts them: the JSON text, plus the provider's framing
-            total += len(enc.encode(json.dumps(value, default=str), disallowed_special=())) + 16
+            total += len(enc.encode(json.dumps(value, default=str), disallowed_special=())) + SCHEMA_OVERHEAD
     return total
 
 
