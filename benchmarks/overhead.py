@@ -9,6 +9,7 @@ Variants, interleaved round by round in one process (instrument, time, uninstrum
   ours, adapter spans  instrument(adapter_spans=True): format/parse as spans, 4 per Predict call
   ours, lean     instrument(adapter_spans=False): 2 spans, no adapter timings
   ours, no genai hist  the default with instrument(genai_metrics=False): no GenAI histograms
+  ours, no backend attrs  the default with instrument(backend_attributes=False): no OpenInference/MLflow names
   ours, sampled out the provider's sampler is ALWAYS_OFF, a budget is active, metrics on: no span can record,
                  so none is made and this is the accounting station alone (pricing, reservation, settlement,
                  spend report, metrics); "sampled, no metrics" without the MeterProvider
@@ -150,6 +151,7 @@ def variants() -> list[Variant]:
     out = [Variant("baseline", lambda: None, lambda: None), _ours(),
            _ours("ours, adapter spans", adapter_spans=True), _ours("ours, lean", adapter_spans=False),
            _ours("ours, no genai hist", genai_metrics=False),
+           _ours("ours, no backend attrs", backend_attributes=False),
            _ours("ours, sampled out", sampled=False), _ours("sampled, no metrics", sampled=False, metrics=False),
            _ours("ours, ratio 0", sampled=False, sampler=TraceIdRatioBased(0.0)),
            _sdk_floor("SDK floor, 4 spans", True), _sdk_floor("SDK floor, 2 spans", False),

@@ -9,7 +9,20 @@ DSPY_VERSIONS="${DSPY_VERSIONS:-3.4.1 3.3.1}"
 # The shipped price catalog is checked against this LiteLLM price map (`otel-dspy-cost pricing diff`, tested):
 # bump the two together, running `pricing diff --append` on the catalog.
 LITELLM_VERSION="${LITELLM_VERSION:-1.110.2}"
+MLFLOW_VERSION="${MLFLOW_VERSION:-3.17.2}"
+PHOENIX_VERSION="${PHOENIX_VERSION:-20.26.1}"
 bash tests/install-system-deps.sh
+# The observability backends users run, as servers the tests start (tests/test_backends.py): MLflow's tracking
+# server and Phoenix, from PyPI, each in a venv of its own (MLflow's graphene breaks on the graphql-core Phoenix
+# needs, and both would fight DSPy's pins).
+backends=".venv-backends"
+for pair in "mlflow mlflow==$MLFLOW_VERSION" "phoenix arize-phoenix==$PHOENIX_VERSION"; do
+  set -- $pair
+  echo "=== $2: installing into $backends/$1"
+  "$PYTHON" -m venv "$backends/$1"
+  "$backends/$1/bin/python" -m pip install -q "$2" 2>&1 | { grep -v "^WARNING: Location" || true; }
+done
+export OTEL_DSPY_COST_BACKENDS="$PWD/$backends"
 for version in $DSPY_VERSIONS; do
   venv=".venv-dspy-$version"
   echo "=== DSPy $version: installing into $venv"
@@ -20,7 +33,7 @@ for version in $DSPY_VERSIONS; do
   "$venv/bin/python" -c "import dspy, otel_dspy_cost; assert dspy.__version__ == '$version', dspy.__version__"
   # The test extra's instrumentations are compared against for real; a missing one must fail here, not skip.
   "$venv/bin/python" -c "import openinference.instrumentation.dspy, opentelemetry.instrumentation.genai.dspy, optuna, redis"
-  "$venv/bin/ruff" check otel_dspy_cost tests benchmarks grafana
+  "$venv/bin/ruff" check otel_dspy_cost tests benchmarks grafana docs
   echo "=== DSPy $version: tests"
   # pytest exits 5 when it collects no test: set -e turns that into a failure, never a silent pass.
   "$venv/bin/pytest" -q -p no:cacheprovider

@@ -60,7 +60,7 @@ def test_summary_splits_phases_budget_status_and_cost_per_million_runs(otel, lm,
     assert summary["train_completion_tokens"] == phases["train"]["output_tokens"]
     assert summary["inference_economic_cost_usd"] == pytest.approx(phases["infer"]["economic_usd"])
     assert summary["budget"] == {"label": "artifact-run", "limit_usd": 0.006, "spent_usd": pytest.approx(
-        guard.spent_usd), "status": "stopped", "within_budget": False, "exceeded_threshold": True,
+        guard.spent_usd), "warn_at": 0.8, "status": "stopped", "within_budget": False, "exceeded_threshold": True,
         "cancelled_reason": "budget_exceeded"}
     assert summary["program_runs"] > 0 and summary["program_cost_per_million_runs"] == pytest.approx(
         summary["infer_cost_usd"] / summary["program_runs"] * 1e6)

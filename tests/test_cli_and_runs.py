@@ -354,3 +354,39 @@ def test_demo_runs_fast_and_matches_its_artifacts(tmp_path):
     # The budget cut the run short, so the actual sits below the projection, which warned it might not fit.
     assert summary["calls"] <= estimate_["calls_high"] and estimate_["exceeds_budget"] is True
     assert "estimate, whole run" in text
+
+
+def test_a_slow_collector_at_exit_is_told_apart_from_a_dead_one():
+    """The collector takes the spans but answers after the exit bound: the message says they were being exported
+    with no answer yet (they may still be stored), not that they were dropped."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            request = ExportTraceServiceRequest.FromString(body)
+            received.append(sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans))
+            time.sleep(3)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+               "OTEL_DSPY_COST_SHUTDOWN_TIMEOUT_S": "1", "OTEL_METRICS_EXPORTER": "none"}
+        _, result = _timed(env)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0 and "done" in result.stdout
+    (line,) = [line for line in result.stderr.splitlines() if "not delivered within" in line]
+    assert f"0 spans acknowledged; {sum(received)} being exported with no answer yet" in line, line
+    assert sum(received) >= 2  # the predictor and LM spans reached the collector

@@ -5,11 +5,13 @@ Prometheus (Debian package, installed by tests/install-system-deps.sh) runs for 
 """
 
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.parse
 import urllib.request
@@ -194,8 +196,11 @@ def prometheus(tmp_path):
         proc.wait(timeout=20)
 
 
-def _series(url, expr):
-    data = _get(url + "/api/v1/query", {"query": promql(expr)})["data"]
+def _series(url, expr, at=None):
+    params = {"query": promql(expr)}
+    if at is not None:
+        params["time"] = f"{at:.3f}"
+    data = _get(url + "/api/v1/query", params)["data"]
     if data["resultType"] == "scalar":
         return {(): float(data["result"][1])}
     return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in data["result"]}
@@ -268,29 +273,7 @@ def test_live_scrape_dashboards_match_spend_report_and_warn_alert_fires(promethe
                 (("dspy_budget_event", "exceeded"), ("dspy_budget_label", "live")): float(b.status == "exceeded"),
                 (("dspy_budget_event", "warn"), ("dspy_budget_label", "live")): 1.0},
         }
-        checked = set()
-        for uid, title, ref, expr in prom_queries():
-            got = _series(url, expr)
-            for _ in range(50):  # rate() needs two scrapes of the final values
-                if got:
-                    break
-                time.sleep(0.2)
-                got = _series(url, expr)
-            assert got, f"{uid} / {title} / {ref} returned nothing"
-            if title == "Spend by module and model":
-                assert sum(got.values()) == pytest.approx(total["usd"])
-            elif title == "Utilisation vs warn threshold and limit":
-                value = list(got.values())[0]
-                assert value == pytest.approx({"A": b.utilisation, "B": 0.5, "C": 1.0}[ref]), ref
-            elif title in expected:
-                assert set(got) == set(expected[title]), title
-                for key, value in expected[title].items():
-                    assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (title, key)
-            else:
-                assert title == "Spend rate (USD per hour)", f"no expectation for panel {title!r}"
-                assert list(got.values())[0] >= 0
-            checked.add(title)
-        assert len(checked) >= 19
+        _check_panels(url, expected, b, total)
         for _ in range(60):
             alerts = _get(url + "/api/v1/alerts")["data"]["alerts"]
             firing = {(a["labels"]["alertname"], a["labels"].get("dspy_budget_label")) for a in alerts
@@ -300,9 +283,93 @@ def test_live_scrape_dashboards_match_spend_report_and_warn_alert_fires(promethe
             time.sleep(0.5)
         assert ("DSPyBudgetWarnThreshold", "live") in firing
         assert not any(name == "DSPyUnknownModelPricing" for name, _ in firing)
+        # The job exits: its series go stale at the next failed scrape, and instant queries of them return
+        # nothing. Every panel but the time series still shows the job's figures, 2 minutes later.
+        http_server.shutdown()
+        http_server.server_close()
+        for _ in range(100):
+            if not _series(url, "dspy_lm_calls_total"):
+                break
+            time.sleep(0.2)
+        assert not _series(url, "dspy_lm_calls_total")
+        _check_panels(url, expected, b, total, at=time.time() + 120)
     finally:
         otel_dspy_cost.uninstrument()
         http_server.shutdown()
+
+
+def _check_panels(url, expected, b, total, at=None):
+    """Every Prometheus panel query returns the figures `expected` (evaluated `at` a time, else now)."""
+    checked = set()
+    for uid, title, ref, expr in prom_queries():
+        if at is not None and title in ("Spend rate (USD per hour)", "Utilisation vs warn threshold and limit"):
+            continue  # time series: they show the job while it ran, not after
+        got = _series(url, expr, at)
+        for _ in range(50):  # rate() needs two scrapes of the final values
+            if got:
+                break
+            time.sleep(0.2)
+            got = _series(url, expr, at)
+        assert got, f"{uid} / {title} / {ref} returned nothing" + (" after the job exited" if at else "")
+        if title == "Spend by module and model":
+            assert sum(got.values()) == pytest.approx(total["usd"])
+        elif title == "Utilisation vs warn threshold and limit":
+            value = list(got.values())[0]
+            assert value == pytest.approx({"A": b.utilisation, "B": 0.5, "C": 1.0}[ref]), ref
+        elif title in expected:
+            assert set(got) == set(expected[title]), title
+            for key, value in expected[title].items():
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (title, key)
+        else:
+            assert title == "Spend rate (USD per hour)", f"no expectation for panel {title!r}"
+            assert list(got.values())[0] >= 0
+        checked.add(title)
+    assert len(checked) >= (17 if at else 19)
+
+
+_FAST_STOP = textwrap.dedent("""
+    import sys, time, dspy, otel_dspy_cost
+    from otel_dspy_cost.simulator import SimulatedLM, SimulatorServer
+    otel_dspy_cost.instrument()  # OTEL_METRICS_EXPORTER=prometheus: a scrape endpoint of its own
+    with SimulatorServer(SimulatedLM()) as srv:
+        lm = dspy.LM("openai/gpt-4o-mini", api_base=srv.api_base, api_key="sk-x", cache=False, max_tokens=64)
+        with dspy.context(lm=lm):  # warm: LiteLLM's first call imports and sets up for seconds on DSPy 3.3
+            dspy.Predict("question -> answer")(question="warm-up")
+        started = time.monotonic()
+        try:
+            with otel_dspy_cost.budget(limit_usd=0.0001, label="fast"), dspy.context(lm=lm):
+                for i in range(100):
+                    dspy.Predict("question -> answer")(question=f"q{i}")
+        except otel_dspy_cost.BudgetExceededError:
+            print(f"stopped after {time.monotonic() - started:.3f} s", flush=True)
+    time.sleep(120)  # the rest of the job: the test ends it once the alert fired
+""")
+
+
+def test_the_stop_alert_fires_for_a_budget_that_stops_before_the_first_scrape(prometheus):
+    url, target = prometheus
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="prometheus",
+               OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1", OTEL_EXPORTER_PROMETHEUS_PORT=str(target))
+    job = subprocess.Popen([sys.executable, "-c", _FAST_STOP], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = job.stdout.readline()
+        assert line.startswith("stopped after") and float(line.split()[2]) < 1.0, line
+        firing = set()
+        for _ in range(60):
+            alerts = _get(url + "/api/v1/alerts")["data"]["alerts"]
+            firing = {(a["labels"]["alertname"], a["labels"].get("dspy_budget_label")) for a in alerts
+                      if a["state"] == "firing"}
+            if ("DSPyBudgetExceeded", "fast") in firing:
+                break
+            time.sleep(0.5)
+        assert ("DSPyBudgetExceeded", "fast") in firing
+        # the first sample of the stop's series already held it: no step for increase() to see
+        first = _get(url + "/api/v1/query", {"query": 'dspy_budget_events_total{dspy_budget_event="exceeded"}[1h]'})
+        assert float(first["data"]["result"][0]["values"][0][1]) == 1.0
+    finally:
+        job.kill()
+        job.wait()
 
 
 # -- OTLP to a real receiver that is down at start --------------------------------------------------

@@ -101,6 +101,8 @@ def test_miprov2_trials_are_traces_numbered_scored_costed_and_sum_to_the_compile
     train_roles = {s.attributes.get(A.LM_ROLE) for s in lm_spans if s.attributes[A.PHASE] == "train"}
     assert {"teacher", "prompt_model", "task_model"} <= train_roles
     assert [s.attributes[A.PHASE] for s in lm_spans if s.end_time > compile_span.end_time] == ["infer"]
+    # MIPROv2's own bootstrap (an inner BootstrapFewShot compile) spends for MIPROv2: one optimizer label
+    assert {s.attributes.get(A.OPTIMIZER_NAME) for s in lm_spans if s.attributes[A.PHASE] == "train"} == {"MIPROv2"}
     by_trial = otel_dspy_cost.spend_report(by="trial")
     assert by_trial["MIPROv2#2"]["usd"] == pytest.approx(trials[1].attributes[A.TOTAL_USD])
     phases = otel_dspy_cost.spend_report(by="phase")

@@ -108,6 +108,10 @@ def _pricing(args: argparse.Namespace) -> int:
             return 0
         if args.action == "diff":
             return _pricing_diff(args)
+        if args.action == "export-phoenix":
+            from otel_dspy_cost.cli import phoenix_prices
+
+            return phoenix_prices.run(args.url, args.model)
         resolver = PricingResolver()
         if args.action == "list":
             for catalog in resolver.catalogs:
@@ -138,7 +142,7 @@ def _pricing(args: argparse.Namespace) -> int:
 
 def _pricing_parser(sub: Any) -> None:
     pricing = sub.add_parser("pricing", help="the pricing catalog: list | show | lookup | diff | add | "
-                                             "import-litellm | validate")
+                                             "import-litellm | validate | export-phoenix")
     actions = pricing.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every entry of every catalog in use (overrides, user, shipped)")
     show = actions.add_parser("show", help="the full price history of a model")
@@ -174,6 +178,10 @@ def _pricing_parser(sub: Any) -> None:
     imp.add_argument("--out", required=True)
     imp.add_argument("--provider", action="append", default=[], help="repeatable, e.g. openai")
     imp.add_argument("--only", action="append", default=[], help="repeatable model name")
+    phx = actions.add_parser("export-phoenix", help="write the prices in force into a Phoenix server's model store, "
+                                                    "so its costs match ours for list-price calls")
+    phx.add_argument("url", help="Phoenix's base URL, e.g. http://localhost:6006 ($PHOENIX_API_KEY if it asks)")
+    phx.add_argument("--model", action="append", help="repeatable provider/model (default: every catalog model)")
     val = actions.add_parser("validate", help="check a catalog file against the schema and the overlap rule")
     val.add_argument("path", nargs="?")
     pricing.set_defaults(fn=_pricing)
@@ -373,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--json", action="store_true")
     rep.add_argument("--csv", action="store_true")
     rep.add_argument("--compare", help="a second run directory, side by side")
+    rep.add_argument("--html", metavar="FILE", help="also write one self-contained page (spend over time against "
+                                                    "the budget, trials' score against cost, modules); needs "
+                                                    "pip install 'otel-dspy-cost[report]'")
     rep.set_defaults(fn=_report)
     args = parser.parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from otel_dspy_cost.budgets.accounting import Accountant
 from otel_dspy_cost.instrumentation import patches
 from otel_dspy_cost.pricing.engine import CostEngine
 from otel_dspy_cost.pricing.resolver import PricingResolver, set_default_resolver
+from otel_dspy_cost.telemetry import viewers
 from otel_dspy_cost.telemetry.processor import BudgetSpanProcessor
 from otel_dspy_cost.telemetry.provider import meter_provider_from_env, provider_from_env
 
@@ -113,6 +114,10 @@ class DSPyCostInstrumentor(BaseInstrumentor):
         if kwargs.get("adapter_spans", "attributes") not in (True, False, "attributes"):
             raise ValueError(f"adapter_spans must be True, False or 'attributes', not {kwargs['adapter_spans']!r}")
         _check_options(kwargs)
+        backend_attributes = kwargs.get("backend_attributes", True)
+        if not isinstance(backend_attributes, bool):
+            raise ValueError(f"backend_attributes must be True or False, not {backend_attributes!r}")
+        viewers.on = backend_attributes
         _redact.install_log_filter()
         resolver = PricingResolver(kwargs.get("pricing_overrides"), local_models=kwargs.get("local_models"),
                                    use_litellm=kwargs.get("use_litellm_prices", True),
@@ -196,7 +201,7 @@ def _as_of(value: Any) -> _dt.datetime | None:
 _OPTIONS = frozenset({"capture_content", "pricing_overrides", "unknown_model", "local_models", "tier",
                       "use_litellm_prices", "unknown_model_price", "metrics_module_depth", "adapter_spans",
                       "prices_as_of", "genai_metrics", "skip_dep_check", "raise_exception_on_conflict",
-                      "missing_usage"})
+                      "missing_usage", "backend_attributes"})
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> DSPyCostInstrumentor:

@@ -27,6 +27,7 @@ from otel_dspy_cost.pricing.cost import (
     estimate_tokens,
 )
 from otel_dspy_cost.pricing.tokenizers import MESSAGE_OVERHEAD, REQUEST_OVERHEAD, SCHEMA_KWARGS, SCHEMA_OVERHEAD
+from otel_dspy_cost.telemetry import viewers
 from otel_dspy_cost.telemetry.processor import take_over_current
 from otel_dspy_cost.telemetry.spans import skipped, start, unsampled
 
@@ -246,6 +247,8 @@ def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: 
         attrs["server.address"] = server[0]
         if server[1]:
             attrs["server.port"] = server[1]
+    if viewers.on:
+        viewers.lm_start(attrs, attrs[A.GEN_AI_REQUEST_MODEL], call.provider)
     if rt.capture_content:
         secrets = _redact.secrets_of(merged)
         payload = messages if messages is not None else [{"role": "user", "content": prompt}]
@@ -417,6 +420,8 @@ def end_attributes(rt: Runtime, call: LMCall, outputs: Any) -> dict[str, Any]:
     if rt.capture_content and outputs is not None:
         secrets = _redact.secrets_of(getattr(call.lm, "kwargs", None) or {})
         attrs[A.GEN_AI_OUTPUT_MESSAGES] = _redact.scrub(json.dumps(outputs, default=str), secrets)
+    if viewers.on:
+        viewers.lm_end(attrs)
     return attrs
 
 

@@ -584,7 +584,9 @@ def _compile_begin(instance, args, kwargs):
         span, token = start(rt.tracer, f"compile {name}", attrs)
         state = _context.current()
         return (span, token, _IN_COMPILE.set(active + (id(instance),)),
-                _context.var().set(_context.RunContext(state.budgets, "train", name, None, state.lm_role)),
+                # An inner compile (MIPROv2's bootstrap) spends for the outer optimizer: cost is labelled with it.
+                _context.var().set(_context.RunContext(state.budgets, "train", state.optimizer or name, None,
+                                                       state.lm_role)),
                 CURRENT_MODULE.set(None), optimizers.begin_compile(instance, args, kwargs))
     except Exception:
         internal_error("compile span start")

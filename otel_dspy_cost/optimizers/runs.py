@@ -19,6 +19,7 @@ from opentelemetry.trace import Link
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _runtime
+from otel_dspy_cost.telemetry import viewers
 from otel_dspy_cost.telemetry.spans import finish, finish_detached, internal_error, start, unsampled
 
 
@@ -192,12 +193,18 @@ def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | Non
     if unsampled(rt):
         span, token = start(rt.tracer, name, base)
     else:
-        summary = rt.tracer.start_span(name, attributes={**base, A.SPAN_KIND: "trial_summary"})
+        summary_attrs = {**base, A.SPAN_KIND: "trial_summary"}
+        if viewers.on:
+            viewers.add_start(name, summary_attrs)
+        summary = rt.tracer.start_span(name, attributes=summary_attrs)
         try:
             compile_side = summary.get_span_context()
+            trial_attrs = {**base, A.OPTIMIZER_COMPILE_TRACE_ID: _hex(compile_side.trace_id)}
+            if viewers.on:  # the trial's trace joins its compile's session, in backends that drop links
+                viewers.add_start(name, trial_attrs, trace.INVALID_SPAN_CONTEXT)
+                trial_attrs.update(viewers.session_of(summary))
             span = rt.tracer.start_span(name, context=otel_context.Context(), links=[
-                Link(compile_side, {A.LINK_RELATION: "compile"})],
-                attributes={**base, A.OPTIMIZER_COMPILE_TRACE_ID: _hex(compile_side.trace_id)})
+                Link(compile_side, {A.LINK_RELATION: "compile"})], attributes=trial_attrs)
             trial_side = span.get_span_context()
             if trial_side.is_valid:
                 summary.set_attribute(A.OPTIMIZER_TRIAL_TRACE_ID, _hex(trial_side.trace_id))

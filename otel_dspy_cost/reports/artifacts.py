@@ -194,7 +194,8 @@ def build_summary(run_dir: str | os.PathLike[str], *, program_runs: int = 0, pro
         if cancelled_reason is None and budget.action == "stop" and status in (EXCEEDED, STOPPED):
             cancelled_reason = "budget_exceeded"  # stopped, and the caller caught the stop inside the run
         summary["budget"] = {"label": budget.label, "limit_usd": budget.limit_usd, "spent_usd": budget.spent_usd,
-                             "status": status, "within_budget": status not in (EXCEEDED, STOPPED),
+                             "warn_at": budget.warn_at, "status": status,
+                             "within_budget": status not in (EXCEEDED, STOPPED),
                              "exceeded_threshold": status in (WARNED, EXCEEDED, STOPPED),
                              "cancelled_reason": cancelled_reason}
         bounds = budget.window_bounds() if hasattr(budget, "window_bounds") else None

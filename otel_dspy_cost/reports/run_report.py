@@ -19,11 +19,12 @@ from otel_dspy_cost.reports.run_files import read_costs, read_summary
 from otel_dspy_cost.reports.spend import format_table, render_table, spend_report
 
 
-def run_report(run_dir: str | Path, *, depth: int | None = 2, problems: list[str] | None = None) -> dict[str, Any]:
-    """The run's tables from its cost lines, and its summary (rebuilt from the cost lines, and marked
-    `incomplete`, when the run left none or an unreadable one). Damaged lines are skipped: said in `problems`
-    when given, else logged."""
-    agg = aggregate(read_costs(run_dir, problems))
+def run_report(run_dir: str | Path, *, depth: int | None = 2, problems: list[str] | None = None,
+               costs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run's tables from its cost lines (`costs`, else read here), and its summary (rebuilt from the cost
+    lines, and marked `incomplete`, when the run left none or an unreadable one). Damaged lines are skipped:
+    said in `problems` when given, else logged."""
+    agg = aggregate(read_costs(run_dir, problems) if costs is None else costs)
     summary = read_summary(run_dir, problems, aggregator=agg)
     tables = {by: spend_report(by, depth=(depth or None) if by == "module" else None, aggregator=agg)
               for by in ("module", "model", "phase", "trial")}
@@ -111,8 +112,15 @@ def main(args: Any) -> int:
             print(f"error: {run_dir} is not a run folder (it has neither costs.jsonl nor summary.json)",
                   file=sys.stderr, flush=True)
             return 2
+    html_out = getattr(args, "html", None)
+    if html_out:
+        out = Path(html_out)
+        if not out.parent.is_dir() or (out.exists() and not out.is_file()):
+            print(f"error: --html {html_out}: cannot write there (its folder must exist)", file=sys.stderr, flush=True)
+            return 2
     problems: list[str] = []
-    report = run_report(args.run_dir, depth=args.depth, problems=problems)
+    costs = read_costs(args.run_dir, problems) if html_out else None
+    report = run_report(args.run_dir, depth=args.depth, problems=problems, costs=costs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     if args.json:
@@ -126,4 +134,16 @@ def main(args: Any) -> int:
         print(compare(report, run_report(args.compare, depth=args.depth, problems=other)))
         for problem in other:
             print(f"warning: {problem}", file=sys.stderr, flush=True)
+    if html_out:
+        from otel_dspy_cost.reports.html_report import ReportDependencyError, write_html
+
+        try:
+            path = write_html(args.run_dir, html_out, report, costs or [])
+        except ReportDependencyError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        except OSError as exc:
+            print(f"error: --html {html_out}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+            return 2
+        print(f"wrote {path}", file=sys.stderr, flush=True)
     return 0

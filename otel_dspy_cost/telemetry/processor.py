@@ -36,6 +36,7 @@ from otel_dspy_cost.errors import BudgetExceededError, UnpricedModelError
 from otel_dspy_cost.ledgers.in_process import InFlight
 from otel_dspy_cost.pricing.cost import UNKNOWN_COST, CallCost, Usage
 from otel_dspy_cost.pricing.engine import CostEngine
+from otel_dspy_cost.telemetry import viewers
 from otel_dspy_cost.telemetry.rollup import ENDED_KEPT, Node, RollupTree
 from otel_dspy_cost.telemetry.spans import mark_refused
 
@@ -172,7 +173,7 @@ class BudgetSpanProcessor(SpanProcessor):
         wrapper's own) are written once instead of after every LM call below it (an optimizer's LM call sits
         under five or six of our spans, and each rewrite is five attributes the SDK validates and copies)."""
         try:
-            self.tree.write(span, extra)
+            self.tree.write(span, extra, viewers.on and span.parent is None)
         except Exception:
             self._internal_error("write_rollup")
 
@@ -197,6 +198,8 @@ class BudgetSpanProcessor(SpanProcessor):
             with self.tree._lock:
                 attrs = node.rollup_attributes()
             attrs[A.SPAN_KIND] = "late_cost"
+            if viewers.on:
+                attrs[viewers.OI_KIND] = "CHAIN"
             if node.module:
                 attrs[A.MODULE_PATH] = node.module
             ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent.context))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -32,6 +33,27 @@ def _endpoint_and_protocol(signal: str) -> tuple[str | None, str]:
     return endpoint, protocol
 
 
+class _Tally:
+    """Spans our exporters were given, by what became of them: what the exit message can say it knows."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.acknowledged = self.pending = self.failed = 0
+
+    def text(self) -> str:
+        with self.lock:
+            acknowledged, pending, failed = self.acknowledged, self.pending, self.failed
+        parts = [f"{acknowledged} span{'s' * (acknowledged != 1)} acknowledged"]
+        if pending:
+            parts.append(f"{pending} being exported with no answer yet (a slow collector may still store them)")
+        if failed:
+            parts.append(f"{failed} refused or undeliverable")
+        return "; ".join(parts) + "; spans not yet handed to the exporter are dropped"
+
+
+_tally = _Tally()
+
+
 def _otlp_exporter() -> SpanExporter | None:
     endpoint, protocol = _endpoint_and_protocol("TRACES")
     if not endpoint:
@@ -40,11 +62,30 @@ def _otlp_exporter() -> SpanExporter | None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    class _Tallied(OTLPSpanExporter):
+        def export(self, spans: Any, *args: Any, **kwargs: Any) -> Any:
+            n = len(spans)
+            with _tally.lock:
+                _tally.pending += n
+            result = SpanExportResult.FAILURE
+            try:
+                result = super().export(spans, *args, **kwargs)
+                return result
+            finally:
+                with _tally.lock:
+                    _tally.pending -= n
+                    if result == SpanExportResult.SUCCESS:
+                        _tally.acknowledged += n
+                    else:
+                        _tally.failed += n
+
+    return _Tallied()
 
 
 SHUTDOWN_TIMEOUT_ENV = "OTEL_DSPY_COST_SHUTDOWN_TIMEOUT_S"
-_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "opentelemetry.exporter.otlp.common.http",
                      "opentelemetry.exporter.otlp.proto.http.metric_exporter",
                      "opentelemetry.exporter.otlp.proto.grpc.exporter", "opentelemetry.exporter.otlp.proto.http")
 _ours: list[Any] = []
@@ -61,6 +102,16 @@ class _OnceFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if _METRICS_REFUSED.search(message):  # a traces-only backend: one warning, and no more metrics sent to it
+            if _metrics_refused.is_set():
+                return False
+            _metrics_refused.set()
+            record.levelno, record.levelname, record.exc_info, record.args = logging.WARNING, "WARNING", None, ()
+            record.msg = (f"otel-dspy-cost: the metrics endpoint {_endpoint_and_protocol('METRICS')[0]} does not "
+                          "take metrics (it looks traces-only, as Phoenix and MLflow are): metrics export is off for "
+                          "this run. Send metrics to a Collector with OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, or set "
+                          f"OTEL_METRICS_EXPORTER=none. ({message})")
+            return True
         if record.levelno < logging.WARNING or "retrying" not in message:
             return True
         if self.said:
@@ -109,9 +160,9 @@ def shutdown_bounded(timeout_s: float | None = None) -> bool:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
-        logger.warning("otel-dspy-cost: telemetry not delivered within %.1f s at exit (is the collector at %s "
-                       "up?); the rest is dropped. Set %s to wait longer.", time.monotonic() - started,
-                       _endpoint_and_protocol("TRACES")[0] or "(no endpoint)", SHUTDOWN_TIMEOUT_ENV)
+        logger.warning("otel-dspy-cost: telemetry not delivered within %.1f s at exit to %s: %s. Set %s to wait "
+                       "longer.", time.monotonic() - started, _endpoint_and_protocol("TRACES")[0] or "(no endpoint)",
+                       _tally.text(), SHUTDOWN_TIMEOUT_ENV)
         return False
     return True
 
@@ -135,19 +186,83 @@ def provider_from_env() -> TracerProvider:
     return provider
 
 
+_METRICS_EXPORTERS = ("otlp", "prometheus", "console", "none")
+# An endpoint that takes traces but not metrics (Phoenix: 405 / UNIMPLEMENTED, MLflow: 404): the exporter's own
+# error line, as the OTLP exporters word it, over HTTP and gRPC.
+_METRICS_REFUSED = re.compile(r"Failed to export metrics.*(code: (404|405|415)\b|StatusCode\.UNIMPLEMENTED)")
+_metrics_refused = threading.Event()
+
+
 def meter_provider_from_env() -> Any:
-    """A MeterProvider exporting OTLP when an endpoint is configured (and OTEL_METRICS_EXPORTER allows);
-    None otherwise, so the metrics API stays a no-op and nothing dials out."""
-    names = [n.strip() for n in os.environ.get("OTEL_METRICS_EXPORTER", "").split(",") if n.strip()]
+    """A MeterProvider for OTEL_METRICS_EXPORTER's values (`otlp`, the default when an OTLP endpoint is set;
+    `prometheus`, served on OTEL_EXPORTER_PROMETHEUS_HOST:PORT, default localhost:9464; `console`; `none`);
+    None when nothing is to be exported, so the metrics API stays a no-op and nothing dials out."""
+    names = [n.strip().lower() for n in os.environ.get("OTEL_METRICS_EXPORTER", "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in _METRICS_EXPORTERS]
+    if unknown:
+        logger.warning("otel-dspy-cost: OTEL_METRICS_EXPORTER=%s is not one of %s: ignored", ",".join(unknown),
+                       ", ".join(_METRICS_EXPORTERS))
+    if "none" in names:
+        return None
     endpoint, protocol = _endpoint_and_protocol("METRICS")
-    if "none" in names or not endpoint or (names and "otlp" not in names):
+    readers = []
+    if "otlp" in names or (not names and endpoint):
+        if endpoint:
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(protocol)))
+        else:
+            logger.warning("otel-dspy-cost: OTEL_METRICS_EXPORTER=otlp but no OTEL_EXPORTER_OTLP_ENDPOINT (or "
+                           "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) is set: metrics are not exported")
+    if "prometheus" in names:
+        reader = _prometheus_reader()
+        if reader is not None:
+            readers.append(reader)
+    if "console" in names:
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if not readers:
         return None
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
+    return _own(MeterProvider(resource=Resource.create(), shutdown_on_exit=False, metric_readers=readers))
+
+
+def _otlp_metric_exporter(protocol: str) -> Any:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return _own(MeterProvider(resource=Resource.create(), shutdown_on_exit=False,
-                              metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    class _StopsWhereRefused(OTLPMetricExporter):
+        """Once the endpoint has said it takes no metrics (`_OnceFilter`), nothing more is sent to it."""
+
+        def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> Any:
+            if _metrics_refused.is_set():
+                return MetricExportResult.SUCCESS
+            return super().export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    return _StopsWhereRefused()
+
+
+def _prometheus_reader() -> Any:
+    """OTEL_METRICS_EXPORTER=prometheus: a scrape endpoint, as the SDK's auto-instrumentation serves it."""
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+    except ImportError:
+        logger.warning("otel-dspy-cost: OTEL_METRICS_EXPORTER=prometheus needs opentelemetry-exporter-prometheus "
+                       "(pip install 'otel-dspy-cost[prometheus]'): metrics are not exported")
+        return None
+    host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")
+    try:
+        port = int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"))
+        start_http_server(port=port, addr=host)
+    except (ValueError, OSError) as exc:
+        logger.warning("otel-dspy-cost: cannot serve Prometheus metrics on %s:%s (%s): metrics are not exported",
+                       host, os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", "9464"), exc)
+        return None
+    logger.info("otel-dspy-cost: Prometheus metrics at http://%s:%d/metrics", host, port)
+    return PrometheusMetricReader()

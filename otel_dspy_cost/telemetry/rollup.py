@@ -19,6 +19,7 @@ from otel_dspy_cost import _attributes as A
 from otel_dspy_cost._context import STARTING
 from otel_dspy_cost.budgets.accounting import LMCall
 from otel_dspy_cost.pricing.cost import money
+from otel_dspy_cost.telemetry import viewers
 
 
 class Node:
@@ -118,8 +119,9 @@ class RollupTree:
         node.inp, node.out, node.calls, node.unknown = usage.input_tokens, usage.output_tokens, 1, int(cost.unknown)
         self.add_to_parent(node)
 
-    def write(self, span: Span, extra: dict[str, Any] | None = None) -> None:
-        """Our span is about to end: write its totals once (with `extra` attributes, in the same write)."""
+    def write(self, span: Span, extra: dict[str, Any] | None = None, root_output: bool = False) -> None:
+        """Our span is about to end: write its totals once (with `extra` attributes, in the same write); a
+        trace's root also gets them as its `output.value` (`telemetry.viewers`)."""
         node = self._live.get(span.get_span_context().span_id)
         if node is not None and node.calls:
             with self._lock:
@@ -127,10 +129,15 @@ class RollupTree:
             if extra:
                 attrs.update(extra)
         elif extra:
-            attrs = extra
+            attrs = dict(extra)
+        elif root_output:
+            attrs = {}
         else:
             return
-        span.set_attributes(attrs)
+        if root_output:
+            attrs.update(viewers.root_output({**(span.attributes or {}), **attrs}))
+        if attrs:
+            span.set_attributes(attrs)
 
     def add_to_parent(self, node: Node) -> None:
         parent = node.parent

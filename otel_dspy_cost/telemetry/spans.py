@@ -19,6 +19,7 @@ from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _redact, _runtime
 from otel_dspy_cost._context import STARTING
 from otel_dspy_cost.errors import BudgetExceededError
+from otel_dspy_cost.telemetry import viewers
 
 logger = logging.getLogger("otel_dspy_cost")
 
@@ -48,11 +49,14 @@ def unsampled(rt: Any) -> bool:
 
 def start(tracer: trace.Tracer, name: str, attributes: dict[str, Any],
           kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> tuple[Span, object]:
+    session = viewers.on and viewers.add_start(name, attributes)
     STARTING.attributes = attributes  # what our processor's on_start reads for this span (see _context)
     try:
         span = tracer.start_span(name, attributes=attributes, kind=kind)
     finally:
         STARTING.attributes = None
+    if session:
+        span.set_attributes(viewers.session_of(span))
     token = otel_context.attach(trace.set_span_in_context(span))
     return span, token
 
