@@ -29,22 +29,20 @@ def _compile(lm):
         optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=_data(4), valset=_data(3, "v"))
 
 
-def test_every_span_has_a_kind_and_lm_spans_carry_tokens_and_our_cost_under_their_names(otel, lm):
+def test_every_span_has_a_kind_and_lm_spans_carry_our_cost_under_mlflows_name(otel, lm):
     exporter, _ = otel
     _compile(lm)
     spans = exporter.get_finished_spans()
-    kinds = {(s.attributes[A.SPAN_KIND], s.attributes[V.OI_KIND]) for s in spans}
+    kinds = {(s.attributes[A.SPAN_KIND], s.attributes.get(V.OI_KIND)) for s in spans}
     assert {("compile", "CHAIN"), ("trial", "CHAIN"), ("evaluate", "EVALUATOR"), ("predictor", "CHAIN"),
-            ("lm", "LLM")} <= kinds
-    assert all(V.OI_KIND in s.attributes for s in spans)
+            ("lm", None)} <= kinds
+    # LM and tool spans are typed by both backends from gen_ai.operation.name; every other span of ours has a kind
+    assert all((V.OI_KIND in s.attributes) != (A.GEN_AI_OPERATION in s.attributes) for s in spans)
     calls = lm_spans(exporter)
     assert calls
     for s in calls:
         a = s.attributes
-        assert a[V.OI_MODEL] == "gpt-4o-mini" and a[V.OI_PROVIDER] == "openai"
-        assert a[V.OI_PROMPT_TOKENS] == a[A.GEN_AI_INPUT_TOKENS] > 0
-        assert a[V.OI_COMPLETION_TOKENS] == a[A.GEN_AI_OUTPUT_TOKENS] > 0
-        assert a[V.OI_TOTAL_TOKENS] == a[V.OI_PROMPT_TOKENS] + a[V.OI_COMPLETION_TOKENS]
+        assert not any(k.startswith("llm.token_count") or k == "llm.model_name" for k in a)  # not twice
         cost = json.loads(a[V.MLFLOW_COST])
         assert cost["total_cost"] == a[A.COST_USD] > 0
         assert cost["input_cost"] + cost["output_cost"] == pytest.approx(a[A.COST_USD], abs=1e-9)
@@ -95,7 +93,7 @@ def test_backend_attributes_false_writes_only_ours(otel, lm):
     otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", backend_attributes=False)
     _compile(lm)
     for s in exporter.get_finished_spans():
-        assert not any(k.startswith(("openinference.", "llm.token", "input.", "output.", "mlflow.", "session."))
+        assert not any(k.startswith(("openinference.", "input.", "output.", "mlflow.", "session."))
                        for k in s.attributes), s.name
     with pytest.raises(ValueError, match="backend_attributes must be True or False"):
         otel_dspy_cost.instrument(tracer_provider=provider, unknown_model="warn", backend_attributes="yes")

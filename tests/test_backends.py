@@ -140,6 +140,16 @@ def _compile(lm):
         optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=_data(3, "q"), valset=_data(2, "v"))
 
 
+def _otlp_value(value):
+    """An OTLP AnyValue as MLflow's REST API returns it, as a Python value."""
+    (kind, v), = value.items()
+    if kind == "kvlist_value":
+        return {x["key"]: _otlp_value(x["value"]) for x in v.get("values", [])}
+    if kind == "array_value":
+        return [_otlp_value(x) for x in v.get("values", [])]
+    return int(v) if kind == "int_value" else v
+
+
 def _hex(trace_id):
     return f"{trace_id:032x}"
 
@@ -183,6 +193,14 @@ def test_a_compile_in_mlflow_and_phoenix(mlflow_url, phoenix_url, lm):
         # every span arrived
         stored = _json(f"{mlflow_url}/api/3.0/mlflow/traces/get?trace_id={info['trace_id']}")["trace"]["spans"]
         assert len(stored) == len(ours_in_trace)
+        # each LM span as MLflow stored it (its translation applied): typed, its cost ours to the digit
+        for span in stored:
+            attrs = {a["key"]: _otlp_value(a["value"]) for a in span["attributes"]}
+            if attrs.get(A.SPAN_KIND) == "lm":
+                assert attrs["mlflow.spanType"] == "CHAT_MODEL"  # from gen_ai.operation.name=chat
+                assert attrs["mlflow.llm.cost"]["total_cost"] == attrs[A.COST_USD] > 0
+                assert attrs["mlflow.llm.cost"]["input_cost"] + attrs["mlflow.llm.cost"]["output_cost"] == \
+                    pytest.approx(attrs[A.COST_USD], abs=1e-12)
         # MLflow's cost is ours (the override's 10x), not its own list price: the sum of its LM spans' costs
         lm_usd = sum(s.attributes.get(A.COST_USD, 0.0) for s in ours_in_trace if s.attributes[A.SPAN_KIND] == "lm")
         cost = json.loads(info["trace_metadata"]["mlflow.trace.cost"])

@@ -274,13 +274,7 @@ def test_live_scrape_dashboards_match_spend_report_and_warn_alert_fires(promethe
                 (("dspy_budget_event", "warn"), ("dspy_budget_label", "live")): 1.0},
         }
         _check_panels(url, expected, b, total)
-        for _ in range(60):
-            alerts = _get(url + "/api/v1/alerts")["data"]["alerts"]
-            firing = {(a["labels"]["alertname"], a["labels"].get("dspy_budget_label")) for a in alerts
-                      if a["state"] == "firing"}
-            if ("DSPyBudgetWarnThreshold", "live") in firing:
-                break
-            time.sleep(0.5)
+        firing = _wait_firing(url, ("DSPyBudgetWarnThreshold", "live"))
         assert ("DSPyBudgetWarnThreshold", "live") in firing
         assert not any(name == "DSPyUnknownModelPricing" for name, _ in firing)
         # The job exits: its series go stale at the next failed scrape, and instant queries of them return
@@ -296,6 +290,19 @@ def test_live_scrape_dashboards_match_spend_report_and_warn_alert_fires(promethe
     finally:
         otel_dspy_cost.uninstrument()
         http_server.shutdown()
+
+
+def _wait_firing(url, wanted, tries=60):
+    """(alert name, budget label) pairs firing in Prometheus, once `wanted` is among them or after 30 s."""
+    firing = set()
+    for _ in range(tries):
+        alerts = _get(url + "/api/v1/alerts")["data"]["alerts"]
+        firing = {(a["labels"]["alertname"], a["labels"].get("dspy_budget_label")) for a in alerts
+                  if a["state"] == "firing"}
+        if wanted in firing:
+            break
+        time.sleep(0.5)
+    return firing
 
 
 def _check_panels(url, expected, b, total, at=None):
@@ -355,15 +362,7 @@ def test_the_stop_alert_fires_for_a_budget_that_stops_before_the_first_scrape(pr
     try:
         line = job.stdout.readline()
         assert line.startswith("stopped after") and float(line.split()[2]) < 1.0, line
-        firing = set()
-        for _ in range(60):
-            alerts = _get(url + "/api/v1/alerts")["data"]["alerts"]
-            firing = {(a["labels"]["alertname"], a["labels"].get("dspy_budget_label")) for a in alerts
-                      if a["state"] == "firing"}
-            if ("DSPyBudgetExceeded", "fast") in firing:
-                break
-            time.sleep(0.5)
-        assert ("DSPyBudgetExceeded", "fast") in firing
+        assert ("DSPyBudgetExceeded", "fast") in _wait_firing(url, ("DSPyBudgetExceeded", "fast"))
         # the first sample of the stop's series already held it: no step for increase() to see
         first = _get(url + "/api/v1/query", {"query": 'dspy_budget_events_total{dspy_budget_event="exceeded"}[1h]'})
         assert float(first["data"]["result"][0]["values"][0][1]) == 1.0

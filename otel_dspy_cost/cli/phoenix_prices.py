@@ -19,7 +19,6 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from otel_dspy_cost.instrumentation.lm_call import provider_of
 from otel_dspy_cost.pricing.catalog import PriceEntry
 from otel_dspy_cost.pricing.resolver import PricingResolver
 
@@ -48,10 +47,12 @@ def token_prices(entry: PriceEntry) -> list[dict[str, Any]]:
 
 
 def phoenix_model(entry: PriceEntry) -> dict[str, Any]:
-    """One model-store entry: matched on `llm.model_name` as our LM spans write it (the model without
-    DSPy's provider prefix, or an alias) and on `llm.provider`."""
+    """One model-store entry, matched on `llm.model_name` as Phoenix derives it from our LM spans'
+    `gen_ai.request.model` (the model without DSPy's provider prefix, or an alias). Provider-agnostic: Phoenix
+    renames providers on the way in (`gcp.vertex_ai` becomes `google`, `aws.bedrock` `aws`), and a
+    user-defined model whose provider differs from the span's would not be chosen."""
     names = "|".join(re.escape(n) for n in (entry.model, *entry.aliases))
-    return {"name": f"{NAME_PREFIX}{entry.provider}/{entry.model}", "provider": provider_of(f"{entry.provider}/x"),
+    return {"name": f"{NAME_PREFIX}{entry.provider}/{entry.model}", "provider": None,
             "namePattern": f"^({names})$", "costs": token_prices(entry)}
 
 

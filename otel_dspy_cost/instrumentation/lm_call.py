@@ -247,8 +247,6 @@ def start_attributes(rt: Runtime, call: LMCall, merged: dict[str, Any], prompt: 
         attrs["server.address"] = server[0]
         if server[1]:
             attrs["server.port"] = server[1]
-    if viewers.on:
-        viewers.lm_start(attrs, attrs[A.GEN_AI_REQUEST_MODEL], call.provider)
     if rt.capture_content:
         secrets = _redact.secrets_of(merged)
         payload = messages if messages is not None else [{"role": "user", "content": prompt}]

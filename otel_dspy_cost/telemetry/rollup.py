@@ -135,7 +135,7 @@ class RollupTree:
         else:
             return
         if root_output:
-            attrs.update(viewers.root_output({**(span.attributes or {}), **attrs}))
+            attrs.update(viewers.root_output(attrs, span.attributes))
         if attrs:
             span.set_attributes(attrs)
 

@@ -9,12 +9,13 @@ turns them off.
 
 What goes where:
 
-- every span: `openinference.span.kind` (MLflow maps it to its span type);
+- every span but LM and tool spans: `openinference.span.kind` (MLflow maps it to its span type);
 - a trace's root span: `input.value` (the span's `dspy.*` description: never prompt content), and at its end
   `output.value` (cost, calls, tokens, score), plus MLflow's trace-name tag;
 - compile, trial and evaluate roots: `session.id`, the compile's trace id, so one filter finds a compile's
   trials in both backends (Phoenix drops span links);
-- LM spans: OpenInference model, provider and token counts, and `mlflow.llm.cost` with our figure.
+- LM spans: `mlflow.llm.cost` with our figure (their kind, model and tokens both backends read from the GenAI
+  attributes).
 """
 
 from __future__ import annotations
@@ -30,15 +31,6 @@ from otel_dspy_cost import _attributes as A
 OI_KIND = "openinference.span.kind"
 OI_INPUT = "input.value"
 OI_OUTPUT = "output.value"
-OI_MODEL = "llm.model_name"
-OI_PROVIDER = "llm.provider"
-OI_EMBEDDING_MODEL = "embedding.model_name"
-OI_PROMPT_TOKENS = "llm.token_count.prompt"
-OI_COMPLETION_TOKENS = "llm.token_count.completion"
-OI_TOTAL_TOKENS = "llm.token_count.total"
-OI_CACHE_READ = "llm.token_count.prompt_details.cache_read"
-OI_CACHE_WRITE = "llm.token_count.prompt_details.cache_write"
-OI_REASONING = "llm.token_count.completion_details.reasoning"
 SESSION_ID = "session.id"  # OpenInference's and MLflow's (the OTel semantic conventions' session.id)
 MLFLOW_COST = "mlflow.llm.cost"  # JSON {"input_cost", "output_cost", "total_cost"}: MLflow keeps it, unpriced
 MLFLOW_TRACE_NAME = "mlflow.traceTag.mlflow.traceName"  # a root-span attribute MLflow turns into the trace name
@@ -73,9 +65,11 @@ def kind_of(attrs: dict[str, Any]) -> str:
 def add_start(name: str, attrs: dict[str, Any], parent: Any = None) -> bool:
     """Before one of our spans starts: its kind, and for a trace's root its description and trace name.
     `parent` is the span context it starts under (None: the current one). True when the span, once started,
-    is given `session_of` itself: a compile (its trials share its trace id), an evaluation that is a root."""
+    is given `session_of` itself: a compile (its trials share its trace id), an evaluation that is a root.
+    LM and tool spans carry `gen_ai.operation.name`, from which both backends type them: no kind of ours."""
     kind = attrs.get(A.SPAN_KIND)
-    attrs[OI_KIND] = kind_of(attrs)
+    if A.GEN_AI_OPERATION not in attrs:
+        attrs[OI_KIND] = kind_of(attrs)
     if parent is None:
         parent = trace.get_current_span().get_span_context()
     if parent.is_valid:
@@ -113,13 +107,19 @@ def session_of(span: Any) -> dict[str, str]:
     return {SESSION_ID: f"{context.trace_id:032x}"} if context.is_valid else {}
 
 
-def root_output(attrs: dict[str, Any]) -> dict[str, Any]:
-    """A root span's `output.value`: what the trace cost and, for a trial or evaluation, its score. Written by
-    hand: the values are numbers, and json.dumps was most of this function's cost on every program call."""
+def root_output(attrs: dict[str, Any], earlier: Any = None) -> dict[str, Any]:
+    """A root span's `output.value`: what the trace cost (`attrs`, its roll-up) and, for a trial or evaluation,
+    its score (in `attrs`, or among the span's `earlier` attributes). Written by hand: the values are numbers,
+    and json.dumps was most of this function's cost on every program call."""
     parts: dict[str, str] = {}
     for name, key in _ROOT_OUTPUT:
-        if name in attrs and key not in parts:
-            parts[key] = _number(attrs[name])
+        if key in parts:
+            continue
+        value = attrs.get(name)
+        if value is None and earlier is not None and key == "score":
+            value = earlier.get(name)
+        if value is not None:  # a score is the user's metric's (NaN possible); the rest are our own finite sums
+            parts[key] = _number(value) if key == "score" else repr(value)
     return {OI_OUTPUT: "{" + ", ".join(f'"{k}": {v}' for k, v in parts.items()) + "}"} if parts else {}
 
 
@@ -130,27 +130,16 @@ def _number(value: Any) -> str:
     return repr(value) if math.isfinite(value) else "null"
 
 
-def lm_start(attrs: dict[str, Any], model: str, provider: str) -> None:
-    attrs[OI_EMBEDDING_MODEL if attrs.get(A.GEN_AI_OPERATION) == "embeddings" else OI_MODEL] = model
-    attrs[OI_PROVIDER] = provider
-
-
 def lm_end(attrs: dict[str, Any]) -> None:
-    """Token counts under OpenInference's names (its prompt count includes cache reads and writes, as ours
-    does) and our cost in MLflow's attribute; read from the end attributes the LM span is given."""
-    prompt, completion = attrs.get(A.GEN_AI_INPUT_TOKENS, 0), attrs.get(A.GEN_AI_OUTPUT_TOKENS, 0)
-    attrs[OI_PROMPT_TOKENS] = prompt
-    attrs[OI_COMPLETION_TOKENS] = completion
-    attrs[OI_TOTAL_TOKENS] = prompt + completion
-    for ours, theirs in ((A.GEN_AI_CACHE_READ_TOKENS, OI_CACHE_READ), (A.GEN_AI_CACHE_CREATION_TOKENS, OI_CACHE_WRITE),
-                         (A.GEN_AI_REASONING_TOKENS, OI_REASONING)):
-        if attrs.get(ours):
-            attrs[theirs] = attrs[ours]
+    """Our cost in MLflow's attribute, from the end attributes the LM span is given. Nothing else: both
+    backends read an LM span's kind, model, provider and token counts from its GenAI attributes (Phoenix turns
+    them into OpenInference's, MLflow's GenAI translator reads them), so writing them twice would only cost."""
     total = attrs.get(A.COST_USD)
     if total is not None:
-        # The prompt side is everything but output and reasoning (cache reads and writes, audio, searches,
-        # request fees): input + output is then exactly the total we count, as MLflow adds them up.
+        # The input side is everything but output and reasoning (cache reads and writes, audio, searches,
+        # request fees): input + output is then exactly the total we count, as MLflow adds them up. Our own
+        # rounded, finite figures: each repr is its JSON.
         completion_usd = round(attrs.get(A.COST_OUTPUT_USD, 0.0) + attrs.get(A.COST_REASONING_USD, 0.0), 9)
         prompt_usd = round(total - completion_usd, 9)
-        attrs[MLFLOW_COST] = (f'{{"input_cost": {_number(prompt_usd)}, "output_cost": {_number(completion_usd)}, '
-                              f'"total_cost": {_number(total)}}}')
+        attrs[MLFLOW_COST] = (f'{{"input_cost": {prompt_usd!r}, "output_cost": {completion_usd!r}, '
+                              f'"total_cost": {total!r}}}')
