@@ -78,6 +78,9 @@ class SimulatedLM:
     # cache_write_1h_tokens is the 1-hour part of the writes; web_search_requests are searches the provider ran),
     # rendered in each dialect's own conventions. For hand-computed cost figures in tests.
     fixed_usage: dict[str, int] | None = None
+    # Answers of varied length, as real models give: each free-text field gets between these many words more,
+    # chosen by a hash of the conversation (the same prompt, the same answer). None: the short fixed answers.
+    answer_words: tuple[int, int] | None = None
     _seen_prefixes: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -171,8 +174,15 @@ class SimulatedLM:
             return "{}"
         word = self._word(convo + name)
         if name in ("reasoning", "next_thought"):
-            return f"Considering the {word} angle step by step, the evidence points one way."
-        return f"The {name} is {word}."
+            return f"Considering the {word} angle step by step, the evidence points one way.{self._more(convo + name)}"
+        return f"The {name} is {word}.{self._more(convo + name)}"
+
+    def _more(self, seed: str) -> str:
+        if self.answer_words is None:
+            return ""
+        low, high = self.answer_words
+        n = low + int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16) % (high - low + 1)
+        return "".join(f" {self._word(seed + str(i))}" for i in range(n))
 
 
 def _openai_usage(fixed: dict[str, int]) -> dict[str, Any]:

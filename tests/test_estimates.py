@@ -62,3 +62,61 @@ def test_estimate_cli_fails_in_ci_over_budget():
     assert over.returncode == 1 and "MAY EXCEED" in over.stdout and "trials" in over.stdout
     fits = run_cli("estimate", "--devset", "5", "--budget", "5", "--json", env=env)
     assert fits.returncode == 0 and json.loads(fits.stdout)["exceeds_budget"] is False
+
+
+# -- a forecast from a pilot ------------------------------------------------------------------------------------
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def test_pilot_forecast_lands_within_25_percent_and_the_real_run_inside_the_range():
+    """benchmarks/pilot_forecast.py: Evaluate, BootstrapFewShot, MIPROv2 light and GEPA, each forecast from a
+    5-example pilot against the simulator answering at varied length, then run for real (docs/estimates.md)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "pilot_forecast.py"), "--json"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["evaluate", "bootstrap", "mipro", "gepa"]
+    for r in rows:
+        assert 0.75 <= r["ratio"] <= 1.25, r
+        assert r["inside"] and r["usd_low"] <= r["usd_forecast"] <= r["usd_high"], r
+        assert r["pilot_runs"] == 5 and 0 < r["pilot_usd"] < 1.0, r
+        print(f"PILOT {r['case']}: forecast/actual {r['ratio']:.3f}")
+
+
+def test_the_pilot_runs_under_its_own_budget_and_says_when_it_stopped(otel, lm):
+    program = ResearchAgent()
+    with dspy.context(lm=lm):
+        est = estimate(program, model=MODEL, devset_size=20, pilot=examples(6, "pilot"), pilot_budget_usd=0.0012)
+        with pytest.raises(ValueError, match="before one program run finished: raise pilot_budget_usd"):
+            estimate(program, model=MODEL, devset_size=20, pilot=examples(3), pilot_budget_usd=0.00001)
+    assert 1 <= est.pilot["runs"] < 6 and est.pilot["usd"] <= 0.0012
+    assert "stopped it after" in est.pilot["stopped"] and any("stopped it after" in a for a in est.assumptions)
+    assert est.usd_low <= est.usd_forecast <= est.usd_high
+    # 20 runs at what each pilot run cost
+    assert est.usd_forecast == pytest.approx(20 * est.pilot["usd_per_run"], rel=1e-6)
+
+
+def test_pilot_mistakes_are_said_before_any_call(otel, lm):
+    program = ResearchAgent()
+    with pytest.raises(ValueError, match="configure its LM first"):
+        estimate(program, model=MODEL, devset_size=5, pilot=examples(2))
+    with dspy.context(lm=lm):
+        with pytest.raises(ValueError, match="at least one example"):
+            estimate(program, model=MODEL, devset_size=5, pilot=[])
+        with pytest.raises(ValueError, match="pilot_budget_usd"):
+            estimate(program, model=MODEL, devset_size=5, pilot=examples(2), pilot_budget_usd=float("nan"))
+
+
+def test_estimate_cli_pilot_forecasts_with_the_lm_at_api_base(server):
+    out = run_cli("estimate", "--devset", "10", "--pilot", "2", "--api-base", server.api_base, "--max-tokens", "128",
+                  "--json", env={**os.environ, "OPENAI_API_KEY": "sk-cli-pilot-0000"})
+    assert out.returncode == 0, out.stderr
+    est = json.loads(out.stdout)
+    assert est["pilot"]["runs"] == 2 and est["pilot"]["calls"] >= 2
+    assert est["usd_low"] <= est["usd_forecast"] <= est["usd_high"] and est["calls_forecast"] >= 10
+    bad = run_cli("estimate", "--devset", "10", "--pilot", "0")
+    assert bad.returncode == 2 and "--pilot must be at least 1" in bad.stderr

@@ -194,70 +194,10 @@ class _UsageError(Exception):
     """A command-line mistake: one line on stderr, exit 2."""
 
 
-def _load_program(spec: str) -> Any:
-    """`module:attr` of a dspy.Module instance, a Module class, or a function making one. The current
-    folder is importable, as for `python -m`: `--program my_app:build` works from the script's folder."""
-    import importlib
-
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    module, _, attr = spec.partition(":")
-    try:
-        target = getattr(importlib.import_module(module), attr or "program")
-    except (ImportError, AttributeError) as exc:
-        raise _UsageError(f"--program {spec}: {exc}") from None
-    if isinstance(target, type) or (callable(target) and not hasattr(target, "named_predictors")):
-        try:
-            target = target()
-        except Exception as exc:  # noqa: BLE001 - e.g. dspy:ChainOfThought, a class that needs a signature
-            raise _UsageError(f"--program {spec}: calling {spec} with no arguments failed ({type(exc).__name__}: "
-                              f"{exc}); point at a program instance, or a function that builds one") from None
-    if not hasattr(target, "named_predictors"):
-        raise _UsageError(f"--program {spec}: {type(target).__name__} is not a dspy.Module")
-    return target
-
-
-_ESTIMATE_FLAGS = {"trainset_size=": "--trainset", "devset_size=": "--devset", "optimizer=": "--optimizer",
-                   "trainset_size": "--trainset", "valset_size": "--valset", "devset_size": "--devset",
-                   "max_tokens": "--max-tokens", "input_chars": "--input-chars", "cache_hit_rate": "--cache-hit-rate",
-                   "budget_usd": "--budget", "max_metric_calls": "--max-metric-calls", "demos": "--demos"}
-
-
 def _estimate(args: argparse.Namespace) -> int:
-    from otel_dspy_cost.errors import UnknownModelError
-    from otel_dspy_cost.optimizers.estimate import estimate
+    from otel_dspy_cost.cli.estimate_command import run
 
-    if args.program == "demo":
-        from otel_dspy_cost.cli.demo import demo_program
-
-        program = demo_program()
-    else:
-        program = _load_program(args.program)
-    try:
-        est = estimate(program, model=args.model, optimizer=args.optimizer, trainset_size=args.trainset,
-                       valset_size=args.valset, devset_size=args.devset, max_tokens=args.max_tokens,
-                       input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate, budget_usd=args.budget,
-                       demos=args.demos, max_metric_calls=args.max_metric_calls)
-    except (UnknownModelError, ValueError, TypeError) as exc:  # the user's input, said in one line
-        message = scrub(str(exc))
-        for name, flag in _ESTIMATE_FLAGS.items():  # the API's argument names, as this command spells them
-            message = message.replace(name, flag)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    if args.json:
-        from dataclasses import asdict
-
-        print(json.dumps(asdict(est), indent=1))
-    else:
-        print(est.summary())
-        for stage, numbers in est.stages.items():
-            print(f"  {stage:22s} {numbers}")
-        for note in est.assumptions:
-            print(f"  - {note}")
-    if est.exceeds_budget:
-        print(f"projection ${est.usd_high:.6f} may exceed the budget ${args.budget:.6f}", file=sys.stderr)
-        return 1 if os.environ.get("CI") or args.strict else 0
-    return 0
+    return run(args)
 
 
 def _check_ledger_url(url: str, *, creating: bool) -> None:
@@ -366,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--budget", type=float, default=None, help="USD to compare against")
     est.add_argument("--strict", action="store_true", help="exit 1 over budget even outside CI")
     est.add_argument("--json", action="store_true")
+    est.add_argument("--pilot", type=int, default=None, metavar="N",
+                     help="run the program for real on N synthetic examples first: a point forecast")
+    est.add_argument("--pilot-budget", type=float, default=1.0, help="USD the pilot may spend (default 1)")
+    est.add_argument("--api-base", help="the LM's endpoint for --pilot (when the program configures none)")
     est.set_defaults(fn=_estimate)
     bud = sub.add_parser("budget", help="status | reset of a budget label on a shared ledger")
     bud.add_argument("action", choices=["status", "reset"])

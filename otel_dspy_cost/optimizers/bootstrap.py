@@ -64,10 +64,12 @@ def estimate_stages(optimizer: Any, name: str, trainset_size: int, valset_size: 
         candidates = getattr(optimizer, "num_candidate_sets", 16) + 3
         val = valset_size if valset_size is not None else trainset_size
         stages["bootstrap"] = {"runs_low": low * (candidates - 3), "runs_high": high * (candidates - 3),
-                               "extra_calls": 0}
-        stages["candidates"] = {"runs_low": val * candidates, "runs_high": val * candidates, "extra_calls": 0}
+                               "extra_calls": 0, "successes_wanted": demos, "sets": candidates - 3}
+        stages["candidates"] = {"runs_low": val * candidates, "runs_high": val * candidates, "extra_calls": 0,
+                                "demos": demos / 2}
     else:
-        stages["bootstrap"] = {"runs_low": low, "runs_high": high, "extra_calls": 0}
+        # a pilot's metric pass rate p makes the point: demos / p tries (every example at most, each round)
+        stages["bootstrap"] = {"runs_low": low, "runs_high": high, "extra_calls": 0, "successes_wanted": demos}
 
 
 def recover_best(run: runs.CompileRun | None, optimizer: Any, program: Any) -> Any:

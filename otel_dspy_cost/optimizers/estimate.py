@@ -19,6 +19,7 @@ against the simulator and assert the actual cost falls inside the range (docs/es
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any
 
@@ -40,27 +41,37 @@ class Estimate:
     economic_usd_high: float
     budget_usd: float | None
     exceeds_budget: bool
-    stages: dict[str, dict[str, int]]
+    stages: dict[str, dict[str, Any]]
     assumptions: list[str]
+    # With a pilot: the point forecast (inside low..high) and what the pilot ran and spent.
+    usd_forecast: float | None = None
+    calls_forecast: int | None = None
+    pilot: dict[str, Any] | None = None
 
     def __add__(self, other: Estimate) -> Estimate:
         """Two stages of one run (a compile, then an evaluation) as one projection."""
         budget = self.budget_usd if self.budget_usd is not None else other.budget_usd
         high = self.usd_high + other.usd_high
+        both = self.usd_forecast is not None and other.usd_forecast is not None
         return Estimate(self.model, self.calls_low + other.calls_low, self.calls_high + other.calls_high,
                         self.usd_low + other.usd_low, high, self.economic_usd_low + other.economic_usd_low,
                         self.economic_usd_high + other.economic_usd_high, budget,
                         budget is not None and high > budget, {**self.stages, **other.stages},
-                        self.assumptions + [a for a in other.assumptions if a not in self.assumptions])
+                        self.assumptions + [a for a in other.assumptions if a not in self.assumptions],
+                        self.usd_forecast + other.usd_forecast if both else None,
+                        self.calls_forecast + other.calls_forecast if both else None, self.pilot or other.pilot)
 
     def summary(self) -> str:
         verdict = ""
         if self.budget_usd is not None:
             verdict = (f"; budget ${self.budget_usd:.4f}: " +
                        ("MAY EXCEED" if self.exceeds_budget else "fits"))
+        point = ""
+        if self.usd_forecast is not None:
+            point = f"; forecast from a pilot: ${self.usd_forecast:.6f}, {self.calls_forecast} calls"
         return (f"estimate for {self.model}: {self.calls_low}..{self.calls_high} LM calls, "
                 f"${self.usd_low:.6f}..${self.usd_high:.6f} actual "
-                f"(${self.economic_usd_low:.6f}..${self.economic_usd_high:.6f} uncached){verdict}")
+                f"(${self.economic_usd_low:.6f}..${self.economic_usd_high:.6f} uncached){point}{verdict}")
 
 
 @dataclasses.dataclass
@@ -171,17 +182,22 @@ def _runs(optimizer: Any, trainset_size: int, valset_size: int | None, devset_si
 def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: int = 0,
              valset_size: int | None = None, devset_size: int = 0, max_tokens: int | None = None,
              input_chars: int = 200, cache_hit_rate: float = 0.0, budget_usd: float | None = None,
-             resolver: Any = None, demos: int = 4, max_metric_calls: int | None = None) -> Estimate:
+             resolver: Any = None, demos: int = 4, max_metric_calls: int | None = None, pilot: Any = None,
+             pilot_budget_usd: float = 1.0) -> Estimate:
     """Project LM calls and USD for compiling (if `optimizer`) and evaluating `program` on `model`.
 
     `optimizer`: an optimizer (its class and settings are read), or one of the CLI's names (`evaluate`,
     `bootstrap`, `mipro-light|medium|heavy`, `gepa`...: `registry.cli_names()`), with `demos` and
-    `max_metric_calls` as the CLI takes them. Every input is checked before any work: a negative size, a
-    cache-hit rate outside 0..1 or nothing to estimate is a ValueError naming the argument."""
+    `max_metric_calls` as the CLI takes them. `pilot`: a few examples (dspy.Example with inputs marked) to
+    run the program on for real with the configured LM, under a budget of `pilot_budget_usd`: the result then
+    has a point forecast (`usd_forecast`, `calls_forecast`) from what the pilot measured. Every input is
+    checked before any work: a negative size, a cache-hit rate outside 0..1 or nothing to estimate is a
+    ValueError naming the argument."""
     from otel_dspy_cost.pricing.resolver import default_resolver
 
     optimizer = _checked(program, model, optimizer, trainset_size, valset_size, devset_size, max_tokens,
                          input_chars, cache_hit_rate, budget_usd, demos, max_metric_calls)
+    _validate.number("pilot_budget_usd", pilot_budget_usd, strict=True, allow_none=False)
 
     entry = (resolver or default_resolver()).lookup(model)
     bound_from = "given"
@@ -231,5 +247,70 @@ def estimate(program: Any, *, model: str, optimizer: Any = None, trainset_size: 
         if share >= 0.5:  # say which assumption makes the high end what it is
             notes.append(f"the high end is {share:.0%} output at max_tokens={max_out} on every call ({bound_from}); "
                          f"a tighter max_tokens on the LM narrows it")
-    return Estimate(model, calls_low, calls_high, round(usd_low, 8), round(usd_high, 8), round(econ_low, 8),
-                    round(econ_high, 8), budget_usd, budget_usd is not None and usd_high > budget_usd, stages, notes)
+    result = Estimate(model, calls_low, calls_high, round(usd_low, 8), round(usd_high, 8), round(econ_low, 8),
+                      round(econ_high, 8), budget_usd, budget_usd is not None and usd_high > budget_usd, stages,
+                      notes)
+    if pilot is not None:
+        _forecast(result, program, pilot, optimizer, entry, pilot_budget_usd, (1 - cache_hit_rate) * (1 - free),
+                  max_out, max(per_run_high, 1))
+    return result
+
+
+_EXTRA_CALL_FACTOR = 3.0  # an instruction proposal or a reflection against a pilot call: a longer prompt
+
+
+def _forecast(result: Estimate, program: Any, pilot: Any, optimizer: Any, entry: Any, budget_usd: float,
+              paid: float, max_out: int, calls_per_run_high: int) -> None:
+    """The point forecast from a pilot: each stage's expected program runs at the measured cost per run (plus
+    the demos and proposed instructions its programs carry), its single calls at a few pilot calls' cost.
+
+    The high end is recomputed from the pilot too, and the range kept if wider: every run at its most calls,
+    each call with the measured prompt grown by every demo and an instruction, answering `max_out` tokens."""
+    from otel_dspy_cost.optimizers.pilot import run_pilot
+
+    wants_rate = any("successes_wanted" in stage for stage in result.stages.values())
+    measured = run_pilot(program, pilot, metric=getattr(optimizer, "metric", None) if wants_rate else None,
+                         budget_usd=budget_usd)
+    rate = measured.success_rate
+    rate = 1.0 if rate is None else max(rate, 1.0 / (measured.runs + 1))  # none passed: fewer than 1 in runs
+    in_rate, out_rate = (entry.rates.input or 0.0) / 1_000_000, (entry.rates.output or 0.0) / 1_000_000
+    demo_usd = measured.demo_tokens_per_run * in_rate
+    # A proposed instruction is about as long as an answer: what it adds to each call's prompt, per run.
+    instruction_usd = measured.calls_per_run * measured.output_tokens_per_call * in_rate
+    demo_per_call = measured.demo_tokens_per_run / measured.calls_per_run
+    usd = calls = high = 0.0
+    for stage in result.stages.values():
+        prompt_high = (measured.input_tokens_per_call + 2 * stage.get("demos", 0) * demo_per_call
+                       + stage.get("new_instructions", 0.0) * measured.output_tokens_per_call)
+        run_high = max(calls_per_run_high, measured.calls_per_run) * (prompt_high * in_rate + max_out * out_rate)
+        high += stage["runs_high"] * run_high + stage["extra_calls"] * (
+            _EXTRA_CALL_FACTOR * measured.input_tokens_per_call * in_rate + max_out * out_rate)
+        if "successes_wanted" in stage:
+            sets = stage.get("sets", 1)
+            runs = min(stage["runs_high"], sets * math.ceil(stage["successes_wanted"] / rate))
+            runs = max(runs, stage["runs_low"])
+        else:
+            runs = stage.get("runs_point", (stage["runs_low"] + stage["runs_high"]) / 2)
+        extra = stage.get("extra_calls_point", stage.get("extra_calls_low", stage["extra_calls"]))
+        stage["runs_point"], stage["extra_calls_point"] = runs, extra
+        usd += runs * (measured.usd_per_run + stage.get("demos", 0) * demo_usd
+                       + stage.get("new_instructions", 0.0) * instruction_usd)
+        usd += extra * measured.usd_per_call * _EXTRA_CALL_FACTOR
+        calls += runs * measured.calls_per_run + extra
+    result.usd_forecast = round(usd * paid, 8)
+    result.calls_forecast = round(calls)
+    result.usd_low = min(result.usd_low, result.usd_forecast)
+    result.usd_high = max(result.usd_high, result.usd_forecast, 0.0 if entry.local else round(high, 8))
+    result.calls_low, result.calls_high = min(result.calls_low, result.calls_forecast), max(result.calls_high,
+                                                                                             result.calls_forecast)
+    result.pilot = {"runs": measured.runs, "calls": measured.calls, "usd": measured.usd, "budget_usd": budget_usd,
+                    "usd_per_run": measured.usd_per_run, "calls_per_run": measured.calls_per_run,
+                    "success_rate": measured.success_rate, "demo_tokens_per_run": measured.demo_tokens_per_run,
+                    "stopped": measured.stopped}
+    result.assumptions.append(
+        f"forecast from a pilot of {measured.runs} runs (${measured.usd:.6f} spent of its ${budget_usd} budget): "
+        f"${measured.usd_per_run:.6f} and {measured.calls_per_run:.1f} calls per run"
+        + (f", metric pass rate {measured.success_rate:.0%}" if measured.success_rate is not None else "")
+        + (f"; {measured.stopped}" if measured.stopped else ""))
+    if result.budget_usd is not None:
+        result.exceeds_budget = result.usd_high > result.budget_usd

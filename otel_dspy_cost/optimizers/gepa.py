@@ -198,7 +198,12 @@ def estimate_stages(optimizer: Any, name: str, trainset_size: int, valset_size: 
     reflections = math.ceil(budget_calls / 3)  # one reflection per iteration on a minibatch of 3
     # GEPA checks its budget between iterations, so the last one may pass it; the seed's valset
     # evaluation comes on top.
+    # The point: GEPA spends its metric-call budget (each call one program run); an iteration evaluates the
+    # current candidate and the proposed one on a minibatch of 3 and reflects once in between.
+    val = valset_size or trainset_size
     stages["rollouts"] = {"runs_low": budget_calls // 2,
-                          "runs_high": int(budget_calls * 1.25) + (valset_size or trainset_size), "extra_calls": 0}
-    stages["reflection"] = {"runs_low": 0, "runs_high": 0, "extra_calls": reflections}
+                          "runs_high": int(budget_calls * 1.25) + val, "extra_calls": 0,
+                          "runs_point": budget_calls, "new_instructions": 1.0}
+    stages["reflection"] = {"runs_low": 0, "runs_high": 0, "extra_calls": reflections,
+                            "extra_calls_point": max(1, math.ceil((budget_calls - val) / 6))}
     notes.append("GEPA: each metric call is one program run; one reflection call per iteration")

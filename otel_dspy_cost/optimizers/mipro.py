@@ -173,7 +173,7 @@ def estimate_stages(optimizer: Any, name: str, trainset_size: int, valset_size: 
     demos = getattr(optimizer, "max_bootstrapped_demos", 4)
     sets = max(0, n_fewshot - 2) if not zeroshot else 0  # seeds -1 .. n-3 bootstrap; -3, -2 do not
     stages["bootstrap"] = {"runs_low": sets * min(trainset_size, demos), "runs_high": sets * trainset_size,
-                           "extra_calls": 0}
+                           "extra_calls": 0, "successes_wanted": demos, "sets": sets}
     # Instruction proposal: per predictor and candidate one proposal call, plus the program and
     # dataset summaries (about one call per 10 examples, at least two).
     summaries = max(2, math.ceil(trainset_size / 10)) + 2
@@ -182,7 +182,12 @@ def estimate_stages(optimizer: Any, name: str, trainset_size: int, valset_size: 
                                       "extra_calls": 2 * (n_predictors * n_instruct + summaries)}
     per_trial = minibatch_size if minibatch else valset_size
     full_evals = (trials // 5 + 1) * valset_size if minibatch else 0
+    # Every trial and every full evaluation runs (the point); a trial's program carries a few-shot candidate:
+    # on average about half its bootstrapped demos per predictor (the sets range from none to all; the pilot
+    # prices a demo). Labeled demos are the examples' own fields, short next to a bootstrapped answer: left out.
     stages["trials"] = {"runs_low": valset_size + trials * per_trial,
-                        "runs_high": valset_size + trials * per_trial + full_evals, "extra_calls": 0}
+                        "runs_high": valset_size + trials * per_trial + full_evals, "extra_calls": 0,
+                        "runs_point": valset_size + trials * per_trial + full_evals,
+                        "demos": 0 if zeroshot else demos / 2, "new_instructions": 1.0}
     notes.append(f"MIPROv2: {trials} trials on {per_trial} examples, {n_instruct} instruction and "
                  f"{n_fewshot} few-shot candidates")
