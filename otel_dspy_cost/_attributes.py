@@ -45,6 +45,7 @@ OPTIMIZER_SUCCESS = "dspy.optimizer.success"
 OPTIMIZER_PARENT = "dspy.optimizer.parent_candidate"
 OPTIMIZER_CANDIDATE = "dspy.optimizer.candidate"
 OPTIMIZER_ACCEPTED = "dspy.optimizer.accepted"
+OPTIMIZER_PROJECTED_USD = "dspy.optimizer.projected_usd"  # the compile's final spend, projected after each trial
 OPTIMIZER_ITERATION = "dspy.optimizer.iteration"  # GEPA's own iteration number (its log's), beside our trial number
 # A trial is the root of its own trace; its summary span in the compile trace names that trace, and links join both.
 OPTIMIZER_TRIAL_TRACE_ID = "dspy.optimizer.trial_trace_id"

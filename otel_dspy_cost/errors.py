@@ -25,6 +25,16 @@ class BudgetExceededError(BaseException):
         self.term = term
 
 
+class ProjectedOverrunError(BudgetExceededError):
+    """A compile under `budget(stop_on_projection=True)` was stopped between trials: its projected spend passes
+    the cap even at its cheapest trial so far. A budget stop: `guarded_compile()` returns the best so far."""
+
+    def __init__(self, message: str, *, budget: object, projected_usd: float):
+        super().__init__(message, label=getattr(budget, "label", "?"), spent_usd=getattr(budget, "spent_usd", 0.0),
+                         limit=getattr(budget, "limit_usd", None) or 0.0, reason="projected_overrun")
+        self.projected_usd = projected_usd
+
+
 class ScopeExhaustedError(BudgetExceededError):
     """A `scope()` sub-limit ran out; the scope's `with` block ends, the enclosing run goes on."""
 

@@ -62,7 +62,7 @@ class Budget:
                  on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
                  window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
                  drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
-                 _scope_of: Budget | None = None):
+                 stop_on_projection: bool = False, _scope_of: Budget | None = None):
         # Every number is checked here, before any call: a NaN or a string would otherwise switch the cap off.
         _validate.choice("action", action, ("stop", "warn"))
         _validate.choice("on_unavailable", on_unavailable, ("fail_closed", "fail_open"))
@@ -76,6 +76,12 @@ class Budget:
             raise ValueError(f"warn_at is a fraction of the limit, in (0, 1], not {warn_at!r}")
         if label is not None and (not isinstance(label, str) or not label.strip()):
             raise ValueError(f"label must be a non-empty string, not {label!r}")
+        if not isinstance(stop_on_projection, bool):
+            raise TypeError(f"stop_on_projection must be True or False, not {stop_on_projection!r}")
+        # A compile's projected final spend (optimizers.projection), updated after each trial; with
+        # stop_on_projection, a compile sure to pass the cap stops between trials instead of spending it.
+        self.stop_on_projection = stop_on_projection
+        self.projected_usd: float | None = None
         self.limit_usd = limit_usd
         self.warn_at = warn_at
         self.action = action
@@ -348,7 +354,8 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
            max_infer_usd: float | None = None, on_warn: Callable[[Budget], Any] | None = None,
            on_exceed: Callable[[Budget], Any] | None = None, ledger: Ledger | str | None = None,
            window: str | None = None, tz: str = "UTC", on_unavailable: str = "fail_closed",
-           drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> Budget:
+           drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+           stop_on_projection: bool = False) -> Budget:
     """A budget to use as `with budget(limit_usd=25.0, label="compile-v1") as b: ...`.
 
     `action="stop"` refuses the first provider call whose worst case no longer fits and raises
@@ -365,11 +372,16 @@ def budget(limit_usd: float | None = None, *, warn_at: float | None = 0.8, actio
     sent. When a stop leaves the `with` block, it first waits up to `drain_timeout_s` for calls admitted
     before the stop (e.g. in DSPy's worker threads) to finish, so the spend is final when you read it.
     Entered before `instrument()`, it switches cost accounting on by itself (with a warning).
+
+    A compile running under it projects its final spend after each trial (`b.projected_usd`); with
+    `stop_on_projection=True` a compile that would pass the cap even at its cheapest trial so far stops between
+    trials (`ProjectedOverrunError`, a budget stop: `guarded_compile()` returns the best program so far).
     """
     return Budget(limit_usd, warn_at=warn_at, action=action, label=label, max_calls=max_calls,
                   max_train_usd=max_train_usd, max_infer_usd=max_infer_usd, on_warn=on_warn, on_exceed=on_exceed,
                   ledger=ledger, window=window, tz=tz, on_unavailable=on_unavailable,
-                  drain_timeout_s=drain_timeout_s, wait_timeout_s=wait_timeout_s)
+                  drain_timeout_s=drain_timeout_s, wait_timeout_s=wait_timeout_s,
+                  stop_on_projection=stop_on_projection)
 
 
 def scope(name: str, *, limit_usd: float | None = None, max_calls: int | None = None,

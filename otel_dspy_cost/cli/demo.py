@@ -65,8 +65,9 @@ class _Progress:
         g = self.guard
         share = g.spent_usd / g.limit_usd if g.limit_usd else 0.0
         filled = min(self.WIDTH, int(share * self.WIDTH))
+        projected = f", compile projected ${g.projected_usd:.6f}" if g.projected_usd is not None else ""
         return (f"  [{'#' * filled}{'.' * (self.WIDTH - filled)}] {int(100 * share):3d}%  "
-                f"${g.spent_usd:.6f} of ${g.limit_usd:.4f}, {g.call_count} calls")
+                f"${g.spent_usd:.6f} of ${g.limit_usd:.4f}, {g.call_count} calls{projected}")
 
     def clear(self) -> None:
         if self.tty and self.shown:

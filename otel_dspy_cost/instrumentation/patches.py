@@ -587,7 +587,7 @@ def _compile_begin(instance, args, kwargs):
                 # An inner compile (MIPROv2's bootstrap) spends for the outer optimizer: cost is labelled with it.
                 _context.var().set(_context.RunContext(state.budgets, "train", state.optimizer or name, None,
                                                        state.lm_role)),
-                CURRENT_MODULE.set(None), optimizers.begin_compile(instance, args, kwargs))
+                CURRENT_MODULE.set(None), optimizers.begin_compile(instance, args, kwargs, span))
     except Exception:
         internal_error("compile span start")
         return None

@@ -31,7 +31,7 @@ class CompileResult:
 
     program: Any
     cut_short: bool
-    reason: str | None  # "budget_exceeded" when cut short
+    reason: str | None  # "budget_exceeded" when cut short; "projected_overrun" (stop_on_projection)
     spent_usd: float
     calls: int
     best_score: float | None
@@ -68,7 +68,8 @@ def guarded_compile(optimizer: Any, program: Any, *, budget: float | Budget, **c
         if best is None:
             raise NothingUsableError(f"budget {guard.label!r} stopped {type(optimizer).__name__} before any "
                                      f"candidate was evaluated (spent ${guard.spent_usd:.6f})") from stop
-        return CompileResult(best, True, "budget_exceeded", guard.spent_usd, guard.call_count,
+        reason = "projected_overrun" if stop.reason == "projected_overrun" else "budget_exceeded"
+        return CompileResult(best, True, reason, guard.spent_usd, guard.call_count,
                              run.best_score if run else None, run.best_trial if run else None,
                              run.trials if run else 0, guard, stop)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _runtime
-from otel_dspy_cost.optimizers import runs
+from otel_dspy_cost.optimizers import projection, runs
 from otel_dspy_cost.telemetry.spans import internal_error
 
 NAMES = ("MIPROv2",)
@@ -100,6 +100,9 @@ def optuna_optimize(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
     func = kwargs.pop("func") if "func" in kwargs else args[0]
     rest = args[1:] if args and args[0] is func else args
     run.optuna_started = True
+    n_trials = kwargs.get("n_trials")
+    if isinstance(n_trials, int) and not isinstance(n_trials, bool):
+        projection.plan(run, n_trials + 1)  # its default program's evaluation is trial 1
 
     def objective(trial: Any) -> Any:
         number = trial.number + 1

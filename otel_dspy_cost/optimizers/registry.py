@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from otel_dspy_cost.optimizers import bootstrap, gepa, mipro, runs
+from otel_dspy_cost.optimizers import bootstrap, gepa, mipro, projection, runs
 
 MODULES = (bootstrap, mipro, gepa)  # the CLI lists them in this order
 
@@ -58,10 +58,14 @@ def public_patches(optimizer: Any) -> list[tuple[Any, str, Any]]:
     return [patch for patches in _each("public_patches") for patch in patches(optimizer)]
 
 
-def begin_compile(optimizer: Any, args: tuple, kwargs: dict) -> tuple[Any, list[Callable[[], None]]]:
+def begin_compile(optimizer: Any, args: tuple, kwargs: dict, span: Any = None
+                  ) -> tuple[Any, list[Callable[[], None]]]:
     """A compile starts here: its `CompileRun` is current, with each module's observers attached."""
     student = kwargs.get("student", args[0] if args else None)
-    run = runs.CompileRun(type(optimizer).__name__, optimizer, student=student, roles=lm_roles(optimizer))
+    run = runs.CompileRun(type(optimizer).__name__, optimizer, student=student, roles=lm_roles(optimizer),
+                          span=span)
+    if runs.COMPILE_RUN.get() is None:  # an inner compile (MIPROv2's bootstrap) is part of the outer one's spend
+        projection.begin(run)
     undo = [u for attach in _each("on_compile") if (u := attach(optimizer, run)) is not None]
     return runs.COMPILE_RUN.set(run), undo
 

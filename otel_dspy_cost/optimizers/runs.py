@@ -19,6 +19,7 @@ from opentelemetry.trace import Link
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _runtime
+from otel_dspy_cost.optimizers import projection
 from otel_dspy_cost.telemetry import viewers
 from otel_dspy_cost.telemetry.spans import finish, finish_detached, internal_error, start, unsampled
 
@@ -37,6 +38,8 @@ class CompileRun:
     trials: int = 0
     roles: dict[int, str] = dataclasses.field(default_factory=dict)
     gepa_best: tuple[float, dict[str, str]] | None = None
+    progress: Any = None  # optimizers.projection.Progress: the projected final spend
+    span: Any = None  # the compile span, given the projection as it moves
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def record(self, program: Any, score: float | None, trial: int | None, full: bool) -> None:
@@ -98,6 +101,7 @@ class OpenTrial:
     trial_token: Any
     summary: Any = None
     optimizer: str = ""
+    spent_at_open: float = 0.0  # the accounting station's total when it opened: the trial's cost at its close
 
     def set(self, attrs: dict[str, Any]) -> None:
         for span in (self.span, self.summary):
@@ -215,7 +219,8 @@ def open_trial(rt: Any, run: CompileRun, name: str, number: int, role: str | Non
         except BaseException:
             summary.end()  # a trial that could not open leaves no summary span open behind it
             raise
-    return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary, run.name)
+    return OpenTrial(number, span, token, _pushed_trial(number, role), TRIAL_SPAN.set(span), summary, run.name,
+                     projection.spent_now())
 
 
 def close_trial(trial: OpenTrial, exc: BaseException | None = None, attrs: dict[str, Any] | None = None) -> None:
@@ -229,9 +234,19 @@ def close_trial(trial: OpenTrial, exc: BaseException | None = None, attrs: dict[
             trial.set(attrs)
     except Exception:
         internal_error("trial span end")
+    run = COMPILE_RUN.get()
+    stop = None
+    if exc is None and run is not None:  # projected before the summary span ends, which is given the figure
+        try:
+            stop = projection.trial_ended(run, trial.number, projection.spent_now() - trial.spent_at_open,
+                                          trial.summary)
+        except Exception:
+            internal_error("compile projection")
     finish(trial.span, trial.token, exc)  # its totals reach the summary as it ends
     if trial.summary is not None:
         finish_detached(trial.summary, exc)
+    if stop is not None:
+        raise stop  # stop_on_projection: the deliberate stop, between trials
 
 
 def next_trial(run: CompileRun) -> int:

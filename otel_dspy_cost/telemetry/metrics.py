@@ -110,6 +110,9 @@ class CostMetrics:
                                       description="spent / limit")
         meter.create_observable_gauge("dspy.budget.warn_threshold", [self._observe(lambda b: b.warn_at)], unit="",
                                       description="The fraction of the limit at which the budget warns")
+        self._projections: dict[str, float] = {}  # optimizer -> its running compile's projected final spend
+        meter.create_observable_gauge("dspy.optimizer.projected_cost", [self._observe_projections], unit="USD",
+                                      description="A running compile's final spend, projected after each trial")
 
     @classmethod
     def create(cls, meter_provider: Any = None, **options: Any) -> CostMetrics:
@@ -232,6 +235,13 @@ class CostMetrics:
             return [Observation(v, dict(zip(self._COST_LABELS, k, strict=True))) for k, v in merged.items()]
 
         return callback
+
+    def record_projection(self, optimizer: str, usd: float) -> None:
+        """A compile's projection moved (optimizers.projection); the label set is bounded like the others."""
+        self._projections[self._optimizer(optimizer)] = usd
+
+    def _observe_projections(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(v, {A.OPTIMIZER_NAME: k}) for k, v in list(self._projections.items())]
 
     def _observe(self, read: Callable[[Any], float | None]):
         """A gauge callback reporting `read(budget)` for every watched budget label."""
