@@ -94,6 +94,8 @@ def test_the_pilot_runs_under_its_own_budget_and_says_when_it_stopped(otel, lm):
         with pytest.raises(ValueError, match="before one program run finished: raise pilot_budget_usd"):
             estimate(program, model=MODEL, devset_size=20, pilot=examples(3), pilot_budget_usd=0.00001)
     assert 1 <= est.pilot["runs"] < 6 and est.pilot["usd"] <= 0.0012
+    assert est.pilot["input_tokens_per_call"] > 100 and est.pilot["output_tokens_per_call"] > 5
+    assert est.pilot["demo_tokens_per_run"] > 0
     assert "stopped it after" in est.pilot["stopped"] and any("stopped it after" in a for a in est.assumptions)
     assert est.usd_low <= est.usd_forecast <= est.usd_high
     # 20 runs at what each pilot run cost

@@ -88,6 +88,14 @@ class SpendAggregator:
                         row[f] += v
         self._sums = {}
 
+    def row(self, dimension: str | None = None, key: str | None = None) -> dict[str, Any]:
+        """One row (`"total"` when no dimension is named) without copying the rest: what a compile's projection
+        reads after every trial, and a pilot at its end."""
+        with self._lock:
+            self._fold()
+            found = self._total if dimension is None else self._by[dimension].get(key)
+            return dict(found) if found is not None else {}
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             self._fold()

@@ -306,6 +306,8 @@ def _forecast(result: Estimate, program: Any, pilot: Any, optimizer: Any, entry:
     result.pilot = {"runs": measured.runs, "calls": measured.calls, "usd": measured.usd, "budget_usd": budget_usd,
                     "usd_per_run": measured.usd_per_run, "calls_per_run": measured.calls_per_run,
                     "success_rate": measured.success_rate, "demo_tokens_per_run": measured.demo_tokens_per_run,
+                    "input_tokens_per_call": measured.input_tokens_per_call,
+                    "output_tokens_per_call": measured.output_tokens_per_call,
                     "stopped": measured.stopped}
     result.assumptions.append(
         f"forecast from a pilot of {measured.runs} runs (${measured.usd:.6f} spent of its ${budget_usd} budget): "

@@ -99,7 +99,7 @@ def _tokens_under(label: str) -> tuple[int, int]:
     from otel_dspy_cost import _runtime
 
     rt = _runtime.active()
-    row = (rt.accountant.aggregator.snapshot()["by_budget"].get(label) or {}) if rt is not None else {}
+    row = rt.accountant.aggregator.row("budget", label) if rt is not None else {}
     return int(row.get("input_tokens", 0)), int(row.get("output_tokens", 0))
 
 

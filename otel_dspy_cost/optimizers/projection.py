@@ -40,7 +40,7 @@ class Progress:
 
 def spent_now() -> float:
     rt = _runtime.active()
-    return float(rt.accountant.aggregator.snapshot()["total"]["usd"]) if rt is not None else 0.0
+    return float(rt.accountant.aggregator.row().get("usd", 0.0)) if rt is not None else 0.0
 
 
 def begin(run: Any) -> None:

@@ -126,7 +126,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child,t
 """
 
 
-def write_html(run_dir: str | Path, out: str | Path, report: dict[str, Any], costs: list[dict[str, Any]]) -> Path:
+def write_html(out: str | Path, report: dict[str, Any], costs: list[dict[str, Any]]) -> Path:
     path = Path(out)
     path.write_text(render_html(report, costs), encoding="utf-8")
     return path

@@ -138,7 +138,7 @@ def main(args: Any) -> int:
         from otel_dspy_cost.reports.html_report import ReportDependencyError, write_html
 
         try:
-            path = write_html(args.run_dir, html_out, report, costs or [])
+            path = write_html(html_out, report, costs or [])
         except ReportDependencyError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 2

@@ -23,6 +23,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from otel_dspy_cost._redact import scrub
+
 logger = logging.getLogger("otel_dspy_cost")
 
 
@@ -107,10 +109,11 @@ class _OnceFilter(logging.Filter):
                 return False
             _metrics_refused.set()
             record.levelno, record.levelname, record.exc_info, record.args = logging.WARNING, "WARNING", None, ()
-            record.msg = (f"otel-dspy-cost: the metrics endpoint {_endpoint_and_protocol('METRICS')[0]} does not "
-                          "take metrics (it looks traces-only, as Phoenix and MLflow are): metrics export is off for "
-                          "this run. Send metrics to a Collector with OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, or set "
-                          f"OTEL_METRICS_EXPORTER=none. ({message})")
+            record.msg = scrub(  # an endpoint may carry a token in its userinfo: the exporter's line is not ours
+                f"otel-dspy-cost: the metrics endpoint {_endpoint_and_protocol('METRICS')[0]} does not take metrics "
+                "(it looks traces-only, as Phoenix and MLflow are): metrics export is off for this run. Send metrics "
+                "to a Collector with OTEL_EXPORTER_OTLP_METRICS_ENDPOINT, or set OTEL_METRICS_EXPORTER=none. "
+                f"({message})")
             return True
         if record.levelno < logging.WARNING or "retrying" not in message:
             return True
@@ -160,9 +163,9 @@ def shutdown_bounded(timeout_s: float | None = None) -> bool:
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
+        endpoint = scrub(_endpoint_and_protocol("TRACES")[0] or "(no endpoint)")
         logger.warning("otel-dspy-cost: telemetry not delivered within %.1f s at exit to %s: %s. Set %s to wait "
-                       "longer.", time.monotonic() - started, _endpoint_and_protocol("TRACES")[0] or "(no endpoint)",
-                       _tally.text(), SHUTDOWN_TIMEOUT_ENV)
+                       "longer.", time.monotonic() - started, endpoint, _tally.text(), SHUTDOWN_TIMEOUT_ENV)
         return False
     return True
 

@@ -35,12 +35,12 @@ SESSION_ID = "session.id"  # OpenInference's and MLflow's (the OTel semantic con
 MLFLOW_COST = "mlflow.llm.cost"  # JSON {"input_cost", "output_cost", "total_cost"}: MLflow keeps it, unpriced
 MLFLOW_TRACE_NAME = "mlflow.traceTag.mlflow.traceName"  # a root-span attribute MLflow turns into the trace name
 
-# dspy.span.kind -> OpenInference span kind (MLflow: the same name as its span type). A predictor is a CHAIN,
-# not an LLM: only the LM span under it carries tokens, so no backend counts a call twice.
-_KINDS = {"lm": "LLM", "embeddings": "EMBEDDING", "tool": "TOOL", "retriever": "RETRIEVER", "evaluate": "EVALUATOR",
-          "module": "CHAIN", "predictor": "CHAIN", "adapter.format": "CHAIN", "adapter.parse": "CHAIN",
-          "compile": "CHAIN", "trial": "CHAIN", "trial_summary": "CHAIN", "stage": "CHAIN", "bootstrap": "CHAIN",
-          "late_cost": "CHAIN"}
+# dspy.span.kind -> OpenInference span kind (MLflow: the same name as its span type), for our spans without
+# gen_ai.operation.name (LM and tool spans have it: both backends type those themselves). A predictor is a
+# CHAIN, not an LLM: only the LM span under it carries tokens, so no backend counts a call twice.
+_KINDS = {"retriever": "RETRIEVER", "evaluate": "EVALUATOR", "module": "CHAIN", "predictor": "CHAIN",
+          "adapter.format": "CHAIN", "adapter.parse": "CHAIN", "compile": "CHAIN", "trial": "CHAIN",
+          "trial_summary": "CHAIN", "stage": "CHAIN", "bootstrap": "CHAIN", "late_cost": "CHAIN"}
 _AGENTS = frozenset({"ReAct", "CodeAct", "ProgramOfThought"})
 _ROOT_OUTPUT = ((A.TOTAL_USD, "cost_usd"), (A.LM_CALLS, "lm_calls"), (A.TOTAL_INPUT_TOKENS, "input_tokens"),
                 (A.TOTAL_OUTPUT_TOKENS, "output_tokens"), (A.TOTAL_UNKNOWN_CALLS, "unpriced_calls"),
@@ -55,8 +55,6 @@ on = True  # instrument(backend_attributes=...): read by the span starters, set 
 
 def kind_of(attrs: dict[str, Any]) -> str:
     kind = attrs.get(A.SPAN_KIND)
-    if kind == "lm" and attrs.get(A.GEN_AI_OPERATION) == "embeddings":
-        return "EMBEDDING"
     if kind == "module" and attrs.get(A.MODULE_CLASS) in _AGENTS:
         return "AGENT"
     return _KINDS.get(kind, "UNKNOWN")
