@@ -87,3 +87,19 @@ def test_without_stop_on_projection_a_projection_only_informs(otel, varied):
 def test_stop_on_projection_is_checked_where_given():
     with pytest.raises(TypeError, match="stop_on_projection must be True or False"):
         otel_dspy_cost.budget(limit_usd=1.0, stop_on_projection="yes")
+
+
+def test_a_gepa_projection_follows_its_metric_call_budget(otel, varied):
+    exporter, _ = otel
+    optimizer = dspy.GEPA(metric=lambda g, p, t=None, pn=None, pt=None: dspy.Prediction(score=0.5, feedback="x"),
+                          max_metric_calls=40, reflection_lm=varied, num_threads=2)
+    from otel_dspy_cost.cli.demo import demo_program
+
+    with dspy.context(lm=varied), otel_dspy_cost.budget(label="gepa-projected") as b:
+        optimizer.compile(demo_program(), trainset=_data(4, "t"), valset=_data(4, "v"))
+    projected = [s.attributes[A.OPTIMIZER_PROJECTED_USD] for s in sorted(
+        exporter.get_finished_spans(), key=lambda s: s.start_time)
+        if s.attributes.get(A.SPAN_KIND) == "trial_summary" and A.OPTIMIZER_PROJECTED_USD in s.attributes]
+    assert len(projected) >= 3
+    assert abs(projected[-1] / b.spent_usd - 1) <= 0.25, (projected, b.spent_usd)
+    assert b.projected_usd == projected[-1]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from otel_dspy_cost import _attributes as A
 from otel_dspy_cost import _context, _runtime
-from otel_dspy_cost.optimizers import runs
+from otel_dspy_cost.optimizers import projection, runs
 from otel_dspy_cost.telemetry.spans import internal_error
 
 if TYPE_CHECKING:
@@ -46,6 +46,11 @@ class _GEPAObserver:
         self.proposal = None
 
     def on_iteration_start(self, event: dict) -> None:
+        try:  # the metric calls used so far, before the last iteration closes and projects with them
+            projection.units(self.run, int(getattr(event.get("state"), "total_num_evals", 0) or 0),
+                             getattr(self.run.optimizer, "max_metric_calls", None))
+        except Exception:
+            internal_error("GEPA progress")
         self._close()
         rt = _runtime.active()
         if rt is None:

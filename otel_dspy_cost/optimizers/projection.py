@@ -1,15 +1,17 @@
 """A compile's final spend, projected while it runs: spend so far plus the trials still to come at what trials
 have cost so far.
 
-Why per trial: an optimizer's schedule is known in trials (MIPROv2's `n_trials`, handed to Optuna; a random
-search's candidate sets), and its trials cost alike (the same examples, candidate programs of one shape), so
-after a few trials the rest is a count times a measured cost. The stages before the first trial (bootstrap,
-instruction proposals) are already spent by then.
+Why per trial: an optimizer's schedule is known in trials (MIPROv2's `n_trials`, handed to Optuna), and its
+trials cost alike (the same examples, candidate programs of one shape), so after a few trials the rest is a
+count times a measured cost. The stages before the first trial (bootstrap, instruction proposals) are already
+spent by then. GEPA's schedule is a budget of metric calls instead: its spend is projected in proportion to the
+calls used (shown, not acted on: it runs high early). BootstrapFewShot has no trials (it stops when it has its
+demos): no projection.
 
 Where it goes: `Budget.projected_usd` on every budget the compile runs under, `dspy.optimizer.projected_usd` on
 the compile span and on each trial's summary span, the `dspy.optimizer.projected_cost` gauge, and the demo's
-progress line. A budget made with `stop_on_projection=True` stops the compile between trials, once even its
-cheapest trial so far, times the trials left, would pass the cap (after at least 3 trials past the baseline):
+progress line. A budget made with `stop_on_projection=True` stops a MIPROv2 compile between trials, once even
+its cheapest trial so far, times the trials left, would pass the cap (after at least 3 trials past the baseline):
 `ProjectedOverrunError`, a budget stop, so `guarded_compile()` returns the best program so far.
 
 Spend is read from the accounting station's totals: calls made meanwhile outside the compile (another compile
@@ -36,6 +38,9 @@ class Progress:
     planned_trials: int | None = None  # the baseline included, as the trials are numbered
     trial_costs: dict[int, float] = dataclasses.field(default_factory=dict)
     projected_usd: float | None = None
+    # Or a budget in units of work (GEPA: metric calls) and the units done so far.
+    planned_units: int | None = None
+    done_units: int = 0
 
 
 def spent_now() -> float:
@@ -53,6 +58,12 @@ def plan(run: Any, trials: int) -> None:
         run.progress.planned_trials = trials
 
 
+def units(run: Any, done: int, planned: int | None) -> None:
+    """The optimizer's own count of work done against its budget (GEPA: metric calls of `max_metric_calls`)."""
+    if run.progress is not None and planned:
+        run.progress.planned_units, run.progress.done_units = planned, done
+
+
 def trial_ended(run: Any, number: int, cost: float, span: Any = None) -> ProjectedOverrunError | None:
     """After each trial: project and publish; returns the stop to raise (once the trial's spans have ended)
     when a budget asked for it and the projection is sure to pass its cap."""
@@ -60,24 +71,30 @@ def trial_ended(run: Any, number: int, cost: float, span: Any = None) -> Project
     if progress is None:
         return None
     progress.trial_costs[number] = cost
+    spent = spent_now() - progress.spent_at_start
     if progress.planned_trials is None:
+        if progress.planned_units and progress.done_units:
+            # Spend in proportion to the metric calls used. Shown, never acted on: it runs high in early
+            # iterations (reflections are spend without metric calls), and GEPA already stops gracefully at a cap.
+            progress.projected_usd = spent * progress.planned_units / progress.done_units
+            _publish(run, progress.projected_usd, span)
         return None
+    costs = [c for n, c in progress.trial_costs.items() if n != 1] or list(progress.trial_costs.values())
     done = len(progress.trial_costs)
     left = max(0, progress.planned_trials - done)
-    costs = [c for n, c in progress.trial_costs.items() if n != 1] or list(progress.trial_costs.values())
-    spent = spent_now() - progress.spent_at_start
     progress.projected_usd = spent + left * sum(costs) / len(costs)
     _publish(run, progress.projected_usd, span)
-    if left and len(costs) >= _CONFIDENT_AFTER:
-        floor = spent + left * min(costs)
-        for budget in _context.current().budgets:
-            limit = budget.limit_usd
-            if getattr(budget, "stop_on_projection", False) and limit is not None and floor > limit:
-                return ProjectedOverrunError(
-                    f"budget {budget.label!r}: {run.name} is projected to spend ${progress.projected_usd:.6f} "
-                    f"(${spent:.6f} after {done} of {progress.planned_trials} trials; even at its cheapest trial, "
-                    f"${min(costs):.6f}, the {left} left pass the ${limit} cap): stopped early "
-                    f"(stop_on_projection=True)", budget=budget, projected_usd=progress.projected_usd)
+    if not left or len(costs) < _CONFIDENT_AFTER:
+        return None
+    floor = spent + left * min(costs)
+    for budget in _context.current().budgets:
+        limit = budget.limit_usd
+        if getattr(budget, "stop_on_projection", False) and limit is not None and floor > limit:
+            return ProjectedOverrunError(
+                f"budget {budget.label!r}: {run.name} is projected to spend ${progress.projected_usd:.6f} "
+                f"(${spent:.6f} after {done} of {progress.planned_trials} trials; even at its cheapest trial, "
+                f"${min(costs):.6f}, the {left} left pass the ${limit} cap): stopped early "
+                f"(stop_on_projection=True)", budget=budget, projected_usd=progress.projected_usd)
     return None
 
 
