@@ -35,6 +35,11 @@ class ProjectedOverrunError(BudgetExceededError):
         self.projected_usd = projected_usd
 
 
+class PilotFailedError(RuntimeError):
+    """`estimate(pilot=...)`: the program failed on a pilot example (the provider refused a key or a model,
+    the program raised); the message names the run and the cause."""
+
+
 class ScopeExhaustedError(BudgetExceededError):
     """A `scope()` sub-limit ran out; the scope's `with` block ends, the enclosing run goes on."""
 

@@ -122,3 +122,11 @@ def test_estimate_cli_pilot_forecasts_with_the_lm_at_api_base(server):
     assert est["usd_low"] <= est["usd_forecast"] <= est["usd_high"] and est["calls_forecast"] >= 10
     bad = run_cli("estimate", "--devset", "10", "--pilot", "0")
     assert bad.returncode == 2 and "--pilot must be at least 1" in bad.stderr
+    # a new user's mistakes: no key for the real provider; a server that is not there (one line, exit 2)
+    keyless = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    no_key = run_cli("estimate", "--devset", "10", "--pilot", "1", env=keyless)
+    assert no_key.returncode == 2 and "set OPENAI_API_KEY, or point --api-base" in no_key.stderr
+    down = run_cli("estimate", "--devset", "10", "--pilot", "1", "--api-base", "http://127.0.0.1:9/v1",
+                   env={**keyless, "OPENAI_API_KEY": "sk-cli-pilot-secret-1234567890"})
+    assert down.returncode == 2 and "the pilot's run 1 failed" in down.stderr
+    assert "sk-cli-pilot-secret-1234567890" not in down.stderr + down.stdout

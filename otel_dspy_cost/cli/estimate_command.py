@@ -53,12 +53,17 @@ def _pilot(program: Any, args: argparse.Namespace) -> list[Any]:
     if args.pilot < 1:
         raise ValueError(f"--pilot must be at least 1 example, not {args.pilot}")
     if dspy.settings.lm is None:
-        dspy.configure(lm=dspy.LM(args.model, api_base=args.api_base, max_tokens=args.max_tokens))
+        provider = args.model.split("/", 1)[0].upper() if "/" in args.model else "OPENAI"
+        key = os.environ.get(f"{provider}_API_KEY") or ("unused" if args.api_base else None)
+        if key is None:  # a real provider without its key: said before any call, not as the provider's error
+            raise ValueError(f"--pilot runs the program for real with {args.model}: set {provider}_API_KEY, or "
+                             f"point --api-base at an OpenAI-compatible server")
+        dspy.configure(lm=dspy.LM(args.model, api_base=args.api_base, api_key=key, max_tokens=args.max_tokens))
     return synthetic_examples(program, args.pilot, args.input_chars)
 
 
 def run(args: argparse.Namespace) -> int:
-    from otel_dspy_cost.errors import UnknownModelError
+    from otel_dspy_cost.errors import PilotFailedError, UnknownModelError
     from otel_dspy_cost.optimizers.estimate import estimate
 
     if args.program == "demo":
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                        input_chars=args.input_chars, cache_hit_rate=args.cache_hit_rate, budget_usd=args.budget,
                        demos=args.demos, max_metric_calls=args.max_metric_calls, pilot=pilot,
                        pilot_budget_usd=args.pilot_budget)
-    except (UnknownModelError, ValueError, TypeError) as exc:  # the user's input, said in one line
+    except (UnknownModelError, PilotFailedError, ValueError, TypeError) as exc:  # said in one line
         message = scrub(str(exc))
         for name, flag in _ESTIMATE_FLAGS.items():  # the API's argument names, as this command spells them
             message = message.replace(name, flag)

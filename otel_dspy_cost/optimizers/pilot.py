@@ -56,8 +56,9 @@ def run_pilot(program: Any, examples: Any, *, metric: Any = None, budget_usd: fl
     """Run `program` on each of `examples` (dspy.Example with inputs marked) with the configured LM."""
     import dspy
 
+    from otel_dspy_cost._redact import scrub
     from otel_dspy_cost.budgets.budget import budget
-    from otel_dspy_cost.errors import BudgetExceededError
+    from otel_dspy_cost.errors import BudgetExceededError, PilotFailedError
 
     examples = list(examples)
     if not examples:
@@ -81,6 +82,9 @@ def run_pilot(program: Any, examples: Any, *, metric: Any = None, budget_usd: fl
             except BudgetExceededError:
                 stopped = f"the pilot's budget (${budget_usd}) stopped it after {runs} runs"
                 break
+            except Exception as exc:  # the provider refused (a key, a model name): say so, not a traceback
+                raise PilotFailedError(f"the pilot's run {runs + 1} failed: {type(exc).__name__}: "
+                                       f"{scrub(str(exc))[:400]}") from exc
             runs += 1
             traces.append(trace)
             if metric is not None and example.labels():
@@ -138,7 +142,8 @@ def synthetic_examples(program: Any, n: int, input_chars: int) -> list[Any]:
 
     import dspy
 
-    params = [p.name for p in inspect.signature(program.forward).parameters.values()
+    # the class's forward: reading `program.forward` on an instance makes DSPy warn about calling it directly
+    params = [p.name for p in inspect.signature(type(program).forward).parameters.values()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
     if not params:
         raise ValueError("--pilot needs a program whose forward() takes named inputs")
