@@ -289,7 +289,7 @@ def test_demo_on_a_terminal_shows_one_progress_line_that_never_shares_a_line(tmp
     os.close(leader)
     raw = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
     assert proc.returncode == 0, raw[-3000:]
-    progress = re.compile(r"  \[[#.]{20}\] +\d+%  \$[0-9.]+ of \$[0-9.]+, \d+ calls")
+    progress = re.compile(r"  \[[#.]{20}\] +\d+%  \$[0-9.]+ of \$[0-9.]+, \d+ calls(, compile projected \$[0-9.]+)?")
     assert "\r\x1b[K  [" in raw  # redrawn in place while the run went on
     screen = _screen(raw)
     shown = [line for line in screen if "calls" in line and "[" in line and "$" in line and "#" in line
@@ -299,6 +299,8 @@ def test_demo_on_a_terminal_shows_one_progress_line_that_never_shares_a_line(tmp
         assert progress.fullmatch(line.rstrip()), repr(line)
     assert "%|" not in raw  # DSPy's tqdm bars are off in the demo
     assert any("spend by module" in line for line in screen) and "trials: cost next to score" in raw
+    # the random search's projection (its candidate seeds done so far) shows on the line once a trial ended
+    assert any("compile projected $" in line for line in shown), shown
 
 
 # -- a dead collector at exit ------------------------------------------------------------------------------------

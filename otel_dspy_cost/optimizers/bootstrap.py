@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from otel_dspy_cost import _attributes as A
-from otel_dspy_cost.optimizers import runs
+from otel_dspy_cost.optimizers import projection, runs
 from otel_dspy_cost.telemetry.spans import internal_error
 
 NAMES = ("BootstrapFewShot", "BootstrapFewShotWithRandomSearch")
@@ -45,6 +45,14 @@ BOOTSTRAP_ATTEMPT = (_bootstrap_begin, _bootstrap_end)
 
 
 METHOD_HOOKS = {"BootstrapFewShot": {"_bootstrap_one_example": BOOTSTRAP_ATTEMPT}}
+
+
+def on_compile(optimizer: Any, run: runs.CompileRun) -> None:
+    """A random search's schedule, for its projection: one unit per candidate seed, `range(-3, num_candidate_sets)`
+    as DSPy iterates it."""
+    sets = getattr(optimizer, "num_candidate_sets", None)
+    if type(optimizer).__name__ == "BootstrapFewShotWithRandomSearch" and isinstance(sets, int):
+        projection.units(run, 0, sets + 3, per_trial=True)
 
 
 def from_cli(name: str, args: Any) -> tuple[str, dict[str, Any]] | None:

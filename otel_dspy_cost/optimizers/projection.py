@@ -4,9 +4,9 @@ have cost so far.
 Why per trial: an optimizer's schedule is known in trials (MIPROv2's `n_trials`, handed to Optuna), and its
 trials cost alike (the same examples, candidate programs of one shape), so after a few trials the rest is a
 count times a measured cost. The stages before the first trial (bootstrap, instruction proposals) are already
-spent by then. GEPA's schedule is a budget of metric calls instead: its spend is projected in proportion to the
-calls used (shown, not acted on: it runs high early). BootstrapFewShot has no trials (it stops when it has its
-demos): no projection.
+spent by then. GEPA's schedule is a budget of metric calls instead, a random search's a number of candidate
+seeds (each a bootstrap and an evaluation): their spend is projected in proportion to the work done (shown, not
+acted on). BootstrapFewShot has no trials (it stops when it has its demos): no projection.
 
 Where it goes: `Budget.projected_usd` on every budget the compile runs under, `dspy.optimizer.projected_usd` on
 the compile span and on each trial's summary span, the `dspy.optimizer.projected_cost` gauge, and the demo's
@@ -38,9 +38,11 @@ class Progress:
     planned_trials: int | None = None  # the baseline included, as the trials are numbered
     trial_costs: dict[int, float] = dataclasses.field(default_factory=dict)
     projected_usd: float | None = None
-    # Or a budget in units of work (GEPA: metric calls) and the units done so far.
+    # Or a budget in units of work (GEPA: metric calls; a random search: its candidate seeds, each a bootstrap
+    # and an evaluation) and the units done so far.
     planned_units: int | None = None
     done_units: int = 0
+    units_are_trials: bool = False  # each trial that ends is one unit done
 
 
 def spent_now() -> float:
@@ -58,10 +60,12 @@ def plan(run: Any, trials: int) -> None:
         run.progress.planned_trials = trials
 
 
-def units(run: Any, done: int, planned: int | None) -> None:
-    """The optimizer's own count of work done against its budget (GEPA: metric calls of `max_metric_calls`)."""
+def units(run: Any, done: int, planned: int | None, *, per_trial: bool = False) -> None:
+    """The optimizer's own count of work done against its budget (GEPA: metric calls of `max_metric_calls`);
+    `per_trial`: every trial that ends is one unit (a random search's candidate seeds)."""
     if run.progress is not None and planned:
         run.progress.planned_units, run.progress.done_units = planned, done
+        run.progress.units_are_trials = per_trial
 
 
 def trial_ended(run: Any, number: int, cost: float, span: Any = None) -> ProjectedOverrunError | None:
@@ -71,11 +75,14 @@ def trial_ended(run: Any, number: int, cost: float, span: Any = None) -> Project
     if progress is None:
         return None
     progress.trial_costs[number] = cost
+    if progress.units_are_trials:
+        progress.done_units = len(progress.trial_costs)
     spent = spent_now() - progress.spent_at_start
     if progress.planned_trials is None:
         if progress.planned_units and progress.done_units:
-            # Spend in proportion to the metric calls used. Shown, never acted on: it runs high in early
-            # iterations (reflections are spend without metric calls), and GEPA already stops gracefully at a cap.
+            # Spend in proportion to the work done. Shown, never acted on: GEPA's runs high in early iterations
+            # (reflections are spend without metric calls; GEPA stops gracefully at a cap already), a random
+            # search's low in its first seeds (no bootstrap).
             progress.projected_usd = spent * progress.planned_units / progress.done_units
             _publish(run, progress.projected_usd, span)
         return None
