@@ -22,8 +22,11 @@ for pair in "mlflow mlflow==$MLFLOW_VERSION" "phoenix arize-phoenix==$PHOENIX_VE
   "$PYTHON" -m venv "$backends/$1"
   "$backends/$1/bin/python" -m pip install -q "$2" 2>&1 | { grep -v "^WARNING: Location" || true; }
 done
-export OTEL_DSPY_COST_BACKENDS="$PWD/$backends"
+first_version="${DSPY_VERSIONS%% *}"
 for version in $DSPY_VERSIONS; do
+  # The backend servers are checked with the first DSPy version only (their side does not change with DSPy's).
+  if [ "$version" = "$first_version" ]; then export OTEL_DSPY_COST_BACKENDS="$PWD/$backends"
+  else unset OTEL_DSPY_COST_BACKENDS; fi
   venv=".venv-dspy-$version"
   echo "=== DSPy $version: installing into $venv"
   "$PYTHON" -m venv "$venv"
