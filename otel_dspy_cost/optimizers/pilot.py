@@ -11,9 +11,12 @@ stops once it has its demos, so a low rate means more tries).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 from otel_dspy_cost.pricing.cost import estimate_tokens
+
+_pilots = itertools.count(1)
 
 
 @dataclasses.dataclass
@@ -56,7 +59,7 @@ def run_pilot(program: Any, examples: Any, *, metric: Any = None, budget_usd: fl
     """Run `program` on each of `examples` (dspy.Example with inputs marked) with the configured LM."""
     import dspy
 
-    from otel_dspy_cost._redact import scrub
+    from otel_dspy_cost._redact import scrub, secrets_of
     from otel_dspy_cost.budgets.budget import budget
     from otel_dspy_cost.errors import BudgetExceededError, PilotFailedError
 
@@ -72,24 +75,27 @@ def run_pilot(program: Any, examples: Any, *, metric: Any = None, budget_usd: fl
     runs = successes = scored = 0
     traces: list[list[Any]] = []
     stopped = None
-    label = f"estimate-pilot-{id(examples):x}"  # its own row in the spend totals: the tokens it used
+    label = f"estimate-pilot-{next(_pilots)}"  # its own row in the spend totals: the tokens it used
     with budget(limit_usd=budget_usd, label=label) as spent, dspy.context(lm=lm):
         for example in examples:
             try:
                 with dspy.context(trace=[]):
                     prediction = program(**example.inputs())
                     trace = list(dspy.settings.trace or [])
+                passed = bool(metric(example, prediction, trace)) if metric is not None and example.labels() \
+                    else None
             except BudgetExceededError:
                 stopped = f"the pilot's budget (${budget_usd}) stopped it after {runs} runs"
                 break
-            except Exception as exc:  # the provider refused (a key, a model name): say so, not a traceback
+            except Exception as exc:  # the provider refused (a key, a model name), the metric raised: said so
+                secrets = secrets_of(getattr(lm, "kwargs", None) or {})
                 raise PilotFailedError(f"the pilot's run {runs + 1} failed: {type(exc).__name__}: "
-                                       f"{scrub(str(exc))[:400]}") from exc
+                                       f"{scrub(str(exc), secrets)[:400]}") from exc
             runs += 1
             traces.append(trace)
-            if metric is not None and example.labels():
+            if passed is not None:
                 scored += 1
-                successes += bool(metric(example, prediction, trace))
+                successes += passed
     if not runs:
         raise ValueError(f"the pilot's budget (${budget_usd}) stopped it before one program run finished: "
                          f"raise pilot_budget_usd")
