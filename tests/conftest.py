@@ -47,6 +47,15 @@ def otel():
     otel_dspy_cost.uninstrument()
 
 
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _let_abandoned_workers_finish(timeout_s=5.0):
     """After a budget stop, DSPy's pool runs the queued examples anyway (refused at once while instrumented).
     Uninstrumenting under them would let them call the provider unbudgeted, into the next test: wait for them."""

@@ -6,7 +6,6 @@ override, and show our spans, kinds, sessions and cost; Phoenix's own cost equal
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import dspy
 import pytest
-from conftest import MODEL, run_cli
+from conftest import MODEL, free_port, run_cli
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,12 +28,6 @@ from otel_dspy_cost.pricing.catalog import USER_CATALOG_ENV
 BACKENDS = os.environ.get("OTEL_DSPY_COST_BACKENDS")  # mlflow/ and phoenix/ venvs
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="OTEL_DSPY_COST_BACKENDS unset: tests/run-all.sh sets it")
 OVERRIDE = {MODEL: {"input": 1.5, "output": 6.0}}  # 10x gpt-4o-mini's list price: no backend's own list has it
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url, proc, log, timeout_s=120):
@@ -72,7 +65,7 @@ def _json(url, body=None):
 @pytest.fixture(scope="module")
 def mlflow_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = _server([str(Path(BACKENDS) / "mlflow" / "bin" / "mlflow"), "server", "--host", "127.0.0.1",
                     "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db"],
                    f"http://127.0.0.1:{port}/health", tmp)
@@ -83,10 +76,10 @@ def mlflow_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def phoenix_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("phoenix")
-    port = _free_port()
+    port = free_port()
     proc = _server([str(Path(BACKENDS) / "phoenix" / "bin" / "phoenix"), "serve"],
                    f"http://127.0.0.1:{port}/healthz", tmp, {
-        "PHOENIX_WORKING_DIR": str(tmp), "PHOENIX_PORT": str(port), "PHOENIX_GRPC_PORT": str(_free_port()),
+        "PHOENIX_WORKING_DIR": str(tmp), "PHOENIX_PORT": str(port), "PHOENIX_GRPC_PORT": str(free_port()),
         "PHOENIX_HOST": "127.0.0.1", "PHOENIX_TELEMETRY_ENABLED": "false"})
     yield f"http://127.0.0.1:{port}"
     os.killpg(proc.pid, 9)
@@ -271,7 +264,7 @@ def _llm_spans(url, project, n, priced=False):
 
 
 def test_export_phoenix_says_what_went_wrong(tmp_path):
-    port = _free_port()
+    port = free_port()
     out = run_cli("pricing", "export-phoenix", f"http://127.0.0.1:{port}")
     assert out.returncode == 1 and "Connection refused (is Phoenix running there?)" in out.stderr
     out = run_cli("pricing", "export-phoenix", f"http://127.0.0.1:{port}", "--model", "openai/gpt-9")

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import free_port
 
 SCRIPT = textwrap.dedent("""
     import os, sys, urllib.request
@@ -32,14 +33,8 @@ def _run(**env):
     return subprocess.run([sys.executable, "-c", SCRIPT], env=clean, capture_output=True, text=True, timeout=120)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prometheus_serves_our_metrics_on_the_configured_port():
-    port = _free_port()
+    port = free_port()
     out = _run(OTEL_METRICS_EXPORTER="prometheus", OTEL_EXPORTER_PROMETHEUS_PORT=str(port),
                OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1", SCRAPE="1")
     assert out.returncode == 0, out.stderr

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from pathlib import Path
 import dspy
 import pytest
 import yaml
-from conftest import ResearchAgent
+from conftest import ResearchAgent, free_port
 
 import otel_dspy_cost
 
@@ -150,12 +149,6 @@ def test_collector_pipeline_components_defined_and_used():
 
 # -- live: a real Prometheus scraping an instrumented DSPy run ---------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url, params=None):
     if params:
         url += "?" + urllib.parse.urlencode(params)
@@ -168,9 +161,9 @@ def prometheus(tmp_path):
     """A real Prometheus on 127.0.0.1, 1 s scrape and rule evaluation, with our rules; yields (url, target port)."""
     if shutil.which("prometheus") is None:
         pytest.skip("Debian package prometheus missing")
-    target, port = _free_port(), _free_port()
+    target, port = free_port(), free_port()
     while port == target:  # two probes of the ephemeral range may return the same port
-        port = _free_port()
+        port = free_port()
     rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
         group["interval"] = "1s"
@@ -429,7 +422,7 @@ def test_otlp_export_survives_a_collector_that_comes_up_late(server, caplog):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces",

@@ -14,7 +14,7 @@ from typing import Any
 
 import dspy
 import pytest
-from conftest import MODEL, QA
+from conftest import MODEL, QA, free_port
 
 import otel_dspy_cost
 from otel_dspy_cost.ledgers.in_process import InProcessLedger
@@ -25,17 +25,11 @@ WORKER = str(Path(__file__).resolve().parent / "ledger_worker.py")
 PER_CALL = (40 * 0.15 + 10 * 0.6) / 1e6  # TinyLM's usage at gpt-4o-mini prices
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     def __init__(self, tmp_path):
         if shutil.which("redis-server") is None:
             pytest.skip("Debian package redis-server missing (tests/install-system-deps.sh installs it)")
-        self.port, self.dir, self.proc = _free_port(), tmp_path, None
+        self.port, self.dir, self.proc = free_port(), tmp_path, None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self):
@@ -471,7 +465,7 @@ def test_a_sqlite_ledger_in_the_per_call_layout_is_folded_into_buckets(tmp_path)
 def test_a_ledger_password_never_reaches_the_refusal(otel, server):
     pytest.importorskip("redis")
     lm = dspy.LM(MODEL, api_base=server.api_base, api_key="sk-x-0000", cache=False, max_tokens=32, num_retries=0)
-    guard = otel_dspy_cost.budget(limit_usd=1.0, label="pw", ledger=f"redis://:hunter2pw@127.0.0.1:{_free_port()}/0")
+    guard = otel_dspy_cost.budget(limit_usd=1.0, label="pw", ledger=f"redis://:hunter2pw@127.0.0.1:{free_port()}/0")
     with pytest.raises(otel_dspy_cost.LedgerUnavailableError) as info, guard, dspy.context(lm=lm):
         dspy.Predict("question -> answer")(question="down")
     assert "hunter2pw" not in str(info.value) and "127.0.0.1" in str(info.value) and server.count == 0

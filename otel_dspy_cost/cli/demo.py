@@ -35,9 +35,14 @@ def demo_program():
     return ResearchAgent()
 
 
-def _provider_key(model: str) -> str | None:
+def provider_key_variable(model: str) -> str:
+    """The variable a provider's API key is read from, as LiteLLM reads it (`openai/...` -> OPENAI_API_KEY)."""
     provider = model.split("/", 1)[0].upper() if "/" in model else "OPENAI"
-    return os.environ.get(f"{provider}_API_KEY")
+    return f"{provider}_API_KEY"
+
+
+def _provider_key(model: str) -> str | None:
+    return os.environ.get(provider_key_variable(model))
 
 
 class _Progress:

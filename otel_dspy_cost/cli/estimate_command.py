@@ -48,15 +48,16 @@ def _pilot(program: Any, args: argparse.Namespace) -> list[Any]:
     `--api-base`, its key from the provider's usual variable)."""
     import dspy
 
+    from otel_dspy_cost.cli.demo import provider_key_variable
     from otel_dspy_cost.optimizers.pilot import synthetic_examples
 
     if args.pilot < 1:
         raise ValueError(f"--pilot must be at least 1 example, not {args.pilot}")
     if dspy.settings.lm is None:
-        provider = args.model.split("/", 1)[0].upper() if "/" in args.model else "OPENAI"
-        key = os.environ.get(f"{provider}_API_KEY") or ("unused" if args.api_base else None)
+        variable = provider_key_variable(args.model)
+        key = os.environ.get(variable) or ("unused" if args.api_base else None)
         if key is None:  # a real provider without its key: said before any call, not as the provider's error
-            raise ValueError(f"--pilot runs the program for real with {args.model}: set {provider}_API_KEY, or "
+            raise ValueError(f"--pilot runs the program for real with {args.model}: set {variable}, or "
                              f"point --api-base at an OpenAI-compatible server")
         dspy.configure(lm=dspy.LM(args.model, api_base=args.api_base, api_key=key, max_tokens=args.max_tokens))
     return synthetic_examples(program, args.pilot, args.input_chars)

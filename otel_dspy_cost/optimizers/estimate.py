@@ -133,6 +133,11 @@ def optimizer_named(name: str, *, demos: int = 4, max_metric_calls: int | None =
     return type(found[0], (), found[1])()
 
 
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Tokens of a formatted prompt, at ~4 characters a token and 4 per message."""
+    return sum(estimate_tokens(len(str(m.get("content", "")))) + 4 for m in messages)
+
+
 def _predictor_shapes(program: Any, input_chars: int) -> list[tuple[Any, _CallShape, int, int]]:
     """(predictor, shape, calls per program run low, high) for every predictor of the program."""
     import dspy
@@ -154,7 +159,7 @@ def _predictor_shapes(program: Any, input_chars: int) -> list[tuple[Any, _CallSh
             messages = adapter.format(sig, list(predictor.demos or []), inputs)
         except Exception:  # a custom signature type the adapter cannot format: count its text
             messages = [{"role": "user", "content": " ".join([sig.instructions, *inputs.values()])}]
-        prompt = sum(estimate_tokens(len(str(m.get("content", "")))) + 4 for m in messages)
+        prompt = prompt_tokens(messages)
         react = react_of.get(id(predictor))
         low, high = (1, react.max_iters) if react is not None else (1, 1)
         out.append((predictor, _CallShape(prompt, len(sig.output_fields)), low, high))

@@ -14,8 +14,6 @@ import dataclasses
 import itertools
 from typing import Any
 
-from otel_dspy_cost.pricing.cost import estimate_tokens
-
 _pilots = itertools.count(1)
 
 
@@ -118,6 +116,8 @@ def _demo_tokens(traces: list[list[Any]], runs: int) -> float:
     times that predictor's calls per run."""
     import dspy
 
+    from otel_dspy_cost.optimizers.estimate import prompt_tokens
+
     adapter = dspy.ChatAdapter()
     added = 0
     seen: dict[int, int] = {}
@@ -129,15 +129,12 @@ def _demo_tokens(traces: list[list[Any]], runs: int) -> float:
                 try:
                     bare = adapter.format(predictor.signature, [], inputs)
                     with_one = adapter.format(predictor.signature, [demo], inputs)
-                    seen[key] = max(0, _tokens(with_one) - _tokens(bare))
+                    seen[key] = max(0, prompt_tokens(with_one) - prompt_tokens(bare))
                 except Exception:  # noqa: BLE001 - a signature the adapter cannot format: no demo growth known
                     seen[key] = 0
             added += seen[key]
     return added / runs
 
-
-def _tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(estimate_tokens(len(str(m.get("content", "")))) + 4 for m in messages)
 
 
 def synthetic_examples(program: Any, n: int, input_chars: int) -> list[Any]:
